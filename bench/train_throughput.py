@@ -1,0 +1,307 @@
+"""Training throughput: nas3d's on-device loop against the seed study's DataLoader loop, in one run.
+
+Both loops train the same model (same initial weights, same optimizer settings) on the same synthetic
+MedMNIST-shaped volumes. The baseline reads them the way the seed did: a ``medmnist.OrganMNIST3D``
+dataset object (opened from a synthetic npz written under the real file name ``organmnist3d.npz``;
+medmnist checks md5 only when downloading, so it reads the file as it would the real one) → a
+``torch.utils.data.DataLoader`` → a host-to-device copy per batch. The nas3d loop is
+``nas3d.train.train_epoch``, the loop ``train_trial`` runs, on a ``Split`` built from the same arrays.
+Epochs of the two are interleaved so drift in machine speed hits both alike. On CUDA the nas3d loop
+runs with ``TrainConfig``'s defaults (bf16 autocast, channels_last_3d; ``--no-amp`` and
+``--no-channels-last`` turn them off) while the baseline runs as the seed did, in float32.
+
+    python bench/train_throughput.py --device cpu --threads 2
+    python bench/train_throughput.py --device cuda --samples 971 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import medmnist
+import torch
+import torch.nn.functional as F
+from medmnist.info import INFO
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from nas3d.data import Split, write_synthetic_npz
+from nas3d.train import TrainConfig, autocast_dtype, train_epoch
+
+FLAG = "organmnist3d"
+
+
+def _small(in_channels: int, num_classes: int) -> nn.Module:
+    """A seed-sized cell network: stem, two convs at full resolution, pool, one conv, classifier."""
+    return nn.Sequential(
+        nn.Conv3d(in_channels, 16, 3, padding=1),
+        nn.BatchNorm3d(16),
+        nn.ReLU(),
+        nn.Conv3d(16, 16, 3, padding=1),
+        nn.InstanceNorm3d(16, affine=True),
+        nn.ReLU(),
+        nn.MaxPool3d(2),
+        nn.Conv3d(16, 32, 3, padding=1),
+        nn.InstanceNorm3d(32, affine=True),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool3d(1),
+        nn.Flatten(),
+        nn.Linear(32, num_classes),
+    )
+
+
+def _tiny(in_channels: int, num_classes: int) -> nn.Module:
+    """One narrow conv: little compute, so the data path dominates."""
+    return nn.Sequential(
+        nn.Conv3d(in_channels, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool3d(1),
+        nn.Flatten(),
+        nn.Linear(4, num_classes),
+    )
+
+
+def _linear(in_channels: int, num_classes: int) -> nn.Module:
+    """No convolution at all: the time left is the data path and the loop itself."""
+    return nn.Sequential(nn.AdaptiveAvgPool3d(4), nn.Flatten(), nn.Linear(in_channels * 64, num_classes))
+
+
+#: --model choices. The lead replaces/extends this with seed architectures; keep each entry one factory.
+MODELS: dict[str, Callable[[int, int], nn.Module]] = {"small": _small, "tiny": _tiny, "linear": _linear}
+
+
+def build_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
+    return MODELS[name](in_channels, num_classes)
+
+
+class _GpuUtilisation:
+    """Mean GPU utilisation while the block runs, sampled every 50 ms; None where it cannot be read.
+
+    Uses ``torch.cuda.utilization`` (needs pynvml) or else ``nvidia-smi -lms``.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._smi: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> _GpuUtilisation:
+        if self.device.type != "cuda":
+            return self
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        try:
+            torch.cuda.utilization(index)
+        except Exception:  # no pynvml, or NVML refused: fall back to nvidia-smi
+            smi = shutil.which("nvidia-smi")
+            if smi is not None:
+                cmd = [smi, "-i", str(index), "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+                self._smi = subprocess.Popen([*cmd, "-lms", "50"], stdout=subprocess.PIPE, text=True)
+                self._thread = threading.Thread(target=self._read_smi, daemon=True)
+        else:
+            self._thread = threading.Thread(target=self._poll_nvml, args=(index,), daemon=True)
+        if self._thread is not None:
+            self._thread.start()
+        return self
+
+    def _poll_nvml(self, index: int) -> None:
+        while not self._stop.wait(0.05):
+            self.samples.append(float(torch.cuda.utilization(index)))
+
+    def _read_smi(self) -> None:
+        assert self._smi is not None and self._smi.stdout is not None
+        for line in self._smi.stdout:
+            if line.strip().isdigit():
+                self.samples.append(float(line))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._smi is not None:
+            self._smi.terminate()
+            self._smi.wait()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _dataloader_epoch(
+    model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device
+) -> None:
+    """The seed study's loop: per-sample numpy in the dataset, collate, copy each batch to the device."""
+    model.train()
+    for inputs, targets in loader:
+        inputs = inputs.to(device).float()  # medmnist's 3D __getitem__ yields float64 volumes
+        targets = targets.to(device).squeeze(1).long()
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(inputs), targets)
+        loss.backward()
+        optimizer.step()
+    _sync(device)
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as train_trial sets it; the baseline gets it too
+    num_classes, in_channels = len(INFO[FLAG]["label"]), INFO[FLAG]["n_channels"]
+
+    with tempfile.TemporaryDirectory() as root:
+        write_synthetic_npz(
+            # the real file name, so medmnist's class opens it as it would the real one
+            Path(root) / (f"{FLAG}.npz" if args.size == 28 else f"{FLAG}_{args.size}.npz"),
+            num_classes=num_classes,
+            n_train=args.samples,
+            n_val=num_classes,
+            n_test=num_classes,
+            size=args.size,
+            seed=0,
+        )
+        dataset = medmnist.OrganMNIST3D(split="train", root=root, size=args.size)
+        split = Split.from_arrays(dataset.imgs, dataset.labels, task=INFO[FLAG]["task"], device=device)
+    # medmnist's __len__ asserts the real split size; a Subset serves any other --samples, item by
+    # item through the same __getitem__.
+    source = (
+        dataset if args.samples == INFO[FLAG]["n_samples"]["train"] else Subset(dataset, range(args.samples))
+    )
+    loader = DataLoader(source, batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
+
+    torch.manual_seed(0)
+    reference = build_model(args.model, in_channels, num_classes)
+    models = {"dataloader": copy.deepcopy(reference).to(device), "nas3d": copy.deepcopy(reference).to(device)}
+    optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in models.items()}
+    defaults = TrainConfig()  # the nas3d loop runs as train_trial would, less what the flags turn off
+    amp_dtype = autocast_dtype(device, defaults.amp and not args.no_amp)
+    channels_last = defaults.channels_last and not args.no_channels_last and device.type == "cuda"
+    if channels_last:
+        models["nas3d"].to(memory_format=torch.channels_last_3d)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    generator = torch.Generator().manual_seed(0)
+
+    def nas3d_epoch() -> None:
+        train_epoch(
+            models["nas3d"],
+            split,
+            optimizers["nas3d"],
+            scaler,
+            batch_size=args.batch_size,
+            generator=generator,
+            amp_dtype=amp_dtype,
+            channels_last=channels_last,
+        )  # ends in .item(): synchronised
+
+    epochs = {
+        "dataloader": lambda: _dataloader_epoch(
+            models["dataloader"], loader, optimizers["dataloader"], device
+        ),
+        "nas3d": nas3d_epoch,
+    }
+    for _ in range(args.warmup):  # cudnn autotuning, allocator growth, first-touch page faults
+        for epoch in epochs.values():
+            epoch()
+    seconds = dict.fromkeys(epochs, 0.0)
+    utilisation: dict[str, list[float]] = {name: [] for name in epochs}
+    peak_mib: dict[str, float | None] = dict.fromkeys(epochs)
+    for _ in range(args.epochs):
+        for name, epoch in epochs.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with _GpuUtilisation(device) as gpu:
+                start = time.perf_counter()
+                epoch()
+                seconds[name] += time.perf_counter() - start
+            utilisation[name] += gpu.samples
+            if device.type == "cuda":
+                peak_mib[name] = max(peak_mib[name] or 0.0, torch.cuda.max_memory_allocated(device) / 2**20)
+
+    results = {
+        name: {
+            "samples_per_second": args.samples * args.epochs / seconds[name],
+            "seconds_per_epoch": seconds[name] / args.epochs,
+            "gpu_utilisation_percent": sum(u) / len(u) if (u := utilisation[name]) else None,
+            "peak_memory_mib": peak_mib[name],
+        }
+        for name in epochs
+    }
+    return {
+        "config": {
+            **vars(args),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "amp_dtype": str(amp_dtype) if amp_dtype else None,
+            "channels_last_3d": channels_last,
+        },
+        "results": results,
+        "ratio": results["nas3d"]["samples_per_second"] / results["dataloader"]["samples_per_second"],
+    }
+
+
+def _table(report: dict) -> str:
+    def cell(value: float | None, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    cfg = report["config"]
+    lines = [
+        f"device {cfg['device_name']}, model {cfg['model']}, {cfg['samples']} samples of {cfg['size']}³, "
+        f"batch {cfg['batch_size']}, {cfg['epochs']} timed epochs, {cfg['threads']} threads, "
+        f"nas3d loop: amp {cfg['amp_dtype']}, channels_last_3d {cfg['channels_last_3d']}",
+        f"{'loop':<12}{'samples/s':>12}{'s/epoch':>10}{'GPU util %':>12}{'peak MiB':>10}",
+    ]
+    for name, r in report["results"].items():
+        lines.append(
+            f"{name:<12}{r['samples_per_second']:>12.1f}{r['seconds_per_epoch']:>10.3f}"
+            f"{cell(r['gpu_utilisation_percent'], '.0f'):>12}{cell(r['peak_memory_mib'], '.0f'):>10}"
+        )
+    lines.append(f"nas3d / dataloader: {report['ratio']:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--samples", type=int, default=INFO[FLAG]["n_samples"]["train"])
+    parser.add_argument("--size", type=int, choices=(28, 64), default=28)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=2, help="timed epochs of each loop")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed epochs of each loop first")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the baseline")
+    parser.add_argument("--model", choices=tuple(MODELS), default="small")
+    parser.add_argument("--no-amp", action="store_true", help="nas3d loop in float32 on CUDA too")
+    parser.add_argument(
+        "--no-channels-last", action="store_true", help="nas3d loop in channels-first layout on CUDA too"
+    )
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    report = run(args)
+    print(_table(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""nas3d.metrics against medmnist's own getAUC / getACC on the same softmax scores."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from medmnist.evaluator import getACC, getAUC
+
+from nas3d.metrics import accuracy, auc
+
+
+def _softmax_scores(rng: np.random.Generator, n: int, classes: int, decimals: int) -> np.ndarray:
+    """Probabilities rounded to few decimals, so scores tie within and across classes."""
+    logits = rng.normal(size=(n, classes))
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return np.round(p, decimals).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_binary_matches_medmnist_with_ties(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, (200, 1)).astype(np.uint8)
+    positive = np.round(rng.random(200), 1)  # heavy ties, and some scores exactly at the 0.5 threshold
+    positive[labels[:, 0] == 1] = np.minimum(positive[labels[:, 0] == 1] + 0.2, 1.0)
+    scores = np.stack([1 - positive, positive], 1).astype(np.float32)
+    assert (scores[:, 1] == np.float32(0.5)).any()
+    assert auc(labels, scores, "binary-class") == pytest.approx(
+        getAUC(labels, scores, "binary-class"), abs=1e-12
+    )
+    assert accuracy(labels, scores, "binary-class") == getACC(labels, scores, "binary-class")
+    # a 1-D positive-class score is accepted too, as medmnist does
+    assert auc(labels, scores[:, 1], "binary-class") == auc(labels, scores, "binary-class")
+
+
+@pytest.mark.parametrize(("classes", "decimals"), [(3, 1), (11, 2), (5, 6)])
+def test_multiclass_matches_medmnist_with_ties(classes: int, decimals: int) -> None:
+    rng = np.random.default_rng(classes)
+    labels = (np.arange(300) % classes).reshape(-1, 1)
+    scores = _softmax_scores(rng, 300, classes, decimals)
+    scores[np.arange(300), labels[:, 0]] += 0.05 * rng.random(300).astype(np.float32)  # some signal
+    tied_argmax = (scores == scores.max(1, keepdims=True)).sum(1) > 1
+    if decimals == 1:
+        assert tied_argmax.any()  # argmax ties resolve to the first class, as np.argmax does
+    assert auc(labels, scores, "multi-class") == pytest.approx(
+        getAUC(labels, scores, "multi-class"), abs=1e-12
+    )
+    assert accuracy(labels, scores, "multi-class") == getACC(labels, scores, "multi-class")
+
+
+def test_undefined_auc_is_nan_like_medmnist() -> None:
+    labels = np.array([[0], [0], [1], [1]])  # class 2 never occurs
+    scores = np.full((4, 3), 1 / 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn's UndefinedMetricWarning
+        assert np.isnan(getAUC(labels, scores, "multi-class"))
+    assert np.isnan(auc(labels, scores, "multi-class"))
+
+
+def test_rejects_bad_input() -> None:
+    labels = np.array([0, 1, 1])
+    with pytest.raises(ValueError, match="Did you mean 'multi-class'"):
+        auc(labels, np.zeros((3, 2)), "multiclass")
+    with pytest.raises(ValueError, match="nan"):
+        auc(labels, np.array([0.1, np.nan, 0.3]), "binary-class")
+    with pytest.raises(ValueError, match="same length"):
+        accuracy(labels, np.zeros((4, 2)), "multi-class")

@@ -1,0 +1,146 @@
+"""nas3d.train on CPU with tiny synthetic volumes and a tiny local CNN."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from medmnist.evaluator import getACC, getAUC
+from torch import nn
+
+from nas3d.data import DataConfig, DeviceData, load_splits
+from nas3d.train import (
+    NonFiniteLoss,
+    TrainConfig,
+    TrainingFailure,
+    TrialOutOfMemory,
+    evaluate,
+    train_trial,
+)
+
+FAST = TrainConfig(max_epochs=12, patience=2, batch_size=16, lr=0.05)
+
+
+def tiny_cnn(classes: int, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv3d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool3d(1),
+        nn.Flatten(),
+        nn.Linear(4, classes),
+    )
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["binary", "3-class"])
+def data(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> DeviceData:
+    root = tmp_path_factory.mktemp("data")
+    cfg = DataConfig(
+        dataset="synthetic", size=10, synthetic_classes=request.param, synthetic_samples=64, root=str(root)
+    )
+    return load_splits(cfg, "cpu", for_search=False)
+
+
+def test_learns_and_reports_the_best_auc_epoch(data: DeviceData) -> None:
+    model = tiny_cnn(data.num_classes)
+    result = train_trial(model, data, TrainConfig(max_epochs=15, patience=3, batch_size=16, lr=0.02), "cpu")
+    assert result.val_auc > 0.75  # the synthetic classes are learnable by a tiny CNN in a few epochs
+    best = max(result.history, key=lambda r: (r.val_auc, -r.val_loss))
+    assert result.best_epoch == best.epoch
+    assert (result.val_auc, result.val_acc, result.val_loss) == (best.val_auc, best.val_acc, best.val_loss)
+    assert result.epochs_run == len(result.history) and result.train_seconds > 0
+    assert result.samples_per_second > 0
+
+
+def test_model_ends_with_best_epoch_weights_scored_like_medmnist(data: DeviceData) -> None:
+    model = tiny_cnn(data.num_classes)
+    result = train_trial(model, data, FAST, "cpu")
+    assert result.best_epoch < result.epochs_run  # so the weights below must have been restored
+    model.eval()
+    with torch.no_grad():
+        images, labels = data.val.batch(slice(None))
+        scores = torch.softmax(torch.cat([model(x) for x in images.split(FAST.batch_size)]), 1).numpy()
+    y = labels.numpy().reshape(-1, 1)
+    assert result.val_auc == pytest.approx(getAUC(y, scores, data.task), abs=1e-12)
+    assert result.val_acc == getACC(y, scores, data.task)
+    assert evaluate(model, data.val, "cpu", FAST.batch_size) == pytest.approx(
+        (result.val_auc, result.val_acc, result.val_loss), abs=1e-6
+    )
+
+
+def test_stops_after_patience_epochs_without_lower_val_loss(data: DeviceData) -> None:
+    result = train_trial(tiny_cnn(data.num_classes), data, replace(FAST, max_epochs=40, lr=1.0), "cpu")
+    losses = [r.val_loss for r in result.history]
+    lowest = int(np.argmin(losses))  # first epoch with the lowest loss
+    assert result.epochs_run < 40
+    assert result.epochs_run == lowest + 1 + FAST.patience
+
+
+def test_same_trial_twice_gives_identical_results(data: DeviceData) -> None:
+    runs = []
+    for _ in range(2):
+        model = tiny_cnn(data.num_classes, seed=7)
+        result = train_trial(model, data, FAST, "cpu")
+        runs.append((result.history, result.best_epoch, [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][:2] == runs[1][:2]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][2], runs[1][2], strict=True))
+
+
+class _NanLogits(nn.Module):
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(1, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.mean((1, 2, 3, 4))[:, None]) * float("nan")
+
+
+def test_diverging_loss_is_a_training_failure(data: DeviceData) -> None:
+    with pytest.raises(NonFiniteLoss, match="loss became nan in epoch 1") as info:
+        train_trial(_NanLogits(data.num_classes), data, FAST, "cpu")
+    assert isinstance(info.value, TrainingFailure)
+    with pytest.raises(NonFiniteLoss, match="lr=1e"):
+        train_trial(tiny_cnn(data.num_classes), data, replace(FAST, lr=1e30), "cpu")
+
+
+class _OutOfMemory(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+
+def test_out_of_memory_is_a_training_failure(data: DeviceData) -> None:
+    with pytest.raises(TrialOutOfMemory) as info:
+        train_trial(_OutOfMemory(), data, FAST, "cpu")
+    message = str(info.value)
+    assert isinstance(info.value, TrainingFailure)
+    assert message == "out of memory on cpu at batch size 16: CUDA out of memory. Tried to allocate 2.00 GiB"
+    # raised outside the handler, so the failed run's frames (and tensors) are not kept alive by it
+    assert info.value.__context__ is None
+
+
+def test_missing_validation_class_is_refused(data: DeviceData) -> None:
+    keep = data.val.labels != 0
+    val = replace(data.val, images=data.val.images[keep], labels=data.val.labels[keep])
+    with pytest.raises(ValueError, match=r"no sample of classes \[0\]"):
+        train_trial(tiny_cnn(data.num_classes), replace(data, val=val), FAST, "cpu")
+
+
+def test_progress_bar_only_when_asked(data: DeviceData, capsys: pytest.CaptureFixture[str]) -> None:
+    config = replace(FAST, max_epochs=2)
+    train_trial(tiny_cnn(data.num_classes), data, config, "cpu")
+    assert capsys.readouterr().err == ""
+    train_trial(tiny_cnn(data.num_classes), data, config, "cpu", progress=True)
+    assert "epoch" in capsys.readouterr().err
+
+
+def test_config_is_validated() -> None:
+    with pytest.raises(ValueError, match="train.patience must be >= 1, but got 0"):
+        TrainConfig(patience=0)
+    with pytest.raises(ValueError, match="train.lr"):
+        TrainConfig(lr=0.0)
