@@ -36,6 +36,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from nas3d.data import Split, write_synthetic_npz
+from nas3d.model import build_model as build_network
+from nas3d.seeds import seed_architectures
 from nas3d.train import TrainConfig, autocast_dtype, train_epoch
 
 FLAG = "organmnist3d"
@@ -76,8 +78,19 @@ def _linear(in_channels: int, num_classes: int) -> nn.Module:
     return nn.Sequential(nn.AdaptiveAvgPool3d(4), nn.Flatten(), nn.Linear(in_channels * 64, num_classes))
 
 
-#: --model choices. The lead replaces/extends this with seed architectures; keep each entry one factory.
-MODELS: dict[str, Callable[[int, int], nn.Module]] = {"small": _small, "tiny": _tiny, "linear": _linear}
+def _seed(flag: str) -> Callable[[int, int], nn.Module]:
+    """A seed study's published architecture, built by nas3d."""
+    arch = seed_architectures()[flag]
+    return lambda in_channels, num_classes: build_network(arch, in_channels, num_classes)
+
+
+#: --model choices: stand-in CNNs of known cost, and the seed study's architectures ("seed-<flag>").
+MODELS: dict[str, Callable[[int, int], nn.Module]] = {
+    "small": _small,
+    "tiny": _tiny,
+    "linear": _linear,
+    **{f"seed-{flag}": _seed(flag) for flag in seed_architectures()},
+}
 
 
 def build_model(name: str, in_channels: int, num_classes: int) -> nn.Module:

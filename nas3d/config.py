@@ -1,0 +1,289 @@
+"""Study configuration: a typed, frozen view of a ``studies/*.toml`` file, and the study's sampler.
+
+A study file has the tables ``[study]``, ``[data]`` (``nas3d.data.DataConfig``), ``[train]``
+(``nas3d.train.TrainConfig``), ``[space]`` (``nas3d.space.SearchSpace``) and ``[constraints]``.
+Every table is optional except ``[study]`` (``name`` is required); omitted keys take the seed
+study's defaults. Unknown keys and wrong types are errors naming the file, table and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import types
+import typing
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.exceptions import ExperimentalWarning
+
+from nas3d.data import DataConfig
+from nas3d.space import SearchSpace
+from nas3d.train import TrainConfig
+
+__all__ = [
+    "SAMPLERS",
+    "WARM_STARTS",
+    "ConfigError",
+    "Constraints",
+    "StudyConfig",
+    "StudySettings",
+    "default_study_config",
+    "load_study_config",
+    "make_sampler",
+]
+
+SAMPLERS = ("tpe", "nsga2", "random")
+WARM_STARTS = ("none", "seed")
+
+
+class ConfigError(ValueError):
+    """A study configuration problem; the message is one line naming where and what."""
+
+
+def _check_choice(what: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        close = difflib.get_close_matches(value, valid, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{what} must be one of {', '.join(valid)}, got {value!r}{hint}")
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """The ``[study]`` table: identity, budget and sampler."""
+
+    name: str
+    # budget: finished trials (complete + pruned + failed) counted across all workers
+    n_trials: int = 200
+    sampler: str = "tpe"
+    sampler_seed: int | None = None
+    warm_start: str = "none"  # "seed": enqueue the seed study's published architectures first
+
+    def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise ValueError("name must not be empty")
+        if self.n_trials < 1:
+            raise ValueError(f"n_trials must be >= 1, got {self.n_trials}")
+        _check_choice("sampler", self.sampler, SAMPLERS)
+        _check_choice("warm_start", self.warm_start, WARM_STARTS)
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """The ``[constraints]`` table: hard caps on cost; None means no cap."""
+
+    max_flops: float | None = None
+    max_params: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_flops", "max_params"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+
+    @property
+    def active(self) -> bool:
+        return self.max_flops is not None or self.max_params is not None
+
+    def evaluate(self, *, flops: float, params: float) -> dict[str, float]:
+        """Constraint values for Optuna (feasible iff all <= 0), one per set cap.
+
+        Relative excess ``value / cap - 1`` so that a FLOPs and a params violation weigh alike;
+        Optuna ranks infeasible trials by the sum of positive values.
+        """
+        values = {}
+        if self.max_flops is not None:
+            values["flops"] = flops / self.max_flops - 1.0
+        if self.max_params is not None:
+            values["params"] = params / self.max_params - 1.0
+        return values
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A whole study: what ``nas3d`` workers need, stored in the study's user attrs as JSON."""
+
+    study: StudySettings
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    space: SearchSpace = field(default_factory=SearchSpace)
+    constraints: Constraints = field(default_factory=Constraints)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """JSON-compatible dict (tuples become lists); ``from_dict`` reverses it."""
+        return {f.name: _to_json(dataclasses.asdict(getattr(self, f.name))) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> StudyConfig:
+        """Build from ``to_dict()`` output or a parsed TOML document, with full validation."""
+        return _build(cls, data, source, table=None)
+
+    def with_overrides(self, dotted: Mapping[str, object], source: str = "override") -> StudyConfig:
+        """A copy with ``{"table.key": value}`` replaced, e.g. from CLI flags.
+
+        A string value for a non-string field is read as a TOML value (``"3"``, ``"1e-3"``,
+        ``"true"``, ``"[8, 16]"``), so ``--set train.max_epochs=3`` works without per-key parsing.
+        """
+        data = self.to_dict()
+        for dotted_key, value in dotted.items():
+            table, sep, key = dotted_key.partition(".")
+            if not sep or table not in data:
+                _unknown(source, None, table if sep else dotted_key, list(data), what="table")
+            if key not in data[table]:
+                _unknown(source, table, key, list(data[table]))
+            hint = _field_types(type(getattr(self, table)))[key]
+            if isinstance(value, str) and str not in _accepted(hint):
+                value = _parse_toml_value(value)
+            data[table][key] = value
+        return _build(type(self), data, source, table=None)
+
+
+def default_study_config(dataset: str, size: int = 28) -> StudyConfig:
+    """The seed study's setup for one dataset, named ``f"{dataset}-{size}"``."""
+    return StudyConfig(
+        study=StudySettings(name=f"{dataset}-{size}"),
+        data=DataConfig(dataset=dataset, size=size),
+    )
+
+
+def load_study_config(path: str | Path) -> StudyConfig:
+    """Read and validate a study TOML file; errors are one-line ``ConfigError``s."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: study file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read study file: {e.strerror}") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        # tomllib's message already ends with "(at line N, column M)"
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    return StudyConfig.from_dict(doc, source=str(path))
+
+
+def make_sampler(settings: StudySettings) -> optuna.samplers.BaseSampler:
+    """The study's sampler. Constraints need no ``constraints_func``: Optuna 5 samplers read them
+    from the trials (see ``nas3d.storage.record_constraints``)."""
+    _check_choice("sampler", settings.sampler, SAMPLERS)
+    seed = settings.sampler_seed
+    if settings.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if settings.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    with warnings.catch_warnings():
+        # group=True is experimental; it is what makes TPE model define-by-run, conditional params
+        # jointly, so we use it knowingly.
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        # multivariate: ops and edges interact; constant_liar: parallel workers spread out.
+        return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed)
+
+
+# --- generic dataclass building -------------------------------------------------------------------
+
+
+def _build(cls: type, data: Any, source: str, table: str | None) -> Any:
+    where = f"[{table}]" if table else "top level"
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: {where} must be a table, got {data!r}")
+    types_ = _field_types(cls)
+    for key in data:
+        if key not in types_:
+            _unknown(source, table, key, list(types_), what="table" if table is None else "key")
+    kwargs = {}
+    for name, hint in types_.items():
+        if name in data:
+            if table is None:  # top level: every field is a nested dataclass (a table)
+                kwargs[name] = _build(hint, data[name], source, name)
+            else:
+                kwargs[name] = _check_value(data[name], hint, source, table, name)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and _required(f)]
+        if missing and table is None:
+            raise ConfigError(f"{source}: missing required table [{missing[0]}]") from None
+        if missing:
+            raise ConfigError(f"{source}: {where}: missing required key {missing[0]!r}") from None
+        raise ConfigError(f"{source}: {where}: {e}") from None
+    except ValueError as e:  # the dataclass's own validation
+        raise ConfigError(f"{source}: {where}: {e}") from None
+
+
+def _required(f: dataclasses.Field[Any]) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _accepted(hint: Any) -> tuple[Any, ...]:
+    """The members of a union (``int | None`` → (int, NoneType)), else the hint itself."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _type_name(hint: Any) -> str:
+    names = []
+    for h in _accepted(hint):
+        if typing.get_origin(h) is tuple:
+            names.append(f"list of {typing.get_args(h)[0].__name__}")
+        else:
+            names.append("none" if h is type(None) else h.__name__)
+    return " or ".join(names)
+
+
+def _check_value(value: Any, hint: Any, source: str, table: str, key: str) -> Any:
+    for h in _accepted(hint):
+        ok, converted = _convert(value, h)
+        if ok:
+            return converted
+    raise ConfigError(f"{source}: [{table}] {key}: expected {_type_name(hint)}, got {value!r}")
+
+
+def _convert(value: Any, hint: Any) -> tuple[bool, Any]:
+    if hint is type(None):
+        return value is None, None
+    if typing.get_origin(hint) is tuple:
+        (elem, *_rest) = typing.get_args(hint)
+        if not isinstance(value, list | tuple):
+            return False, None
+        items = [_convert(v, elem) for v in value]
+        return all(ok for ok, _ in items), tuple(v for _, v in items)
+    # bool is an int in Python, but `max_epochs = true` is a mistake, not 1
+    if hint is bool or isinstance(value, bool):
+        return (hint is bool and isinstance(value, bool)), value
+    if hint is float and isinstance(value, int | float):
+        return True, float(value)
+    return isinstance(value, hint), value
+
+
+def _unknown(
+    source: str, table: str | None, key: str, valid: list[str], what: str = "key"
+) -> typing.NoReturn:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    where = f" in [{table}]" if table else ""
+    raise ConfigError(f"{source}: unknown {what} {key!r}{where}{hint} (valid: {', '.join(valid)})")
+
+
+def _parse_toml_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # left for the type check to reject with the usual message
+
+
+def _to_json(value: Any) -> Any:
+    # round-trip through json to turn tuples into lists and fail here on anything non-JSON
+    return json.loads(json.dumps(value))

@@ -1,0 +1,234 @@
+"""Studies: creating and loading them, and the objective every worker runs on each trial.
+
+A study is multi-objective: ``val_auc`` (maximise) and ``flops`` (minimise). Its resolved
+configuration lives in the study's user attrs, so a worker needs only the study's name and storage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.trial import FrozenTrial, TrialState
+
+from nas3d.architecture import InfeasibleArchitecture
+from nas3d.checkpoint import save_checkpoint
+from nas3d.config import StudyConfig, make_sampler
+from nas3d.costs import measure_costs
+from nas3d.data import DeviceData
+from nas3d.model import build_model
+from nas3d.seeds import seed_architectures
+from nas3d.space import params_for, sample_architecture
+from nas3d.storage import record_constraints
+from nas3d.train import train_trial
+
+logger = logging.getLogger(__name__)
+
+METRIC_NAMES = ("val_auc", "flops")
+DIRECTIONS = ("maximize", "minimize")
+CONFIG_ATTR = "nas3d_config"
+# Copied from an earlier trial onto a duplicate of its architecture, so both read the same.
+RESULT_ATTRS = ("val_acc", "params", "thop_macs", "train_seconds", "epochs", "best_epoch", "device")
+
+
+class StudyNotFound(LookupError):
+    """No study of that name in the storage."""
+
+
+def create_study(config: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    """Create the study ``config`` describes, or return it if it exists with the same configuration.
+
+    Raises ``ValueError`` when a study of that name exists with a different configuration: workers
+    of one study must all train the same way.
+    """
+    study = optuna.create_study(
+        study_name=config.study.name,
+        storage=storage,
+        directions=list(DIRECTIONS),
+        sampler=make_sampler(config.study),
+        load_if_exists=True,
+    )
+    wanted = config.to_dict()
+    existing = study.user_attrs.get(CONFIG_ATTR)
+    if existing is not None:
+        if existing != wanted:
+            raise ValueError(
+                f"study {config.study.name!r} already exists with a different configuration "
+                f"({_first_difference(existing, wanted)}); give the new one another name "
+                "(study.name / --name) or drop the change"
+            )
+        return study
+    study.set_user_attr(CONFIG_ATTR, wanted)
+    with warnings.catch_warnings():  # experimental since Optuna 3.2, and what the dashboard reads
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(METRIC_NAMES))
+    if config.study.warm_start == "seed":
+        enqueue_seed_architectures(study, config)
+    return study
+
+
+def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    for table in sorted(set(old) | set(new)):
+        for key in sorted(set(old.get(table, {})) | set(new.get(table, {}))):
+            before, after = old.get(table, {}).get(key), new.get(table, {}).get(key)
+            if before != after:
+                return f"{table}.{key}: stored {before!r}, asked {after!r}"
+    return "unknown difference"
+
+
+def enqueue_seed_architectures(study: optuna.Study, config: StudyConfig) -> int:
+    """Queue the seed study's published architectures (those inside the space) as the first trials."""
+    queued = 0
+    for dataset, arch in seed_architectures().items():
+        try:
+            params = params_for(arch, config.space)
+        except ValueError as e:
+            logger.warning("warm start: skipping the %s seed architecture: %s", dataset, e)
+            continue
+        study.enqueue_trial(params, user_attrs={"warm_start": f"seed:{dataset}"}, skip_if_exists=True)
+        queued += 1
+    return queued
+
+
+def load_study(
+    name: str, storage: optuna.storages.BaseStorage, *, worker_index: int = 0
+) -> tuple[optuna.Study, StudyConfig]:
+    """Load study ``name`` with its stored configuration and a sampler of its own for this worker."""
+    try:
+        summary = next(s for s in optuna.get_all_study_summaries(storage) if s.study_name == name)
+    except StopIteration:
+        raise StudyNotFound(
+            f"no study named {name!r} in this storage; create it first with "
+            "`nas3d create-study --study FILE` (or run `nas3d search`)"
+        ) from None
+    if CONFIG_ATTR not in summary.user_attrs:
+        raise ValueError(f"study {name!r} was not created by nas3d (no {CONFIG_ATTR!r} user attr)")
+    config = StudyConfig.from_dict(summary.user_attrs[CONFIG_ATTR], source=f"study {name!r}")
+    settings = config.study
+    if settings.sampler_seed is not None:
+        # Workers with one seed would propose the same first architectures in lockstep.
+        settings = dataclasses.replace(settings, sampler_seed=settings.sampler_seed + worker_index)
+    study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(settings))
+    return study, config
+
+
+class TrialObjective:
+    """Sample, deduplicate, cost, train and record one trial; returns ``(val_auc, flops)``.
+
+    Failures are never disguised as scores: an infeasible or over-budget architecture is PRUNED and a
+    training failure (out of memory, non-finite loss) FAILS, each with ``failure_reason`` set.
+    """
+
+    def __init__(
+        self,
+        config: StudyConfig,
+        data: DeviceData,
+        device: torch.device | str,
+        artifact_store: FileSystemArtifactStore | None = None,
+        *,
+        progress: bool = False,
+    ) -> None:
+        self.config = config
+        self.data = data
+        self.device = torch.device(device)
+        self.artifact_store = artifact_store
+        self.progress = progress
+        self.trainings = 0  # how many trials this objective actually trained
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
+        try:
+            return self._evaluate(trial)
+        except optuna.TrialPruned:
+            raise
+        except Exception as e:
+            # Whatever broke, the trial says why (Optuna keeps only a log line otherwise).
+            trial.set_user_attr("failure_reason", f"{type(e).__name__}: {e}")
+            raise
+
+    def _evaluate(self, trial: optuna.Trial) -> tuple[float, float]:
+        try:
+            arch = sample_architecture(trial, self.config.space)
+        except InfeasibleArchitecture as e:
+            trial.set_user_attr("failure_reason", f"infeasible: {e.reason}")
+            raise optuna.TrialPruned(f"infeasible architecture: {e.reason}") from None
+        arch_hash = arch.arch_hash()
+        trial.set_user_attr("arch", arch.short_str())
+        trial.set_user_attr("arch_json", arch.to_json())
+        trial.set_user_attr("arch_hash", arch_hash)
+
+        earlier = self._earlier_evaluation(trial, arch_hash)
+        if earlier is not None:
+            trial.set_user_attr("duplicate_of", earlier.number)
+            for key in RESULT_ATTRS:
+                if key in earlier.user_attrs:
+                    trial.set_user_attr(key, earlier.user_attrs[key])
+            if "constraints" in earlier.system_attrs:
+                record_constraints(trial, dict(enumerate(earlier.system_attrs["constraints"])))
+            assert earlier.values is not None
+            return earlier.values[0], earlier.values[1]
+
+        data = self.data
+        costs = measure_costs(arch, data.in_channels, data.num_classes, data.size)
+        trial.set_user_attr("params", costs.params)
+        trial.set_user_attr("thop_macs", costs.thop_macs)
+        trial.set_user_attr("device", _device_name(self.device))
+        limits = self.config.constraints
+        if limits.active:
+            values = limits.evaluate(flops=costs.flops, params=costs.params)
+            record_constraints(trial, values)
+            broken = {k: v for k, v in values.items() if v > 0}
+            if broken:
+                reason = "over budget: " + ", ".join(
+                    f"{k} {getattr(costs, k):.4g} > max_{k} {getattr(limits, 'max_' + k):.4g}" for k in broken
+                )
+                trial.set_user_attr("failure_reason", reason)
+                raise optuna.TrialPruned(reason)
+
+        model = build_model(arch, data.in_channels, data.num_classes).to(self.device)
+        self.trainings += 1
+        result = train_trial(model, data, self.config.train, self.device, progress=self.progress)
+        trial.set_user_attr("val_acc", result.val_acc)
+        trial.set_user_attr("train_seconds", round(result.train_seconds, 3))
+        trial.set_user_attr("epochs", result.epochs_run)
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        if self.artifact_store is not None:
+            self._store_checkpoint(trial, model, result.val_auc, result.val_acc, costs.flops)
+        return result.val_auc, float(costs.flops)
+
+    def _earlier_evaluation(self, trial: optuna.Trial, arch_hash: str) -> FrozenTrial | None:
+        for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if other.user_attrs.get("arch_hash") == arch_hash and other.number != trial.number:
+                return other
+        return None
+
+    def _store_checkpoint(
+        self, trial: optuna.Trial, model: torch.nn.Module, val_auc: float, val_acc: float, flops: int
+    ) -> None:
+        metadata = {
+            "study": trial.study.study_name,
+            "trial": trial.number,
+            "dataset": self.data.name,
+            "metrics": {"val_auc": val_auc, "val_acc": val_acc, "flops": flops},
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"trial-{trial.number}.pt"
+            save_checkpoint(path, model, input_size=self.data.size, metadata=metadata)
+            artifact_id = upload_artifact(
+                artifact_store=self.artifact_store, file_path=str(path), study_or_trial=trial
+            )
+        trial.set_user_attr("checkpoint_artifact", artifact_id)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.current_device() if device.index is None else device.index} " + (
+            torch.cuda.get_device_name(device)
+        )
+    return str(device)

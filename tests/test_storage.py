@@ -1,0 +1,316 @@
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+import optuna
+import psycopg
+import pytest
+import sqlalchemy
+import sqlalchemy.exc
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+from optuna_dashboard._serializer import serialize_frozen_trial
+from sqlalchemy.engine import make_url
+
+from nas3d.storage import (
+    DEFAULT_HEARTBEAT_INTERVAL,
+    StorageUnavailable,
+    artifact_store_for,
+    make_storage,
+    record_constraints,
+    resolve_storage_url,
+    retry_transient,
+    storage_home,
+    study_lock,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _objective(trial: optuna.Trial) -> tuple[float, float]:
+    x = trial.suggest_float("x", 0.0, 1.0)
+    return x, 1.0 - x
+
+
+def _run_study(storage: optuna.storages.BaseStorage, n_trials: int = 3) -> optuna.Study:
+    # unnamed: Optuna picks a unique name, as tests share the session's PostgreSQL database
+    study = optuna.create_study(storage=storage, directions=["maximize", "minimize"])
+    study.optimize(_objective, n_trials=n_trials)
+    return study
+
+
+# --- resolving storage strings ---------------------------------------------------------------------
+
+
+def test_default_is_sqlite_under_nas3d_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NAS3D_HOME", str(tmp_path / "home"))
+    assert resolve_storage_url(None) == f"sqlite:///{tmp_path / 'home' / 'nas3d.db'}"
+    assert resolve_storage_url("  ") == resolve_storage_url(None)
+    assert (tmp_path / "home").is_dir()
+
+
+def test_default_home_is_storage_in_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NAS3D_HOME")
+    monkeypatch.chdir(tmp_path)
+    assert storage_home() == tmp_path / "storage"
+    assert resolve_storage_url(None) == f"sqlite:///{tmp_path / 'storage' / 'nas3d.db'}"
+
+
+def test_env_var_used_only_without_explicit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NAS3D_STORAGE", "postgresql://u@db:5433/nas")
+    assert resolve_storage_url(None) == "postgresql+psycopg://u@db:5433/nas"
+    assert resolve_storage_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("postgresql://u:pw@h/db", "postgresql+psycopg://u:pw@h/db"),
+        ("postgres://u@h:5432/db", "postgresql+psycopg://u@h:5432/db"),
+        ("postgresql+psycopg://u@h/db", "postgresql+psycopg://u@h/db"),
+        ("sqlite:////abs/x.db", "sqlite:////abs/x.db"),
+    ],
+)
+def test_urls_canonicalised(given: str, expected: str) -> None:
+    assert resolve_storage_url(given) == expected
+
+
+def test_journal_path_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert resolve_storage_url("journal:runs/j.log") == f"journal:{tmp_path / 'runs' / 'j.log'}"
+
+
+@pytest.mark.parametrize("bad", ["mysql://u@h/db", "redis://h", "storage/nas3d.db", "journal:"])
+def test_unsupported_storage_is_one_line_value_error(bad: str) -> None:
+    with pytest.raises(ValueError, match="unsupported storage") as info:
+        resolve_storage_url(bad)
+    message = str(info.value)
+    assert "\n" not in message and "sqlite:///" in message and "journal:" in message
+
+
+def test_password_not_echoed_in_error() -> None:
+    with pytest.raises(ValueError) as info:
+        resolve_storage_url("mysql://u:secret@h/db")
+    assert "secret" not in str(info.value)
+
+
+# --- building storages -------------------------------------------------------------------------------
+
+
+def test_rdb_storage_with_heartbeat(storage_url: str) -> None:
+    storage = make_storage(storage_url)
+    assert isinstance(storage, RDBStorage)
+    assert storage.get_heartbeat_interval() == DEFAULT_HEARTBEAT_INTERVAL
+    assert storage.grace_period == 4 * DEFAULT_HEARTBEAT_INTERVAL
+    assert isinstance(storage.get_heartbeat_stale_trial_callback(), RetryHeartbeatStaleTrialCallback)
+    study = _run_study(storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    # a second worker process would see the same study
+    again = optuna.load_study(study_name=study.study_name, storage=make_storage(storage_url))
+    assert len(again.trials) == 3
+
+
+def test_default_storage_creates_database_under_home(tmp_path: Path) -> None:
+    _run_study(make_storage(None), n_trials=1)
+    assert (tmp_path / "nas3d-home" / "nas3d.db").is_file()  # NAS3D_HOME set by conftest
+
+
+def test_sqlite_parent_folder_created(tmp_path: Path) -> None:
+    make_storage(f"sqlite:///{tmp_path / 'a' / 'b' / 'x.db'}")
+    assert (tmp_path / "a" / "b" / "x.db").is_file()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::optuna.exceptions.ExperimentalWarning")
+def test_stale_trial_is_failed_and_requeued(storage_url: str) -> None:
+    storage = make_storage(storage_url)
+    study = optuna.create_study(storage=storage, study_name="s", directions=["maximize", "minimize"])
+    # a worker that died mid-trial: RUNNING with one heartbeat, then silence (backdated, not slept)
+    dead = study.ask()
+    dead.suggest_float("x", 0.0, 1.0)
+    storage.record_heartbeat(dead._trial_id)
+    with storage.engine.begin() as conn:
+        conn.execute(
+            sqlalchemy.text("UPDATE trial_heartbeats SET heartbeat = :t"), {"t": datetime(2000, 1, 1)}
+        )
+    study.optimize(_objective, n_trials=1)
+    states = {t.number: t.state for t in study.trials}
+    assert states[0] == TrialState.FAIL
+    retried = [t for t in study.trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 0]
+    assert len(retried) == 1 and retried[0].params == dead.params
+
+
+def test_journal_storage(tmp_path: Path) -> None:
+    storage = make_storage(f"journal:{tmp_path / 'j' / 'nas3d.log'}")
+    assert isinstance(storage, JournalStorage)
+    assert len(_run_study(storage).trials) == 3
+
+
+def test_unreachable_postgres_is_one_line_error() -> None:
+    start = time.monotonic()
+    with pytest.raises(StorageUnavailable) as info:
+        make_storage("postgresql://postgres:secret@127.0.0.1:1/nas3d")
+    assert time.monotonic() - start < 5
+    message = str(info.value)
+    assert "\n" not in message and "127.0.0.1:1" in message and "NAS3D_STORAGE" in message
+    assert "secret" not in message
+
+
+def test_missing_postgres_database_is_storage_unavailable(postgres_url: str) -> None:
+    url = make_url(postgres_url).set(database="nas3d_no_such_db").render_as_string(hide_password=False)
+    with pytest.raises(StorageUnavailable, match="nas3d_no_such_db.*does not exist"):
+        make_storage(url)
+
+
+def test_connection_survives_backend_restart(postgres_url: str) -> None:
+    storage = make_storage(postgres_url)
+    study = _run_study(storage, n_trials=1)
+    lock = study_lock(postgres_url, study.study_name)
+    with lock:  # leaves an idle connection behind, to be killed below
+        pass
+    libpq = make_url(postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(libpq, autocommit=True) as admin:
+        killed = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()
+    assert killed is not None and killed[0] >= 1  # the storage's pooled connection was among them
+    study.optimize(_objective, n_trials=1)  # pool_pre_ping replaces the dead connection
+    assert len(study.trials) == 2
+    with lock:  # reconnects
+        pass
+
+
+def test_storage_survives_server_restart(postgres_url: str, restart_postgres: Callable[[], None]) -> None:
+    study = _run_study(make_storage(postgres_url), n_trials=1)
+    restart_postgres()
+    study.optimize(_objective, n_trials=1)
+    assert len(study.trials) == 2
+
+
+def test_heartbeat_survives_transient_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = make_storage(f"sqlite:///{tmp_path / 'x.db'}")
+
+    def broken(self: RDBStorage, trial_id: int) -> None:
+        raise sqlalchemy.exc.OperationalError("UPDATE", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(RDBStorage, "record_heartbeat", broken)
+    storage.record_heartbeat(1)  # logged, not raised: the heartbeat thread keeps running
+
+
+# --- retries ----------------------------------------------------------------------------------------
+
+
+def test_retry_transient_retries_operational_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            cause = sqlalchemy.exc.OperationalError("SELECT", {}, Exception("connection refused"))
+            raise optuna.exceptions.StorageInternalError("commit failed") from cause
+        return "ok"
+
+    assert retry_transient(flaky) == "ok" and len(calls) == 3
+
+
+def test_retry_transient_gives_up_and_passes_other_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    calls = []
+
+    def down() -> None:
+        calls.append(1)
+        raise StorageUnavailable("cannot connect")
+
+    with pytest.raises(StorageUnavailable):
+        retry_transient(down, attempts=3)
+    assert len(calls) == 3
+
+    def bug() -> None:
+        calls.append(1)
+        raise KeyError("x")
+
+    with pytest.raises(KeyError):
+        retry_transient(bug)
+    assert len(calls) == 4
+
+
+# --- artifacts and constraints ---------------------------------------------------------------------
+
+
+def test_artifact_store_locations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert artifact_store_for(None)._base_path == tmp_path / "nas3d-home" / "artifacts"
+    assert (
+        artifact_store_for(f"sqlite:///{tmp_path / 'db' / 'x.db'}")._base_path
+        == tmp_path / "db" / "artifacts"
+    )
+    assert artifact_store_for("postgresql://u@h/db")._base_path == tmp_path / "nas3d-home" / "artifacts"
+    assert artifact_store_for(None, path=tmp_path / "art")._base_path == tmp_path / "art"
+    monkeypatch.setenv("NAS3D_ARTIFACTS", str(tmp_path / "env-art"))
+    assert artifact_store_for(None)._base_path == tmp_path / "env-art"
+    assert (tmp_path / "env-art").is_dir()
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # ask() outside optimize
+def test_artifact_upload_roundtrip(tmp_path: Path) -> None:
+    storage = make_storage(None)
+    store = artifact_store_for(None)
+    study = optuna.create_study(storage=storage, directions=["maximize", "minimize"])
+    trial = study.ask()
+    src = tmp_path / "w.bin"
+    src.write_bytes(b"weights")
+    artifact_id = optuna.artifacts.upload_artifact(
+        artifact_store=store, file_path=str(src), study_or_trial=trial
+    )
+    with store.open_reader(artifact_id) as f:
+        assert f.read() == b"weights"
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # ask() outside optimize
+def test_constraints_seen_by_sampler_study_and_dashboard(storage_url: str) -> None:
+    study = optuna.create_study(storage=make_storage(storage_url), directions=["maximize", "minimize"])
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        x = trial.suggest_float("x", 0.0, 1.0)
+        record_constraints(trial, {"flops": 0.5 if trial.number == 0 else -0.5, "params": -1.0})
+        return x, 1.0 - x
+
+    study.optimize(objective, n_trials=3)
+    first = study.trials[0]
+    assert first.constraints == {"0": 0.5, "1": -1.0}  # what samplers and best_trials read
+    assert first not in study.best_trials  # infeasible: never on the Pareto front
+    assert serialize_frozen_trial(study._study_id, first, {})["constraints"] == [0.5, -1.0]
+    with pytest.raises(ValueError, match="NaN"):
+        record_constraints(study.ask(), {"flops": float("nan")})
+
+
+# --- the study lock -------------------------------------------------------------------------------
+
+
+def _check_lock_excludes_other_workers(url: str) -> None:
+    first, second = study_lock(url, "s"), study_lock(url, "s")
+    order: list[str] = []
+    first.acquire()
+    waiter = threading.Thread(target=lambda: (second.acquire(), order.append("second")))
+    waiter.start()
+    time.sleep(0.2)
+    order.append("first released")
+    first.release()
+    first.release()  # idempotent: the worker releases in run_one and again in finally
+    waiter.join(timeout=5)
+    assert order == ["first released", "second"]
+    second.release()
+    with study_lock(url, "other"), first:  # other studies do not contend
+        pass
+
+
+def test_study_lock_excludes_other_workers(storage_url: str) -> None:
+    _check_lock_excludes_other_workers(storage_url)
+
+
+def test_study_lock_on_journal(tmp_path: Path) -> None:
+    _check_lock_excludes_other_workers(f"journal:{tmp_path / 'j.log'}")

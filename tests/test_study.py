@@ -1,0 +1,127 @@
+"""The study service in one process: objective, deduplication, constraints, warm start, artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from nas3d.checkpoint import load_checkpoint
+from nas3d.config import StudyConfig, load_study_config
+from nas3d.data import load_splits
+from nas3d.seeds import seed_architectures
+from nas3d.space import params_for
+from nas3d.storage import artifact_store_for, make_storage
+from nas3d.study import TrialObjective, create_study, load_study
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def smoke_config(tmp_path: Path, **overrides: object) -> StudyConfig:
+    """The smoke study with its data under ``tmp_path``."""
+    return load_study_config(REPO / "studies" / "smoke.toml").with_overrides(
+        {"data.root": str(tmp_path / "data"), **overrides}
+    )
+
+
+def make_objective(config: StudyConfig, storage_url: str) -> tuple[optuna.Study, TrialObjective]:
+    storage = make_storage(storage_url)
+    create_study(config, storage)
+    study, config = load_study(config.study.name, storage)
+    data = load_splits(config.data, "cpu", for_search=True)
+    return study, TrialObjective(config, data, "cpu", artifact_store_for(storage_url))
+
+
+def test_duplicate_architecture_is_not_retrained(tmp_path: Path) -> None:
+    arch = seed_architectures()["adrenalmnist3d"]
+    config = smoke_config(tmp_path, **{"space.ops": list(arch.ops)})
+    study, objective = make_objective(config, f"sqlite:///{tmp_path / 'db.sqlite'}")
+    # the same cell with its first two operation vertices swapped: an isomorphic relabelling
+    twin = arch.__class__(
+        (arch.ops[1], arch.ops[0], arch.ops[2]), ((0, 1), (0, 2), (2, 3), (1, 4), (3, 4)),
+        arch.stacks, arch.cells_per_stack, arch.initial_filters,
+    )
+    assert twin.arch_hash() == arch.arch_hash() and twin != arch
+    for a in (arch, arch, twin):
+        study.enqueue_trial(params_for(a, config.space))
+    study.optimize(objective, n_trials=3)
+    trials = study.get_trials()
+    assert objective.trainings == 1
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert [t.user_attrs.get("duplicate_of") for t in trials] == [None, 0, 0]
+    assert trials[1].values == trials[2].values == trials[0].values
+    assert trials[2].user_attrs["val_acc"] == trials[0].user_attrs["val_acc"]
+
+
+def test_completed_trial_records_attrs_and_a_loadable_checkpoint(tmp_path: Path) -> None:
+    config = smoke_config(tmp_path)
+    storage_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    study, objective = make_objective(config, storage_url)
+    study.optimize(objective, n_trials=1)
+    trial = study.trials[0]
+    assert study.metric_names == ["val_auc", "flops"]
+    for key in ("val_acc", "params", "thop_macs", "arch", "arch_hash", "train_seconds", "epochs", "device"):
+        assert key in trial.user_attrs, key
+    assert 0.0 <= trial.values[0] <= 1.0 and trial.values[1] > 0
+    metas = optuna.artifacts.get_all_artifact_meta(trial, storage=study._storage)
+    assert len(metas) == 1
+    path = tmp_path / "checkpoint.pt"
+    optuna.artifacts.download_artifact(
+        artifact_store=artifact_store_for(storage_url), file_path=str(path), artifact_id=metas[0].artifact_id
+    )
+    checkpoint = load_checkpoint(path)
+    assert checkpoint.architecture.arch_hash() == trial.user_attrs["arch_hash"]
+    assert checkpoint.metadata["trial"] == trial.number
+    model = checkpoint.build()
+    assert model(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 2)
+
+
+def test_constraint_violations_are_pruned_with_a_reason_and_not_trained(tmp_path: Path) -> None:
+    config = smoke_config(tmp_path, **{"constraints.max_params": 10.0})
+    study, objective = make_objective(config, f"sqlite:///{tmp_path / 'db.sqlite'}")
+    study.optimize(objective, n_trials=2)
+    assert objective.trainings == 0
+    for trial in study.trials:
+        assert trial.state == TrialState.PRUNED
+        assert trial.user_attrs["failure_reason"].startswith("over budget: params")
+        assert trial.system_attrs["constraints"][0] > 0  # where optuna-dashboard 0.21 reads it
+
+
+def test_training_failure_fails_the_trial_with_its_reason(tmp_path: Path) -> None:
+    config = smoke_config(tmp_path, **{"train.lr": 1e12})
+    study, objective = make_objective(config, f"sqlite:///{tmp_path / 'db.sqlite'}")
+    from nas3d.train import TrainingFailure
+
+    study.optimize(objective, n_trials=1, catch=(TrainingFailure,))
+    trial = study.trials[0]
+    assert trial.state == TrialState.FAIL and trial.values is None
+    assert "NonFiniteLoss" in trial.user_attrs["failure_reason"]
+
+
+def test_warm_start_enqueues_the_seed_architectures(tmp_path: Path) -> None:
+    config = StudyConfig.from_dict(
+        smoke_config(tmp_path).to_dict()
+        | {"space": {}, "study": {"name": "warm", "n_trials": 8, "warm_start": "seed"}}
+    )
+    study = create_study(config, make_storage(f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == len(seed_architectures())
+    expected = {a.arch_hash() for a in seed_architectures().values()}
+    from nas3d.space import sample_architecture
+
+    got = {
+        sample_architecture(optuna.trial.FixedTrial(t.system_attrs["fixed_params"]), config.space).arch_hash()
+        for t in waiting
+    }
+    assert got == expected
+
+
+def test_existing_study_with_another_config_is_refused(tmp_path: Path) -> None:
+    storage = make_storage(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    create_study(smoke_config(tmp_path), storage)
+    create_study(smoke_config(tmp_path), storage)  # same config: reused
+    with pytest.raises(ValueError, match=r"different configuration \(train.max_epochs: stored 2, asked 3\)"):
+        create_study(smoke_config(tmp_path, **{"train.max_epochs": 3}), storage)
