@@ -59,7 +59,8 @@ class StudySettings:
     """The ``[study]`` table: identity, budget and sampler."""
 
     name: str
-    # budget: finished trials (complete + pruned + failed) counted across all workers
+    # budget: architectures evaluated (complete + pruned + failed) across all workers; duplicates of
+    # an evaluated architecture are free, up to n_trials of them (see nas3d.worker)
     n_trials: int = 200
     sampler: str = "tpe"
     sampler_seed: int | None = None

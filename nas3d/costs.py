@@ -11,7 +11,7 @@ is spent on real tensors.
 thop's MAC count is recorded too, since published NAS and MedMNIST tables report thop numbers. thop
 counts differently (it adds norms and some activations, and knows nothing of Mish), and it writes
 ``total_ops``/``total_params`` buffers into every module it profiles, so it only ever sees a
-throw-away copy built for it.
+throw-away copy built for it (on the meta device too).
 """
 
 from __future__ import annotations
@@ -48,27 +48,28 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def thop_macs(arch: Architecture, in_channels: int, num_classes: int, size: int) -> int | None:
-    """thop's MAC count, measured on a fresh CPU model that is thrown away afterwards."""
+def thop_macs(model: torch.nn.Module, input_shape: tuple[int, ...]) -> int | None:
+    """thop's MAC count. thop leaves buffers in ``model``: pass a copy that is thrown away after.
+
+    thop counts from tensor shapes in forward hooks, so a model on the meta device gives the same
+    numbers without computing anything.
+    """
     try:
         import thop
     except ImportError:  # pragma: no cover - thop is a dependency, but the count is only informative
         return None
-    model = build_model(arch, in_channels, num_classes).eval()
-    x = torch.zeros(1, in_channels, size, size, size)
-    macs, _ = thop.profile(model, inputs=(x,), verbose=False)
+    device = next(model.parameters()).device
+    macs, _ = thop.profile(model, inputs=(torch.zeros(input_shape, device=device),), verbose=False)
     return int(macs)
 
 
 def measure_costs(
     arch: Architecture, in_channels: int, num_classes: int, size: int, *, with_thop: bool = True
 ) -> Costs:
-    """FLOPs and parameters on the meta device; thop MACs on a CPU copy."""
+    """FLOPs, parameters and thop MACs, all counted on the meta device."""
     with torch.device("meta"):
-        model = build_model(arch, in_channels, num_classes)
-    flops = count_flops(model.eval(), (1, in_channels, size, size, size))
-    return Costs(
-        flops=flops,
-        params=count_params(model),
-        thop_macs=thop_macs(arch, in_channels, num_classes, size) if with_thop else None,
-    )
+        model = build_model(arch, in_channels, num_classes).eval()
+    shape = (1, in_channels, size, size, size)
+    flops, params = count_flops(model, shape), count_params(model)
+    # thop runs last, on this throw-away model: its buffers must never reach a real state_dict.
+    return Costs(flops=flops, params=params, thop_macs=thop_macs(model, shape) if with_thop else None)

@@ -102,15 +102,17 @@ def load_study(
 ) -> tuple[optuna.Study, StudyConfig]:
     """Load study ``name`` with its stored configuration and a sampler of its own for this worker."""
     try:
-        summary = next(s for s in optuna.get_all_study_summaries(storage) if s.study_name == name)
-    except StopIteration:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
         raise StudyNotFound(
             f"no study named {name!r} in this storage; create it first with "
             "`nas3d create-study --study FILE` (or run `nas3d search`)"
         ) from None
-    if CONFIG_ATTR not in summary.user_attrs:
+    # Read only this study's attrs: summaries of every study would load every trial in the database.
+    user_attrs = storage.get_study_user_attrs(study_id)
+    if CONFIG_ATTR not in user_attrs:
         raise ValueError(f"study {name!r} was not created by nas3d (no {CONFIG_ATTR!r} user attr)")
-    config = StudyConfig.from_dict(summary.user_attrs[CONFIG_ATTR], source=f"study {name!r}")
+    config = StudyConfig.from_dict(user_attrs[CONFIG_ATTR], source=f"study {name!r}")
     settings = config.study
     if settings.sampler_seed is not None:
         # Workers with one seed would propose the same first architectures in lockstep.

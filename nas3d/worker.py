@@ -1,9 +1,12 @@
 """A worker: one process, one device, trials of one study until the study's budget is spent.
 
-Several workers (on one or many hosts) share a study through its storage. The budget is exact:
-before each trial a worker takes the study's lock, fails trials whose worker died (their heartbeat
-went stale; Optuna re-queues them), counts the trials that use up budget, and asks for a trial only
-if one is left. A failed trial that was re-queued does not count; its retry does.
+Several workers (on one or many hosts) share a study through its storage. The budget counts
+architectures evaluated, and is exact: before each trial a worker takes the study's lock, fails
+trials whose worker died (their heartbeat went stale; Optuna re-queues them), counts the trials that
+use up budget, and asks for a trial only if one is left. A failed trial that was re-queued does not
+count (its retry does), nor does a duplicate of an earlier architecture, which costs no training;
+but a study stops once it holds as many duplicates as its budget, so a sampler that keeps proposing
+known architectures cannot run forever.
 """
 
 from __future__ import annotations
@@ -42,16 +45,24 @@ class WorkerInterrupted(KeyboardInterrupt):
 @dataclass(frozen=True)
 class BudgetState:
     used: int  # trials that count against the budget, RUNNING and WAITING included
+    duplicates: int  # trials that reused an earlier trial's result
     waiting: int
     running: int
+
+    def spent(self, budget: int) -> bool:
+        """No trial may start: the budget is used (queued trials count already), or the duplicate
+        allowance is."""
+        return self.duplicates >= budget or (self.waiting == 0 and self.used >= budget)
 
 
 def budget_state(study: optuna.Study) -> BudgetState:
     """Count the study's trials the way the budget does (see the module docstring)."""
     trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    duplicates = sum("duplicate_of" in t.user_attrs for t in trials)
     return BudgetState(
-        used=sum(t.number not in retried for t in trials),
+        used=sum(t.number not in retried and "duplicate_of" not in t.user_attrs for t in trials),
+        duplicates=duplicates,
         waiting=sum(t.state == TrialState.WAITING for t in trials),
         running=sum(t.state == TrialState.RUNNING for t in trials),
     )
@@ -127,9 +138,16 @@ def run_worker(
                     warnings.simplefilter("ignore", ExperimentalWarning)
                     optuna.storages.fail_stale_trials(study)
             state = budget_state(study)
-            if state.waiting == 0 and state.used >= budget:
+            if state.spent(budget):
                 if state.running == 0:
-                    logger.info("study %r has used its budget of %d trials", study_name, budget)
+                    if state.duplicates >= budget:
+                        logger.warning(
+                            "study %r stops early: the sampler proposed %d duplicates of evaluated "
+                            "architectures (as many as the budget); widen the space or use another sampler",
+                            study_name, state.duplicates,
+                        )
+                    else:
+                        logger.info("study %r has used its budget of %d trials", study_name, budget)
                     break
                 # Another worker's trial may still go stale and need a retry: wait for it.
                 lock.release()

@@ -30,9 +30,9 @@ def test_search_smoke_study_end_to_end(tmp_path: Path) -> None:
                    "--n-trials", "3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "study 'smoke' ready" in result.stdout
-    assert "study smoke: 3 trials (budget 3)" in result.stdout
+    assert "(budget 3)" in result.stdout
     study = optuna.load_study(study_name="smoke", storage=make_storage(None))
-    assert len(study.trials) == 3
+    assert budget_state(study).used == 3
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
     status = nas3d("status", cwd=tmp_path)
     assert status.returncode == 0 and "val_auc" in status.stdout
@@ -88,5 +88,5 @@ def test_launch_runs_several_workers_against_postgresql(postgres_url: str, tmp_p
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("starting worker") == 2
     study = optuna.load_study(study_name=name, storage=make_storage(postgres_url))
-    assert budget_state(study).used == 5 == len(study.trials)
+    assert budget_state(study).used == 5
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]

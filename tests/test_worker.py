@@ -13,9 +13,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from nas3d.architecture import Architecture
+from nas3d.space import params_for
 from nas3d.storage import make_storage
 from nas3d.study import create_study
-from nas3d.worker import budget_state
+from nas3d.worker import budget_state, run_worker
 from tests.test_study import smoke_config
 
 pytestmark = pytest.mark.slow
@@ -44,10 +46,10 @@ def wait_for(predicate, timeout: float = 120, interval: float = 0.2) -> None:
 
 
 def counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Trials that use budget: all but failed trials that were queued again."""
+    """Trials that use budget: all but failed trials that were queued again, and duplicates."""
     trials = study.get_trials()
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
-    return [t for t in trials if t.number not in retried]
+    return [t for t in trials if t.number not in retried and "duplicate_of" not in t.user_attrs]
 
 
 def test_two_workers_finish_exactly_the_budget(storage_url: str, tmp_path: Path) -> None:
@@ -56,9 +58,9 @@ def test_two_workers_finish_exactly_the_budget(storage_url: str, tmp_path: Path)
     workers = [start_worker(storage_url, "two-workers", i) for i in range(2)]
     outputs = [finish(w) for w in workers]
     trials = study.get_trials()
-    assert len(trials) == 7, outputs
-    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-    assert budget_state(study).used == 7
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials), outputs
+    evaluated = [t for t in trials if "duplicate_of" not in t.user_attrs]
+    assert len(evaluated) == 7 == budget_state(study).used
 
 
 def test_killed_worker_trial_is_retried_and_budget_stays_exact(storage_url: str, tmp_path: Path) -> None:
@@ -101,3 +103,18 @@ def test_sigterm_leaves_no_running_trial_and_requeues_it(tmp_path: Path) -> None
     assert requeued.state == TrialState.WAITING and requeued.params == interrupted.params
     assert "failure_reason" not in requeued.user_attrs
     assert budget_state(study).used == 1  # the re-queued trial replaces the interrupted one
+
+
+def test_duplicates_are_free_but_bounded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    storage_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    config = smoke_config(tmp_path, **{"study.n_trials": 2, "study.name": "dups"})
+    study = create_study(config, make_storage(storage_url))
+    arch = Architecture(("relu_conv3",), ((0, 1), (1, 2)), stacks=1, cells_per_stack=1, initial_filters=8)
+    for _ in range(4):
+        study.enqueue_trial(params_for(arch, config.space))
+    # one trained, then two duplicates use up the allowance (as many as the budget)
+    assert run_worker("dups", storage_url) == 3
+    state = budget_state(study)
+    assert (state.duplicates, state.waiting) == (2, 1)
+    assert [t.user_attrs.get("duplicate_of") for t in study.trials] == [None, 0, 0, None]
+    assert "proposed 2 duplicates" in caplog.text
