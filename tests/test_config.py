@@ -15,19 +15,12 @@ from nas3d.config import (
     load_study_config,
     make_sampler,
 )
-from nas3d.data import DataConfig
+from nas3d.data import DATASETS, DataConfig
 from nas3d.space import SearchSpace
 from nas3d.train import TrainConfig
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
-MEDMNIST3D = [
-    "organmnist3d",
-    "nodulemnist3d",
-    "fracturemnist3d",
-    "adrenalmnist3d",
-    "vesselmnist3d",
-    "synapsemnist3d",
-]
+MEDMNIST3D = list(DATASETS)
 
 
 def _write(tmp_path: Path, text: str) -> Path:
