@@ -191,10 +191,7 @@ def format_status(study: optuna.Study) -> str:
     duplicates = sum("duplicate_of" in t.user_attrs for t in trials)
     if duplicates:
         lines[0] += f"; {duplicates} duplicates not retrained"
-    front = sorted(
-        (t for t in study.best_trials if "duplicate_of" not in t.user_attrs),
-        key=lambda t: -t.values[0],
-    )
+    front = sorted(study.best_trials, key=lambda t: -t.values[0])
     if front:
         header = ("trial", "val_auc", "val_acc", "MFLOPs", "params")
         lines.append("  " + "  ".join(f"{h:>9}" for h in header) + "  architecture")
@@ -203,7 +200,11 @@ def format_status(study: optuna.Study) -> str:
             cells = (t.number, f"{t.values[0]:.4f}", f"{attrs.get('val_acc', float('nan')):.4f}",
                      f"{t.values[1] / 1e6:.1f}", attrs.get("params", "-"))
             lines.append("  " + "  ".join(f"{c:>9}" for c in cells) + f"  {attrs.get('arch', '')}")
-    failed = [t for t in trials if t.state.name in ("FAIL", "PRUNED") and "failure_reason" in t.user_attrs]
+    failed = [
+        t for t in trials
+        if t.state.name in ("FAIL", "PRUNED") and "duplicate_of" not in t.user_attrs
+        and "failure_reason" in t.user_attrs
+    ]
     for t in failed[-5:]:
         lines.append(f"  trial {t.number} {t.state.name.lower()}: {t.user_attrs['failure_reason']}")
     return "\n".join(lines)

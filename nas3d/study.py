@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 METRIC_NAMES = ("val_auc", "flops")
 DIRECTIONS = ("maximize", "minimize")
 CONFIG_ATTR = "nas3d_config"
-# Copied from an earlier trial onto a duplicate of its architecture, so both read the same.
+# Copied from an earlier trial onto a duplicate of its architecture.
 RESULT_ATTRS = ("val_acc", "params", "thop_macs", "train_seconds", "epochs", "best_epoch", "device")
 
 
@@ -124,8 +124,9 @@ def load_study(
 class TrialObjective:
     """Sample, deduplicate, cost, train and record one trial; returns ``(val_auc, flops)``.
 
-    Failures are never disguised as scores: an infeasible or over-budget architecture is PRUNED and a
-    training failure (out of memory, non-finite loss) FAILS, each with ``failure_reason`` set.
+    Failures are never disguised as scores: an infeasible or over-budget architecture, or a duplicate of
+    one already evaluated, is PRUNED without training and a training failure (out of memory,
+    non-finite loss) FAILS, each with ``failure_reason`` set.
     """
 
     def __init__(
@@ -167,14 +168,17 @@ class TrialObjective:
 
         earlier = self._earlier_evaluation(trial, arch_hash)
         if earlier is not None:
+            # Recorded, not trained, and PRUNED rather than COMPLETE with copied values: a copy of a
+            # good trial would count as fresh evidence for it, and TPE would propose it again and
+            # again (bench/storage_overhead.py saw 376 duplicates per 8 new architectures that way).
             trial.set_user_attr("duplicate_of", earlier.number)
+            trial.set_user_attr("duplicate_values", earlier.values)
             for key in RESULT_ATTRS:
                 if key in earlier.user_attrs:
                     trial.set_user_attr(key, earlier.user_attrs[key])
-            if "constraints" in earlier.system_attrs:
-                record_constraints(trial, dict(enumerate(earlier.system_attrs["constraints"])))
-            assert earlier.values is not None
-            return earlier.values[0], earlier.values[1]
+            reason = f"duplicate of trial {earlier.number} (the same architecture); not trained again"
+            trial.set_user_attr("failure_reason", reason)
+            raise optuna.TrialPruned(reason)
 
         data = self.data
         costs = measure_costs(arch, data.in_channels, data.num_classes, data.size)

@@ -76,6 +76,8 @@ def test_dashboard_shows_objectives_constraints_and_checkpoints(dashboard) -> No
     for trial in study.trials:
         shown = trials[trial.number]
         assert shown["state"] == trial.state.name.capitalize()
+        if "duplicate_of" in trial.user_attrs:
+            continue
         (value,) = shown["constraints"]  # the dashboard reads the legacy list nas3d writes
         assert (value > 0) == (trial.state.name == "PRUNED")
         if trial.state.name == "COMPLETE":

@@ -50,10 +50,12 @@ def test_duplicate_architecture_is_not_retrained(tmp_path: Path) -> None:
     study.optimize(objective, n_trials=3)
     trials = study.get_trials()
     assert objective.trainings == 1
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED]
     assert [t.user_attrs.get("duplicate_of") for t in trials] == [None, 0, 0]
-    assert trials[1].values == trials[2].values == trials[0].values
+    copied = [t.user_attrs["duplicate_values"] for t in trials[1:]]
+    assert copied == [trials[0].values] * 2
     assert trials[2].user_attrs["val_acc"] == trials[0].user_attrs["val_acc"]
+    assert trials[1].user_attrs["failure_reason"].startswith("duplicate of trial 0")
 
 
 def test_completed_trial_records_attrs_and_a_loadable_checkpoint(tmp_path: Path) -> None:

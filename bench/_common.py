@@ -1,0 +1,146 @@
+"""Helpers shared by the benchmarks in ``bench/``: study configs, scratch storages, timers, tables.
+
+Not a benchmark itself. The scripts import it as ``_common`` (they run as files, so ``bench/`` is on
+``sys.path``) before anything from ``nas3d``: importing it puts the repository first on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy.engine import make_url
+
+REPO = Path(__file__).resolve().parents[1]
+# Run as files, the scripts have bench/ first on sys.path, not the repo: put the checkout first so
+# `nas3d` is this tree's package whatever the environment's install resolves it to (an editable
+# install made before nas3d/__init__.py existed serves it as a namespace package, without __version__).
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from nas3d.config import StudyConfig, load_study_config  # noqa: E402
+
+SMOKE = REPO / "studies" / "smoke.toml"
+PG_ENV = "NAS3D_TEST_POSTGRES_URL"
+DEFAULT_PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+BACKENDS = ("sqlite", "postgresql")
+
+T = TypeVar("T")
+
+
+def default_pg_admin_url() -> str:
+    """``$NAS3D_TEST_POSTGRES_URL``, else the local trust-auth server."""
+    return os.environ.get(PG_ENV) or DEFAULT_PG_ADMIN_URL
+
+
+def smoke_config(**overrides: object) -> StudyConfig:
+    """``studies/smoke.toml`` with ``{"table.key": value}`` overrides (as ``--set`` would apply)."""
+    config = load_study_config(SMOKE)
+    return config.with_overrides(overrides, source="benchmark") if overrides else config
+
+
+def parse_list(text: str, kind: Callable[[str], T], what: str) -> list[T]:
+    """``"a,b"`` → ``[kind("a"), kind("b")]``; ``ValueError`` naming ``what`` for an empty list."""
+    items = [kind(part.strip()) for part in text.split(",") if part.strip()]
+    if not items:
+        raise ValueError(f"{what} must list at least one value, but got {text!r}")
+    return items
+
+
+def parse_backends(text: str) -> list[str]:
+    backends = parse_list(text, str, "--backends")
+    for backend in backends:
+        if backend not in BACKENDS:
+            raise ValueError(f"--backends: unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    return backends
+
+
+def _libpq(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _sqlalchemy_pg(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep or not scheme.startswith(("postgresql", "postgres")):
+        raise ValueError(f"--postgres-url must be a postgresql:// URL, but got {url!r}")
+    return "postgresql+psycopg://" + rest
+
+
+@contextmanager
+def scratch_storage(backend: str, workdir: Path, pg_admin_url: str, tag: str = "") -> Iterator[str]:
+    """A fresh, empty storage URL: a SQLite file in ``workdir``, or a new PostgreSQL database
+    ``nas3d_bench_<hex>`` on the server of ``pg_admin_url`` (dropped, connections and all, on exit)."""
+    suffix = uuid.uuid4().hex[:10]
+    if backend == "sqlite":
+        yield f"sqlite:///{workdir / f'bench-{tag}{suffix}.db'}"
+        return
+    if backend != "postgresql":
+        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    import psycopg
+
+    admin = _sqlalchemy_pg(pg_admin_url)
+    name = f"nas3d_bench_{tag}{suffix}"
+    with psycopg.connect(_libpq(admin), autocommit=True, connect_timeout=10) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(admin).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(_libpq(admin), autocommit=True, connect_timeout=10) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def redact(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+class PhaseTimer:
+    """Seconds spent per named phase, summed over calls; reset with ``take()`` per measured unit."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+    def wrap(self, name: str, fn: Callable[..., T]) -> Callable[..., T]:
+        """``fn`` unchanged in behaviour, its time added to phase ``name`` (nested phases both count)."""
+
+        def timed(*args: Any, **kwargs: Any) -> T:
+            with self.phase(name):
+                return fn(*args, **kwargs)
+
+        timed.__wrapped__ = fn  # type: ignore[attr-defined]
+        return timed
+
+    def take(self) -> dict[str, float]:
+        """The phases measured since the last ``take()``, and a fresh start."""
+        out, self.seconds = dict(self.seconds), defaultdict(float)
+        return out
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain, right-aligned text table (first column left-aligned)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        pairs = enumerate(zip(row, widths, strict=True))
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs)
+
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths]), *map(line, cells[1:])])
