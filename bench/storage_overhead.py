@@ -362,9 +362,10 @@ def measure_backend_size(
     # What the measured trials turned out to be: trained, duplicate (not retrained), pruned (over budget).
     outcome = {"T": 0, "D": 0, "P": 0, "F": 0}
     for t in measured[1:]:
-        done = "D" if "duplicate_of" in t.user_attrs else "T"
-        key = {TrialState.PRUNED: "P", TrialState.FAIL: "F"}.get(t.state, done)
-        outcome[key] += 1
+        if "duplicate_of" in t.user_attrs:  # recorded as PRUNED, but counted apart
+            outcome["D"] += 1
+        else:
+            outcome[{TrialState.PRUNED: "P", TrialState.FAIL: "F"}.get(t.state, "T")] += 1
     row: dict[str, Any] = {"backend": backend, "n": n, "fill_seconds": fill_seconds,
                            "outcome": " ".join(f"{k}{v}" for k, v in outcome.items() if v)}
     for phase in (*STORAGE_PHASES, *OTHER_PHASES, "sampler", "total"):
