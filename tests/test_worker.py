@@ -63,14 +63,22 @@ def test_two_workers_finish_exactly_the_budget(storage_url: str, tmp_path: Path)
     assert len(evaluated) == 7 == budget_state(study).used
 
 
-def test_killed_worker_trial_is_retried_and_budget_stays_exact(storage_url: str, tmp_path: Path) -> None:
-    # Long enough trials that the kill lands mid-training.
-    config = smoke_config(tmp_path, **{"study.n_trials": 2, "study.name": "crash",
+def long_trials_study(storage_url: str, tmp_path: Path, name: str) -> optuna.Study:
+    """Two trials long enough that a signal lands mid-training."""
+    config = smoke_config(tmp_path, **{"study.n_trials": 2, "study.name": name,
                                        "train.max_epochs": 60, "train.patience": 60})
-    study = create_study(config, make_storage(storage_url))
-    victim = start_worker(storage_url, "crash")
+    return create_study(config, make_storage(storage_url))
+
+
+def wait_until_training(study: optuna.Study) -> None:
     wait_for(lambda: any(t.state == TrialState.RUNNING and "arch_hash" in t.user_attrs
                          for t in study.get_trials(deepcopy=False)))
+
+
+def test_killed_worker_trial_is_retried_and_budget_stays_exact(storage_url: str, tmp_path: Path) -> None:
+    study = long_trials_study(storage_url, tmp_path, "crash")
+    victim = start_worker(storage_url, "crash")
+    wait_until_training(study)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     killed = next(t for t in study.get_trials() if t.state == TrialState.RUNNING)
@@ -86,12 +94,9 @@ def test_killed_worker_trial_is_retried_and_budget_stays_exact(storage_url: str,
 
 def test_sigterm_leaves_no_running_trial_and_requeues_it(tmp_path: Path) -> None:
     storage_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    config = smoke_config(tmp_path, **{"study.n_trials": 2, "study.name": "stop",
-                                       "train.max_epochs": 60, "train.patience": 60})
-    study = create_study(config, make_storage(storage_url))
+    study = long_trials_study(storage_url, tmp_path, "stop")
     worker = start_worker(storage_url, "stop")
-    wait_for(lambda: any(t.state == TrialState.RUNNING and "arch_hash" in t.user_attrs
-                         for t in study.get_trials(deepcopy=False)))
+    wait_until_training(study)
     worker.send_signal(signal.SIGTERM)
     output = finish(worker, timeout=60)
     trials = study.get_trials()
