@@ -15,7 +15,7 @@ import tomllib
 import types
 import typing
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,11 +47,15 @@ class ConfigError(ValueError):
     """A study configuration problem; the message is one line naming where and what."""
 
 
+def _hint(value: str, valid: Sequence[str]) -> str:
+    """"; did you mean 'x'?" for the closest valid name, or nothing."""
+    close = difflib.get_close_matches(value, valid, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def _check_choice(what: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
-        close = difflib.get_close_matches(value, valid, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"{what} must be one of {', '.join(valid)}, got {value!r}{hint}")
+        raise ValueError(f"{what} must be one of {', '.join(valid)}, got {value!r}{_hint(value, valid)}")
 
 
 @dataclass(frozen=True)
@@ -272,9 +276,8 @@ def _convert(value: Any, hint: Any) -> tuple[bool, Any]:
 def _unknown(
     source: str, table: str | None, key: str, valid: list[str], what: str = "key"
 ) -> typing.NoReturn:
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
     where = f" in [{table}]" if table else ""
+    hint = _hint(key, valid)
     raise ConfigError(f"{source}: unknown {what} {key!r}{where}{hint} (valid: {', '.join(valid)})")
 
 
