@@ -16,11 +16,15 @@ from nas3d.train import (
     TrainConfig,
     TrainingFailure,
     TrialOutOfMemory,
+    autocast_dtype,
+    cpu_has_native_bf16,
     evaluate,
     train_trial,
 )
 
 FAST = TrainConfig(max_epochs=12, patience=2, batch_size=16, lr=0.05)
+# Long enough for the 3-class set, whose loss falls slowly, to be learned in float32 and in bf16 alike.
+LEARN = TrainConfig(max_epochs=30, patience=5, batch_size=16, lr=0.02)
 
 
 def tiny_cnn(classes: int, seed: int = 0) -> nn.Module:
@@ -45,7 +49,7 @@ def data(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 def test_learns_and_reports_the_best_auc_epoch(data: DeviceData) -> None:
     model = tiny_cnn(data.num_classes)
-    result = train_trial(model, data, TrainConfig(max_epochs=15, patience=3, batch_size=16, lr=0.02), "cpu")
+    result = train_trial(model, data, LEARN, "cpu")
     assert result.val_auc > 0.75  # the synthetic classes are learnable by a tiny CNN in a few epochs
     best = max(result.history, key=lambda r: (r.val_auc, -r.val_loss))
     assert result.best_epoch == best.epoch
@@ -59,9 +63,13 @@ def test_model_ends_with_best_epoch_weights_scored_like_medmnist(data: DeviceDat
     result = train_trial(model, data, FAST, "cpu")
     assert result.best_epoch < result.epochs_run  # so the weights below must have been restored
     model.eval()
-    with torch.no_grad():
+    # Scored by hand in the trainer's precision and layout (bf16 autocast on CPUs that have it).
+    amp_dtype = autocast_dtype(torch.device("cpu"), FAST.amp)
+    with torch.no_grad(), torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
         images, labels = data.val.batch(slice(None))
-        scores = torch.softmax(torch.cat([model(x) for x in images.split(FAST.batch_size)]), 1).numpy()
+        images = images.contiguous(memory_format=torch.channels_last_3d)
+        logits = torch.cat([model(x).float() for x in images.split(FAST.batch_size)])
+        scores = torch.softmax(logits, 1).numpy()
     y = labels.numpy().reshape(-1, 1)
     assert result.val_auc == pytest.approx(getAUC(y, scores, data.task), abs=1e-12)
     assert result.val_acc == getACC(y, scores, data.task)
@@ -86,6 +94,23 @@ def test_same_trial_twice_gives_identical_results(data: DeviceData) -> None:
         runs.append((result.history, result.best_epoch, [p.detach().clone() for p in model.parameters()]))
     assert runs[0][:2] == runs[1][:2]
     assert all(torch.equal(a, b) for a, b in zip(runs[0][2], runs[1][2], strict=True))
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX512-BF16 or AMX)")
+def test_cpu_mixed_precision_learns_with_float32_master_weights(data: DeviceData) -> None:
+    assert autocast_dtype(torch.device("cpu"), True) == torch.bfloat16
+    model = tiny_cnn(data.num_classes)
+    result = train_trial(model, data, LEARN, "cpu")
+    assert result.val_auc > 0.75
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_cpu_without_native_bf16_trains_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Emulated bf16 is slower than float32, so such a CPU must not get autocast.
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False)
+    assert autocast_dtype(torch.device("cpu"), True) is None
+    assert autocast_dtype(torch.device("cpu"), False) is None
 
 
 class _NanLogits(nn.Module):
