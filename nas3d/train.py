@@ -40,7 +40,7 @@ class TrainConfig:
     lr: float = 1e-3
     seed: int = 0
     # Mixed precision: on CUDA, and on CPUs with native bf16 (see cpu_has_native_bf16). Measured on a
-    # 2-core AMD EPYC with avx512_bf16 (28³, batch 128, channels-last): bf16 is 1.9x to 2.2x faster
+    # 2-core AMD EPYC with avx512_bf16 (28³, batch 128, channels-last): bf16 is 1.7x to 1.9x faster
     # per batch than float32 on the seed architectures and the bench's small CNN.
     amp: bool = True
     # channels_last_3d memory format. Measured on an H200 (bf16, 28³, batch 128): +3 % to +39 % on the
