@@ -59,6 +59,11 @@ timings are wall-clock, so other load inflates them. Nothing is asserted.
     python bench/storage_overhead.py                                   # both backends, 100/1000/2000
     python bench/storage_overhead.py --measure-trial --device cuda     # ground the trial time on a GPU
     python bench/storage_overhead.py --backends sqlite --sizes 100 --repeats 2   # quick check
+    python bench/storage_overhead.py --baseline-sampler optuna-tpe     # nas3d's TPE vs Optuna's own
+
+``--baseline-sampler optuna-tpe`` also measures every cell with Optuna's stock ``TPESampler`` (same
+options and seed) in place of nas3d's ``SharedSplitTPESampler``, in the same run, and prints the ratio
+of their db+smp times.
 """
 
 from __future__ import annotations
@@ -100,7 +105,7 @@ from optuna.trial import FrozenTrial, TrialState
 import nas3d.study
 import nas3d.worker
 from nas3d.architecture import Architecture
-from nas3d.config import StudyConfig
+from nas3d.config import SAMPLERS, TPE_OPTIONS, StudyConfig
 from nas3d.data import DeviceData, Split, write_synthetic_npz
 from nas3d.ops import OPS
 from nas3d.seeds import seed_architectures
@@ -322,12 +327,31 @@ def instrumented_worker(recorder: _IterationRecorder) -> Iterator[None]:
         yield
 
 
+#: --sampler / --baseline-sampler values: the study's samplers, and Optuna's own TPESampler with the
+#: options nas3d's TPE uses (the baseline for nas3d.sampler.SharedSplitTPESampler).
+SAMPLER_CHOICES = (*SAMPLERS, "optuna-tpe")
+
+
+@contextmanager
+def sampler_variant(name: str) -> Iterator[None]:
+    """Workers started inside get sampler ``name``; "optuna-tpe" replaces nas3d's TPE by Optuna's."""
+    if name != "optuna-tpe":
+        yield
+        return
+
+    def stock_tpe(settings: Any) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.TPESampler(**TPE_OPTIONS, seed=settings.sampler_seed)
+
+    with _patched(nas3d.study, "make_sampler", stock_tpe):
+        yield
+
+
 def measure_backend_size(
     backend: str, n: int, pool: Sequence[PoolEntry], base: StudyConfig, args: argparse.Namespace,
-    workdir: Path,
+    workdir: Path, sampler: str,
 ) -> dict[str, Any]:
     """Fill a fresh study with ``n`` trials, then run 1 + K real worker iterations on it."""
-    name = f"overhead-{backend}-{n}"
+    name = f"overhead-{backend}-{n}-{sampler}"
     named = dataclasses.replace(base, study=dataclasses.replace(base.study, name=name))
     filler = filler_trials(pool[:n], named, seed=args.seed)
     # The budget counts evaluated architectures, not duplicates: leave room for exactly 1 + K more.
@@ -344,7 +368,7 @@ def measure_backend_size(
         recorder = _IterationRecorder()
         handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            with instrumented_worker(recorder):
+            with instrumented_worker(recorder), sampler_variant(sampler):
                 ran = nas3d.worker.run_worker(name, url, device="cpu")
         finally:
             for s, handler in handlers.items():
@@ -366,7 +390,7 @@ def measure_backend_size(
             outcome["D"] += 1
         else:
             outcome[{TrialState.PRUNED: "P", TrialState.FAIL: "F"}.get(t.state, "T")] += 1
-    row: dict[str, Any] = {"backend": backend, "n": n, "fill_seconds": fill_seconds,
+    row: dict[str, Any] = {"backend": backend, "n": n, "using": sampler, "fill_seconds": fill_seconds,
                            "outcome": " ".join(f"{k}{v}" for k, v in outcome.items() if v)}
     for phase in (*STORAGE_PHASES, *OTHER_PHASES, "sampler", "total"):
         if phase != "rest":
@@ -418,7 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", default="100,1000,2000", help="finished trials in the study before timing")
     parser.add_argument("--repeats", type=int, default=8,
                         help="warm trials timed per backend and size (after one cold trial); default 8")
-    parser.add_argument("--sampler", default="tpe", help="the study's sampler (tpe, nsga2, random)")
+    parser.add_argument("--sampler", default="tpe", choices=SAMPLER_CHOICES, help="the study's sampler")
+    parser.add_argument("--baseline-sampler", choices=SAMPLER_CHOICES,
+                        help="also measure each cell with this sampler, in the same run, and print the ratio")
     parser.add_argument("--seed", type=int, default=0, help="seed of the filler trials")
     parser.add_argument("--postgres-url", default=default_pg_admin_url(),
                         help="PostgreSQL server URL of a user that may CREATE DATABASE (default "
@@ -473,14 +499,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.pop("NAS3D_STORAGE", None)
         # The study's sampler gets another seed than the filler pool: a RandomSampler with the same
         # seed would replay the pool and propose nothing but duplicates.
-        base = smoke_config(**{"data.root": str(workdir / "data"), "study.sampler": args.sampler,
+        study_sampler = "tpe" if args.sampler == "optuna-tpe" else args.sampler
+        base = smoke_config(**{"data.root": str(workdir / "data"), "study.sampler": study_sampler,
                                "study.sampler_seed": args.seed + 1})
         base = dataclasses.replace(base, space=SearchSpace())
         pool = architecture_pool(sizes[-1], base.space, seed=args.seed)
         # The first FlopCounterMode run in a process costs ~1 s once (a worker pays it on its first
         # trial); pay it here so it does not land in whichever warm trial first trains.
         nas3d.study.measure_costs(pool[0].arch, base.data.in_channels, base.data.num_classes, base.data.size)
-        print(f"study: smoke.toml with the default search space, sampler {args.sampler!r}; "
+        variants = [args.sampler, *([args.baseline_sampler] if args.baseline_sampler else [])]
+        print(f"study: smoke.toml with the default search space, sampler {' vs '.join(variants)}; "
               f"{args.repeats} warm trials per cell after 1 cold; trial time {trial_seconds:.2f} s "
               f"({trial_source}); torch threads {torch.get_num_threads()}")
         if "postgresql" in backends:
@@ -488,18 +516,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = []
         for backend in backends:
             for n in sizes:
-                row = measure_backend_size(backend, n, pool, base, args, workdir)
-                rows.append(row)
-                print(f"  {backend} N={n}: filled in {row['fill_seconds']:.1f} s, "
-                      f"db+sampler {row['db_sampler'] * 1e3:.1f} ms/trial", flush=True)
+                for variant in variants:  # one after the other per cell, so drift hits both alike
+                    study_variant = "tpe" if variant == "optuna-tpe" else variant
+                    settings = dataclasses.replace(base.study, sampler=study_variant)
+                    cell = dataclasses.replace(base, study=settings)
+                    row = measure_backend_size(backend, n, pool, cell, args, workdir, variant)
+                    rows.append(row)
+                    print(f"  {backend} N={n} {variant}: filled in {row['fill_seconds']:.1f} s, "
+                          f"db+sampler {row['db_sampler'] * 1e3:.1f} ms/trial", flush=True)
 
     ms = lambda s: f"{s * 1e3:.1f}"  # noqa: E731
-    headers = ["backend", "N", *STORAGE_PHASES, "db+smp", "sampler", "max", "share", "cold", "costs", "build",
-               "ckpt", "trials"]
+    headers = ["backend", "N", "using", *STORAGE_PHASES, "db+smp", "sampler", "max", "share", "cold", "costs",
+               "build", "ckpt", "trials"]
     table = [
-        [r["backend"], r["n"], *(ms(r[p]) for p in STORAGE_PHASES), ms(r["db_sampler"]), ms(r["sampler"]),
-         ms(r["db_sampler_max"]), f"{100 * r['db_sampler'] / trial_seconds:.2f}%", ms(r["cold_db_sampler"]),
-         ms(r["costs"]), ms(r["build"]), ms(r["ckpt"]), r["outcome"]]
+        [r["backend"], r["n"], r["using"], *(ms(r[p]) for p in STORAGE_PHASES), ms(r["db_sampler"]),
+         ms(r["sampler"]), ms(r["db_sampler_max"]), f"{100 * r['db_sampler'] / trial_seconds:.2f}%",
+         ms(r["cold_db_sampler"]), ms(r["costs"]), ms(r["build"]), ms(r["ckpt"]), r["outcome"]]
         for r in rows
     ]
     print()
@@ -508,10 +540,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("costs/build/ckpt: CPU work outside db+smp; trials: warm trials trained T, duplicate D, pruned P,")
     print("failed F)")
     print(format_table(headers, table))
+    if args.baseline_sampler:
+        for backend in backends:
+            ratios = []
+            for n in sizes:
+                cell_rows = {r["using"]: r for r in rows if (r["backend"], r["n"]) == (backend, n)}
+                ours, baseline = cell_rows[args.sampler], cell_rows[args.baseline_sampler]
+                ratios.append(f"N={n} {baseline['db_sampler'] / ours['db_sampler']:.2f}x")
+            print(f"{backend}: db+smp of {args.baseline_sampler} / {args.sampler}: " + ", ".join(ratios))
     largest = sizes[-1]
     verdicts = []
     for backend in backends:
-        r = next(r for r in rows if r["backend"] == backend and r["n"] == largest)
+        r = next(r for r in rows
+                 if r["backend"] == backend and r["n"] == largest and r["using"] == args.sampler)
         share = r["db_sampler"] / trial_seconds
         other = (r["costs"] + r["build"] + r["ckpt"]) / trial_seconds
         verdicts.append(f"{backend} {100 * share:.2f}% ({'meets' if share <= TARGET_SHARE else 'misses'}; "

@@ -24,6 +24,7 @@ import optuna
 from optuna.exceptions import ExperimentalWarning
 
 from nas3d.data import DataConfig
+from nas3d.sampler import SharedSplitTPESampler
 from nas3d.space import SearchSpace
 from nas3d.train import TrainConfig
 
@@ -174,6 +175,12 @@ def load_study_config(path: str | Path) -> StudyConfig:
     return StudyConfig.from_dict(doc, source=str(path))
 
 
+#: The TPE settings of every nas3d study. group=True (experimental in Optuna) is what makes TPE model
+#: define-by-run, conditional params jointly; multivariate: ops and edges interact; constant_liar:
+#: parallel workers spread out instead of proposing the same architecture.
+TPE_OPTIONS: dict[str, bool] = {"multivariate": True, "group": True, "constant_liar": True}
+
+
 def make_sampler(settings: StudySettings) -> optuna.samplers.BaseSampler:
     """The study's sampler. Constraints need no ``constraints_func``: Optuna 5 samplers read them
     from the trials (see ``nas3d.storage.record_constraints``)."""
@@ -184,11 +191,8 @@ def make_sampler(settings: StudySettings) -> optuna.samplers.BaseSampler:
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     with warnings.catch_warnings():
-        # group=True is experimental; it is what makes TPE model define-by-run, conditional params
-        # jointly, so we use it knowingly.
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        # multivariate: ops and edges interact; constant_liar: parallel workers spread out.
-        return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed)
+        warnings.simplefilter("ignore", ExperimentalWarning)  # group=True, used knowingly
+        return SharedSplitTPESampler(**TPE_OPTIONS, seed=seed)
 
 
 # --- generic dataclass building -------------------------------------------------------------------
