@@ -7,9 +7,9 @@ medmnist checks md5 only when downloading, so it reads the file as it would the 
 ``torch.utils.data.DataLoader`` → a host-to-device copy per batch. The nas3d loop is
 ``nas3d.train.train_epoch``, the loop ``train_trial`` runs, on a ``Split`` built from the same arrays.
 Epochs of the two are interleaved so drift in machine speed hits both alike. The nas3d loop runs with
-``TrainConfig``'s defaults (channels_last_3d, and bf16 autocast on CUDA and on CPUs with native bf16;
-``--no-amp`` and ``--no-channels-last`` turn them off, ``--model linear`` isolates the data path)
-while the baseline runs as the seed did, in float32 and channels-first.
+``TrainConfig``'s defaults (channels_last_3d; bf16 autocast on CUDA; float32 on the CPU unless
+``--cpu-bf16``; ``--no-amp`` and ``--no-channels-last`` turn the defaults off, ``--model linear``
+isolates the data path) while the baseline runs as the seed did, in float32 and channels-first.
 
     python bench/train_throughput.py --device cpu --threads 2
     python bench/train_throughput.py --device cuda --samples 971 --json out.json
@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> dict:
     models = {"dataloader": copy.deepcopy(reference).to(device), "nas3d": copy.deepcopy(reference).to(device)}
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in models.items()}
     defaults = TrainConfig()  # the nas3d loop runs as train_trial would, less what the flags turn off
-    amp_dtype = autocast_dtype(device, defaults.amp and not args.no_amp)
+    amp_dtype = autocast_dtype(device, defaults.amp and not args.no_amp, cpu_bf16=args.cpu_bf16)
     channels_last = defaults.channels_last and not args.no_channels_last
     if channels_last:
         models["nas3d"].to(memory_format=torch.channels_last_3d)
@@ -302,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the baseline")
     parser.add_argument("--model", choices=tuple(MODELS), default="small")
-    parser.add_argument("--no-amp", action="store_true", help="nas3d loop in float32, as the baseline")
+    parser.add_argument("--no-amp", action="store_true", help="nas3d loop in float32 on CUDA too")
+    parser.add_argument("--cpu-bf16", action="store_true",
+                        help="nas3d loop in bf16 on a CPU with native bf16 (TrainConfig.cpu_bf16)")
     parser.add_argument(
         "--no-channels-last", action="store_true", help="nas3d loop channels-first, as the baseline"
     )

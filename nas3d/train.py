@@ -8,9 +8,9 @@ seed does, because it keeps moving where AUC plateaus.
 
 Batches are drawn by index from whole splits already on the device (:class:`nas3d.data.Split`), so
 the loop does no per-sample Python work and no host-to-device copies. It runs in channels_last_3d
-memory format and under autocast: on CUDA in bf16 where supported (else fp16 with a gradient scaler)
-with cuDNN autotuning on, and on CPUs with native bf16 instructions in bf16. This module does not
-import optuna: failures
+memory format; on CUDA under autocast (bf16 where supported, else fp16 with a gradient scaler) with
+cuDNN autotuning on. On the CPU it trains in float32, bit-reproducibly; bf16 there is an opt-in
+(``TrainConfig.cpu_bf16``). This module does not import optuna: failures
 are exceptions (:class:`TrainingFailure`) whose message is the reason the caller records.
 """
 
@@ -39,10 +39,13 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     seed: int = 0
-    # Mixed precision: on CUDA, and on CPUs with native bf16 (see cpu_has_native_bf16). Measured on a
-    # 2-core AMD EPYC with avx512_bf16 (28³, batch 128, channels-last): bf16 is 1.7x to 1.9x faster
-    # per batch than float32 on the seed architectures and the bench's small CNN.
-    amp: bool = True
+    amp: bool = True  # mixed precision on CUDA
+    # bf16 autocast on CPUs with native bf16 (cpu_has_native_bf16), opt-in. Measured on a 2-core AMD
+    # EPYC with avx512_bf16 (bench/train_throughput.py, seed architectures, 28³, batch 128): about
+    # 1.7x to 2x faster than float32. Not the default because oneDNN's bf16 training is not
+    # bit-reproducible (the same trial twice gave different losses for some networks) and a BatchNorm
+    # ResNet at 4³ once diverged to nan; float32 channels-last was identical every time.
+    cpu_bf16: bool = False
     # channels_last_3d memory format. Measured on an H200 (bf16, 28³, batch 128): +3 % to +39 % on the
     # seed architectures (their BatchNorm stem and InstanceNorm ops run far faster channels-last),
     # 2.1x on a small BN/IN CNN; only a norm-free toy net got slower (-5 to -20 %). On the CPU above,
@@ -131,7 +134,7 @@ def _train(
     generator = torch.Generator().manual_seed(config.seed)  # batch order, independent of model init
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: autotuned kernels pay off from epoch 2
-    amp_dtype = autocast_dtype(device, config.amp)
+    amp_dtype = autocast_dtype(device, config.amp, cpu_bf16=config.cpu_bf16)
     channels_last = config.channels_last
     model.to(device)
     if channels_last:
@@ -163,7 +166,8 @@ def _train(
                 raise NonFiniteLoss(f"training loss became {train_loss} in epoch {epoch} (lr={config.lr})")
             try:
                 val_auc, val_acc, val_loss = evaluate(
-                    model, data.val, device, config.batch_size, amp=config.amp, channels_last=channels_last
+                    model, data.val, device, config.batch_size, amp=config.amp, cpu_bf16=config.cpu_bf16,
+                    channels_last=channels_last,
                 )
             except NonFiniteLoss as exc:
                 raise NonFiniteLoss(f"validation {exc} in epoch {epoch} (lr={config.lr})") from None
@@ -195,6 +199,14 @@ def _train(
     )
 
 
+def device_name(device: torch.device) -> str:
+    """``device`` as trials and results record it: with the GPU's model name on CUDA."""
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return f"cuda:{index} {torch.cuda.get_device_name(index)}"
+    return str(device)
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX).
 
@@ -205,17 +217,15 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+def autocast_dtype(device: torch.device, enabled: bool, *, cpu_bf16: bool = False) -> torch.dtype | None:
     """The mixed-precision dtype to train in on ``device``, or None for float32.
 
-    CUDA: bf16 where the GPU supports it, else fp16 (which needs a gradient scaler). CPU: bf16 where the
-    CPU computes it natively, else float32.
+    CUDA (``enabled``): bf16 where the GPU supports it, else fp16 (which needs a gradient scaler).
+    CPU (``cpu_bf16``): bf16 where the CPU computes it natively, else float32.
     """
-    if not enabled:
-        return None
-    if device.type == "cuda":
+    if device.type == "cuda" and enabled:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():
+    if device.type == "cpu" and cpu_bf16 and cpu_has_native_bf16():
         return torch.bfloat16
     return None
 
@@ -261,12 +271,13 @@ def predict(
     batch_size: int,
     *,
     amp: bool = True,
+    cpu_bf16: bool = False,
     channels_last: bool = False,
 ) -> tuple[np.ndarray, float]:
     """Softmax scores ``(N, num_classes)`` for ``split`` (as the MedMNIST evaluator takes them) and the
     mean cross-entropy loss."""
     device = torch.device(device)
-    amp_dtype = autocast_dtype(device, amp)
+    amp_dtype = autocast_dtype(device, amp, cpu_bf16=cpu_bf16)
     model.eval()
     probabilities = []
     total = torch.zeros((), device=device)
@@ -289,13 +300,16 @@ def evaluate(
     batch_size: int,
     *,
     amp: bool = True,
+    cpu_bf16: bool = False,
     channels_last: bool = False,
 ) -> tuple[float, float, float]:
     """``(auc, acc, loss)`` of ``model`` on ``split``, with the MedMNIST evaluator's AUC and ACC.
 
     Raises :class:`NonFiniteLoss` when the loss is nan or inf (the scores then are too).
     """
-    scores, loss = predict(model, split, device, batch_size, amp=amp, channels_last=channels_last)
+    scores, loss = predict(
+        model, split, device, batch_size, amp=amp, cpu_bf16=cpu_bf16, channels_last=channels_last
+    )
     if not math.isfinite(loss):
         raise NonFiniteLoss(f"loss is {loss}")
     labels = split.labels.cpu().numpy()

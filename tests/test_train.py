@@ -63,17 +63,14 @@ def test_model_ends_with_best_epoch_weights_scored_like_medmnist(data: DeviceDat
     result = train_trial(model, data, FAST, "cpu")
     assert result.best_epoch < result.epochs_run  # so the weights below must have been restored
     model.eval()
-    # Scored by hand in the trainer's precision and layout (bf16 autocast on CPUs that have it).
-    amp_dtype = autocast_dtype(torch.device("cpu"), FAST.amp)
-    with torch.no_grad(), torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
+    with torch.no_grad():  # scored by hand, in the trainer's float32 and channels-last layout
         images, labels = data.val.batch(slice(None))
         images = images.contiguous(memory_format=torch.channels_last_3d)
-        logits = torch.cat([model(x).float() for x in images.split(FAST.batch_size)])
-        scores = torch.softmax(logits, 1).numpy()
+        scores = torch.softmax(torch.cat([model(x) for x in images.split(FAST.batch_size)]), 1).numpy()
     y = labels.numpy().reshape(-1, 1)
     assert result.val_auc == pytest.approx(getAUC(y, scores, data.task), abs=1e-12)
     assert result.val_acc == getACC(y, scores, data.task)
-    assert evaluate(model, data.val, "cpu", FAST.batch_size) == pytest.approx(
+    assert evaluate(model, data.val, "cpu", FAST.batch_size, channels_last=True) == pytest.approx(
         (result.val_auc, result.val_acc, result.val_loss), abs=1e-6
     )
 
@@ -96,21 +93,26 @@ def test_same_trial_twice_gives_identical_results(data: DeviceData) -> None:
     assert all(torch.equal(a, b) for a, b in zip(runs[0][2], runs[1][2], strict=True))
 
 
+def test_cpu_trains_in_float32_unless_bf16_is_asked_for() -> None:
+    cpu = torch.device("cpu")
+    assert autocast_dtype(cpu, True) is None  # amp is for CUDA: float32 keeps CPU runs reproducible
+    expected = torch.bfloat16 if cpu_has_native_bf16() else None
+    assert autocast_dtype(cpu, True, cpu_bf16=True) is expected
+
+
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX512-BF16 or AMX)")
-def test_cpu_mixed_precision_learns_with_float32_master_weights(data: DeviceData) -> None:
-    assert autocast_dtype(torch.device("cpu"), True) == torch.bfloat16
+def test_cpu_bf16_learns_with_float32_master_weights(data: DeviceData) -> None:
     model = tiny_cnn(data.num_classes)
-    result = train_trial(model, data, LEARN, "cpu")
+    result = train_trial(model, data, replace(LEARN, cpu_bf16=True), "cpu")
     assert result.val_auc > 0.75
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def test_cpu_without_native_bf16_trains_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Emulated bf16 is slower than float32, so such a CPU must not get autocast.
+def test_cpu_without_native_bf16_keeps_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Emulated bf16 is slower than float32, so such a CPU must not get autocast even when asked.
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         monkeypatch.setattr(torch.cpu, probe, lambda: False)
-    assert autocast_dtype(torch.device("cpu"), True) is None
-    assert autocast_dtype(torch.device("cpu"), False) is None
+    assert autocast_dtype(torch.device("cpu"), True, cpu_bf16=True) is None
 
 
 class _NanLogits(nn.Module):
