@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
@@ -27,7 +28,7 @@ from nas3d.model import build_model
 from nas3d.seeds import seed_architectures
 from nas3d.space import params_for, sample_architecture
 from nas3d.storage import record_constraints
-from nas3d.train import train_trial
+from nas3d.train import device_name, train_trial
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +116,12 @@ def load_study(
     config = StudyConfig.from_dict(user_attrs[CONFIG_ATTR], source=f"study {name!r}")
     settings = config.study
     if settings.sampler_seed is not None:
-        # Workers with one seed would propose the same first architectures in lockstep.
-        settings = dataclasses.replace(settings, sampler_seed=settings.sampler_seed + worker_index)
+        # Workers with one seed would propose the same first architectures in lockstep, and a worker
+        # restarted after a crash would replay the proposals of its first life: each worker's seed
+        # also depends on its index and on how many trials the study held when it started.
+        entropy = [settings.sampler_seed, worker_index, len(storage.get_all_trials(study_id, deepcopy=False))]
+        seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+        settings = dataclasses.replace(settings, sampler_seed=seed)
     study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(settings))
     return study, config
 
@@ -184,7 +189,7 @@ class TrialObjective:
         costs = measure_costs(arch, data.in_channels, data.num_classes, data.size)
         trial.set_user_attr("params", costs.params)
         trial.set_user_attr("thop_macs", costs.thop_macs)
-        trial.set_user_attr("device", _device_name(self.device))
+        trial.set_user_attr("device", device_name(self.device))
         limits = self.config.constraints
         if limits.active:
             values = limits.evaluate(flops=costs.flops, params=costs.params)
@@ -221,6 +226,7 @@ class TrialObjective:
             "study": trial.study.study_name,
             "trial": trial.number,
             "dataset": self.data.name,
+            "data": dataclasses.asdict(self.config.data),  # what `nas3d retrain` loads by default
             "metrics": {"val_auc": val_auc, "val_acc": val_acc, "flops": flops},
         }
         with tempfile.TemporaryDirectory() as tmp:
@@ -230,11 +236,3 @@ class TrialObjective:
                 artifact_store=self.artifact_store, file_path=str(path), study_or_trial=trial
             )
         trial.set_user_attr("checkpoint_artifact", artifact_id)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.current_device() if device.index is None else device.index} " + (
-            torch.cuda.get_device_name(device)
-        )
-    return str(device)

@@ -90,3 +90,223 @@ def test_launch_runs_several_workers_against_postgresql(postgres_url: str, tmp_p
     study = optuna.load_study(study_name=name, storage=make_storage(postgres_url))
     assert budget_state(study).used == 5
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+
+
+# --- export, retrain, compare (in process: `main(argv)` returns the exit code the command exits with) --
+
+
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """The smoke study with trial 0 COMPLETE (checkpoint stored) and trial 1 PRUNED as its duplicate."""
+    from nas3d.config import load_study_config
+    from nas3d.data import load_splits
+    from nas3d.storage import artifact_store_for
+    from nas3d.study import TrialObjective, create_study, load_study
+
+    root = tmp_path_factory.mktemp("smoke")
+    url = f"sqlite:///{root / 'db.sqlite'}"
+    config = load_study_config(REPO / "studies" / "smoke.toml")
+    config = config.with_overrides({"data.root": str(root / "data")})
+    storage = make_storage(url)
+    create_study(config, storage)
+    study, config = load_study("smoke", storage)
+    study.enqueue_trial({"stacks": 1}, skip_if_exists=False)
+    objective = TrialObjective(config, load_splits(config.data, "cpu", for_search=True), "cpu",
+                               artifact_store_for(url))
+    study.optimize(objective, n_trials=1)
+    study.enqueue_trial(study.trials[0].params)
+    study.optimize(objective, n_trials=1)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED]
+    return url, root
+
+
+def run_main(*argv: str) -> int:
+    from nas3d.cli import main
+
+    return main(list(argv))
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("nas3d: error: ")
+    return lines[0]
+
+
+def test_export_gives_a_checkpoint_that_reproduces_the_trials_val_metrics(
+    smoke_study: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from nas3d.checkpoint import load_checkpoint
+    from nas3d.study import load_study
+    from nas3d.train import evaluate
+
+    url, _ = smoke_study
+    out = tmp_path / "exported" / "trial0.pt"
+    argv = ("export", "--storage", url, "--study-name", "smoke", "--trial", "0", "--out", str(out))
+    assert run_main(*argv) == 0
+    assert f"exported trial 0 of study 'smoke' to {out}" in capsys.readouterr().out
+    checkpoint = load_checkpoint(out)
+    study, config = load_study("smoke", make_storage(url))
+    trial = study.trials[0]
+    assert checkpoint.architecture.arch_hash() == trial.user_attrs["arch_hash"]
+    from nas3d.data import load_splits
+
+    data = load_splits(config.data, "cpu", for_search=True)
+    model = checkpoint.build().to(memory_format=torch.channels_last_3d)
+    val_auc, val_acc, _ = evaluate(model, data.val, "cpu", config.train.batch_size, amp=config.train.amp,
+                                   channels_last=config.train.channels_last)
+    assert (val_auc, val_acc) == (trial.values[0], trial.user_attrs["val_acc"])
+
+    # an existing file is kept unless --force
+    assert run_main(*argv) == 2
+    assert "exists; pass --force" in one_line_error(capsys)
+    assert run_main(*argv, "--force") == 0
+
+
+@pytest.mark.parametrize(
+    ("study_name", "trial", "expected"),
+    [
+        ("smoke", "1", "trial 1 of study 'smoke' has no checkpoint: it was pruned (duplicate of trial 0"),
+        ("smoke", "7", "study 'smoke' has no trial 7 (its trials: numbered 0 to 1)"),
+        ("nope", "0", "no study named 'nope'"),
+    ],
+)
+def test_export_without_a_checkpoint_is_one_line_exit_2(
+    smoke_study: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    study_name: str, trial: str, expected: str,
+) -> None:
+    url, _ = smoke_study
+    out = tmp_path / "t.pt"
+    assert run_main("export", "--storage", url, "--study-name", study_name, "--trial", trial,
+                    "--out", str(out)) == 2
+    assert expected in one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_retrain_a_trial_on_its_studys_data(
+    smoke_study: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nas3d.retrain import load_results
+
+    url, root = smoke_study
+    out = tmp_path / "trial0"
+    code = run_main("retrain", "--storage", url, "--study-name", "smoke", "--trial", "0", "--epochs", "1",
+                    "--seeds", "0,3", "--batch-size", "32", "--no-amp", "--out", str(out))
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "retraining smoke-trial0" in printed and "mean±std over 2 of 2 seeds: test AUC" in printed
+    results = load_results(out)
+    # the study's recorded data (synthetic 12^3, 96 training samples), all of it
+    assert results["data"]["root"] == str(root / "data") and results["size"] == 12
+    assert results["samples"]["train"] == 96 and results["model"]["source"]["trial"] == 0
+
+
+def test_retrain_from_a_checkpoint_and_a_baseline_then_compare(
+    smoke_study: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from nas3d.baselines import baseline_costs, load_baseline_checkpoint
+
+    url, root = smoke_study
+    exported = tmp_path / "trial0.pt"
+    assert run_main("export", "--storage", url, "--study-name", "smoke", "--trial", "0", "--out",
+                    str(exported)) == 0
+    # the same tiny data for both: 4^3 keeps the ResNet fast on a CPU
+    data = ("--size", "4", "--data-root", str(tmp_path / "data"), "--set", "data.synthetic_samples=32")
+    common = ("--epochs", "1", "--seeds", "0", "--batch-size", "16", "--no-amp", *data)
+    assert run_main("retrain", "--checkpoint", str(exported), *common, "--out", str(tmp_path / "nas")) == 0
+    assert run_main("retrain", "--baseline", "resnet18", "--dataset", "synthetic", *common,
+                    "--out", str(tmp_path / "r18")) == 0
+    capsys.readouterr()
+    raw = torch.load(tmp_path / "r18" / "seed-0.pt", weights_only=True)
+    assert raw["format"] == "nas3d-baseline/1" and load_baseline_checkpoint(tmp_path / "r18" / "seed-0.pt")
+
+    assert run_main("compare", str(tmp_path / "nas"), str(tmp_path / "r18")) == 0
+    table = capsys.readouterr().out
+    from nas3d.retrain import load_results
+
+    nas_flops = load_results(tmp_path / "nas")["costs"]["flops"]
+    nas_params = load_results(tmp_path / "nas")["costs"]["params"]
+    r18_flops, r18_params = baseline_costs("resnet18", 1, 2, 4)
+    assert "resnet18 FLOPs,params / run" in table
+    assert f"{r18_flops / nas_flops:.1f}x, {r18_params / nas_params:.1f}x" in table
+    assert "1.0x, 1.0x" in table  # the ResNet's own row
+    assert "no published numbers for these datasets" in table
+
+
+def test_retrain_with_failing_seeds_records_why_and_exits_non_zero(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from nas3d.architecture import Architecture
+    from nas3d.model import build_model
+
+    checkpoint = tmp_path / "tiny.pt"
+    from nas3d.checkpoint import save_checkpoint
+
+    arch = Architecture(("relu_conv3",), ((0, 1), (1, 2)), 1, 1, 8)
+    save_checkpoint(checkpoint, build_model(arch), input_size=8, metadata={"dataset": "synthetic"})
+    code = run_main("retrain", "--checkpoint", str(checkpoint), "--data-root", str(tmp_path / "data"),
+                    "--set", "data.synthetic_samples=32", "--lr", "1e12", "--epochs", "2", "--seeds", "0,1",
+                    "--batch-size", "16", "--no-amp", "--out", str(tmp_path / "out"))
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "2 of 2 seeds failed" in captured.err and "NonFiniteLoss" in captured.err
+    assert "no seed completed" in captured.out
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [s["status"] for s in results["seeds"]] == ["failed", "failed"]
+    assert all("NonFiniteLoss" in s["reason"] for s in results["seeds"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (("--baseline", "resnet18"), "--baseline needs --dataset: one of organmnist3d"),
+        (("--baseline", "resnet18", "--dataset", "synthetic", "--seeds", "0,x"), "--seeds expects"),
+        (("--baseline", "resnet18", "--dataset", "synthetic", "--epochs", "0"), "epochs must be an integer"),
+        (("--baseline", "resnet34", "--dataset", "synthetic"), "unknown baseline 'resnet34'"),
+        (("--baseline", "resnet18", "--dataset", "synthetic", "--set", "train.lr=1"), "--set expects data."),
+        (("--study-name", "smoke"), "--study-name needs --trial N"),
+        (("--checkpoint", "missing.pt"), "checkpoint missing.pt not found"),
+    ],
+)
+def test_retrain_bad_input_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], expected: str
+) -> None:
+    assert run_main("retrain", *argv, "--out", str(tmp_path / "out")) == 2
+    assert expected in one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_compare_prints_the_published_numbers_for_the_runs_dataset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from nas3d.architecture import Architecture
+    from nas3d.data import DataConfig
+    from nas3d.retrain import ModelFactory, RetrainConfig, retrain
+
+    arch = Architecture(("relu_conv3",), ((0, 1), (1, 2)), 1, 1, 8)
+    data = DataConfig(dataset="synthetic", size=8, root=str(tmp_path / "data"), synthetic_samples=32)
+    config = RetrainConfig(epochs=1, seeds=(0,), batch_size=16, amp=False)
+    retrain(ModelFactory(name="tiny", architecture=arch), data, config, "cpu", tmp_path / "run")
+    # As if the run had been on OrganMNIST3D at 28^3 (not available offline): compare only reads the file.
+    path = tmp_path / "run" / "results.json"
+    results = json.loads(path.read_text())
+    path.write_text(json.dumps(results | {"dataset": "organmnist3d", "size": 28}))
+    assert run_main("compare", str(tmp_path / "run")) == 0
+    out = capsys.readouterr().out
+    assert "ResNet-18+3D" in out and "ResNet-50+3D" in out and "auto-sklearn" in out and "AutoKeras" in out
+    assert "0.996/0.907" in out and "0.994/0.883" in out and "0.977/0.814" in out and "0.979/0.804" in out
+    assert "test AUC 0.915, ACC 0.847" in out
+    run_row = out.splitlines()[1]  # the run's row: its own numbers beside the published ResNets'
+    assert "organmnist3d" in run_row and "0.996/0.907" in run_row and "0.994/0.883" in run_row
+    assert "0.977/0.814" not in run_row
+
+    assert run_main("compare", str(tmp_path / "nothing-here")) == 2
+    assert "nothing-here not found; give a folder written by `nas3d retrain`" in one_line_error(capsys)

@@ -1,0 +1,448 @@
+"""Final training by the seed study's protocol, for a searched architecture or a ResNet baseline.
+
+The protocol (DESIGN.md §4): the full train split (no search subset), Adam lr 1e-3, batch 128,
+200 epochs, five seeds (0, 42, 143, 1234, 3074), the checkpoint of the epoch with the highest
+validation AUC, then test AUC/ACC with the MedMNIST metrics. Training is :func:`nas3d.train.train_trial`
+with a patience equal to the epoch budget, so nothing stops early unless a patience is asked for.
+Every run starts from a fresh initialisation seeded by its seed; a checkpoint given as the source
+contributes only its architecture, as in the paper.
+
+The output folder holds one checkpoint per seed (``seed-{seed}.pt``, loadable with
+``weights_only=True``) and ``results.json``, rewritten after every seed so a long run that dies
+keeps what it finished. A seed whose training fails (out of memory, non-finite loss) is recorded
+with its reason and left out of the mean; it is never scored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from nas3d.architecture import Architecture
+from nas3d.baselines import (
+    BASELINE_FORMAT,
+    BASELINES,
+    baseline_costs,
+    build_baseline,
+    save_baseline_checkpoint,
+)
+from nas3d.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from nas3d.checkpoint import save_checkpoint
+from nas3d.costs import measure_costs, thop_macs
+from nas3d.data import DataConfig, DeviceData, load_splits
+from nas3d.model import build_model
+from nas3d.ops import unknown_option_message
+from nas3d.train import TrainConfig, TrainingFailure, autocast_dtype, device_name, evaluate, train_trial
+
+if TYPE_CHECKING:  # the training path itself needs no optuna
+    from optuna.trial import FrozenTrial
+
+__all__ = [
+    "PAPER_SEEDS",
+    "RESULTS_FILE",
+    "RESULTS_FORMAT",
+    "ModelFactory",
+    "RetrainConfig",
+    "RetrainReport",
+    "SeedResult",
+    "load_results",
+    "retrain",
+]
+
+logger = logging.getLogger(__name__)
+
+PAPER_SEEDS = (0, 42, 143, 1234, 3074)
+RESULTS_FILE = "results.json"
+RESULTS_FORMAT = "nas3d-retrain/1"
+SUMMARY_METRICS = ("val_auc", "val_acc", "test_auc", "test_acc")
+FLOPS_CONVENTION = (
+    "torch FlopCounterMode on a batch of one: FLOPs = 2 x MACs of convolutions and the classifier; "
+    "norms, activations, pooling and additions not counted"
+)
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """The final-training recipe; the defaults are the seed study's protocol."""
+
+    epochs: int = 200
+    seeds: tuple[int, ...] = PAPER_SEEDS
+    batch_size: int = 128
+    lr: float = 1e-3
+    patience: int | None = None  # None: train every epoch (the paper keeps the best-val checkpoint)
+    amp: bool = True  # as TrainConfig.amp: mixed precision on CUDA; the CPU trains in float32
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"retrain {name} must be an integer >= 1, but got {value!r}")
+        if not self.seeds:
+            raise ValueError("retrain seeds must not be empty; the paper uses 0,42,143,1234,3074")
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds):
+            raise ValueError(f"retrain seeds must be integers >= 0, but got {self.seeds!r}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(
+                f"retrain seeds must be distinct (a repeat is the same run), but got {self.seeds!r}"
+            )
+        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"retrain lr must be a finite number > 0, but got {self.lr!r}")
+        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
+            raise ValueError(f"retrain patience must be an integer >= 1 or None (no early stop), "
+                             f"but got {self.patience!r}")
+
+    def train_config(self, seed: int) -> TrainConfig:
+        """The :class:`TrainConfig` of one seed's run."""
+        return TrainConfig(
+            max_epochs=self.epochs,
+            patience=self.epochs if self.patience is None else self.patience,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            seed=seed,
+            amp=self.amp,
+            channels_last=self.channels_last,
+        )
+
+
+@dataclass(frozen=True)
+class ModelFactory:
+    """What to retrain: a searched architecture or a baseline by name, and where it came from.
+
+    ``build`` returns a freshly initialised network for a dataset's channels and classes; ``source``
+    (provenance: checkpoint path, study and trial, recorded dataset) goes into results.json.
+    """
+
+    name: str
+    architecture: Architecture | None = None
+    baseline: str | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.architecture is None) == (self.baseline is None):
+            raise ValueError("a ModelFactory needs exactly one of architecture and baseline")
+        if self.baseline is not None and self.baseline not in BASELINES:
+            raise ValueError(unknown_option_message("baseline", self.baseline, list(BASELINES)))
+
+    @property
+    def kind(self) -> str:
+        return "nas3d" if self.architecture is not None else "baseline"
+
+    @property
+    def recorded_dataset(self) -> str | None:
+        """The dataset the source was trained or searched on, where it says."""
+        return self.source.get("dataset")
+
+    def build(self, in_channels: int, num_classes: int) -> nn.Module:
+        if self.architecture is not None:
+            return build_model(self.architecture, in_channels, num_classes)
+        assert self.baseline is not None
+        return build_baseline(self.baseline, in_channels, num_classes)
+
+    def costs(self, in_channels: int, num_classes: int, size: int) -> dict[str, int | None]:
+        """FLOPs, params and thop MACs on a ``size``³ input, counted the same way for both kinds."""
+        if self.architecture is not None:
+            costs = measure_costs(self.architecture, in_channels, num_classes, size)
+            return {"flops": costs.flops, "params": costs.params, "thop_macs": costs.thop_macs}
+        assert self.baseline is not None
+        flops, params = baseline_costs(self.baseline, in_channels, num_classes, size)
+        with torch.device("meta"):  # thop leaves buffers behind: only a throw-away copy sees it
+            throwaway = build_baseline(self.baseline, in_channels, num_classes).eval()
+        try:
+            macs = thop_macs(throwaway, (1, in_channels, size, size, size))
+        except Exception as e:  # informative only; the FLOPs above are the number we compare
+            logger.warning("thop could not count %s: %s", self.baseline, e)
+            macs = None
+        return {"flops": flops, "params": params, "thop_macs": macs}
+
+    def save(self, path: Path, model: nn.Module, *, input_size: int, metadata: dict[str, Any]) -> Path:
+        """A checkpoint of ``model`` that loads with ``weights_only=True`` and rebuilds on its own."""
+        if self.architecture is not None:
+            return save_checkpoint(path, model, input_size=input_size, metadata=metadata)  # type: ignore[arg-type]
+        return save_baseline_checkpoint(path, model, input_size=input_size, metadata=metadata)  # type: ignore[arg-type]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "baseline": self.baseline,
+            "architecture": self.architecture.to_dict() if self.architecture is not None else None,
+            "arch": self.architecture.short_str() if self.architecture is not None else None,
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_baseline(cls, name: str) -> ModelFactory:
+        return cls(name=name, baseline=name, source={"baseline": name})
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> ModelFactory:
+        """The architecture (or baseline) of a nas3d or baseline checkpoint; its weights are not used."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} not found; export one with `nas3d export`")
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated or foreign file: say which, in one line
+            raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]})") from None
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        if found not in (CHECKPOINT_FORMAT, BASELINE_FORMAT):
+            raise ValueError(f"{path} is not a nas3d checkpoint (format {found!r}, expected "
+                             f"{CHECKPOINT_FORMAT!r} or {BASELINE_FORMAT!r})")
+        metadata = dict(data.get("metadata") or {})
+        source: dict[str, Any] = {
+            "checkpoint": str(path.resolve()),
+            "input_size": data["input_size"],
+            "num_classes": data["num_classes"],
+            "in_channels": data["in_channels"],
+        }
+        for key in ("dataset", "study", "trial"):
+            if key in metadata:
+                source[key] = metadata[key]
+        if isinstance(metadata.get("data"), dict):  # written by retrain: the whole data config
+            source["data"] = metadata["data"]
+        if found == BASELINE_FORMAT:
+            return cls(name=data["baseline"], baseline=data["baseline"], source=source)
+        if "study" in metadata and "trial" in metadata:
+            name = f"{metadata['study']}-trial{metadata['trial']}"
+        else:
+            name = path.stem
+        return cls(name=name, architecture=Architecture.from_dict(data["architecture"]), source=source)
+
+    @classmethod
+    def from_trial(cls, study_name: str, trial: FrozenTrial) -> ModelFactory:
+        """The architecture a trial sampled (its ``arch_json`` user attr)."""
+        text = trial.user_attrs.get("arch_json")
+        if text is None:
+            reason = trial.user_attrs.get("failure_reason", "no reason recorded")
+            raise ValueError(f"trial {trial.number} of study {study_name!r} has no architecture "
+                             f"({trial.state.name.lower()}: {reason}); pick a trial with one, e.g. from "
+                             "`nas3d status`")
+        source = {"study": study_name, "trial": trial.number, "trial_state": trial.state.name}
+        return cls(name=f"{study_name}-trial{trial.number}", architecture=Architecture.from_json(text),
+                   source=source)
+
+
+@dataclass(frozen=True)
+class SeedResult:
+    """One seed's run: the best-val epoch's validation metrics and its test metrics, or why it failed."""
+
+    seed: int
+    status: str  # "completed" or "failed"
+    reason: str | None = None
+    val_auc: float | None = None
+    val_acc: float | None = None
+    val_loss: float | None = None
+    test_auc: float | None = None
+    test_acc: float | None = None
+    test_loss: float | None = None
+    best_epoch: int | None = None
+    epochs_run: int | None = None
+    train_seconds: float | None = None
+    seconds: float | None = None  # the whole seed: build, training, test
+    checkpoint: str | None = None  # file name inside the output folder
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "completed"
+
+
+@dataclass(frozen=True)
+class RetrainReport:
+    out_dir: Path
+    seeds: tuple[SeedResult, ...]
+    results: dict[str, Any]  # what results.json holds
+
+    @property
+    def results_path(self) -> Path:
+        return self.out_dir / RESULTS_FILE
+
+    @property
+    def failed(self) -> tuple[SeedResult, ...]:
+        return tuple(s for s in self.seeds if not s.completed)
+
+
+def retrain(
+    factory: ModelFactory,
+    data_config: DataConfig,
+    config: RetrainConfig,
+    device: torch.device | str,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+    on_seed: Callable[[SeedResult], None] | None = None,
+) -> RetrainReport:
+    """Train ``factory``'s model once per seed by ``config``, test each best-val checkpoint, write
+    ``out_dir``/results.json and ``out_dir``/seed-{seed}.pt.
+
+    ``on_seed`` is called with each seed's result as soon as it is known. Data errors
+    (:class:`nas3d.data.DatasetUnavailable`, ...) are raised before anything is written; training
+    failures are recorded per seed and do not stop the other seeds.
+    """
+    device = torch.device(device)
+    out_dir = Path(out_dir)
+    results_path = out_dir / RESULTS_FILE
+    if results_path.exists() and not overwrite:
+        raise ValueError(f"{results_path} exists; pass --force (overwrite=True) to retrain over it, "
+                         "or choose another --out")
+    data = load_splits(data_config, device, for_search=False)  # full train and val, and test
+    assert data.test is not None
+    costs = factory.costs(data.in_channels, data.num_classes, data.size)
+    amp_dtype = autocast_dtype(device, config.amp)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from nas3d import __version__
+
+    results: dict[str, Any] = {
+        "format": RESULTS_FORMAT,
+        "nas3d_version": __version__,
+        "name": factory.name,
+        "model": factory.describe(),
+        "data": dataclasses.asdict(data_config),
+        "dataset": data.name,
+        "size": data.size,
+        "task": data.task,
+        "in_channels": data.in_channels,
+        "num_classes": data.num_classes,
+        "samples": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
+        "retrain": dataclasses.asdict(config),
+        "device": device_name(device),
+        # How test scores were computed, so a reloaded checkpoint reproduces them exactly.
+        "evaluation": {
+            "batch_size": config.batch_size,
+            "precision": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
+            "channels_last": config.channels_last,
+            "metrics": "MedMNIST Evaluator AUC/ACC (nas3d.metrics)",
+        },
+        "costs": {**costs, "flops_convention": FLOPS_CONVENTION},
+        "seeds": [],
+        "summary": {},
+        "complete": False,
+    }
+    seed_results: list[SeedResult] = []
+    for seed in config.seeds:
+        result = _run_seed(factory, data, data_config, config, seed, device, out_dir, progress)
+        seed_results.append(result)
+        results["seeds"] = [dataclasses.asdict(r) for r in seed_results]
+        results["summary"] = summarise(seed_results)
+        results["complete"] = len(seed_results) == len(config.seeds)
+        _write_json(results_path, results)
+        if result.completed:
+            logger.info("seed %d: test AUC %.4f ACC %.4f (best epoch %d)", seed, result.test_auc,
+                        result.test_acc, result.best_epoch)
+        else:
+            logger.warning("seed %d failed: %s", seed, result.reason)
+        if on_seed is not None:
+            on_seed(result)
+    return RetrainReport(out_dir=out_dir, seeds=tuple(seed_results), results=results)
+
+
+def _run_seed(
+    factory: ModelFactory,
+    data: DeviceData,
+    data_config: DataConfig,
+    config: RetrainConfig,
+    seed: int,
+    device: torch.device,
+    out_dir: Path,
+    progress: bool,
+) -> SeedResult:
+    start = time.perf_counter()
+    torch.manual_seed(seed)  # train_trial seeds the batch order; the initial weights need it too
+    model = factory.build(data.in_channels, data.num_classes)
+    try:
+        trained = train_trial(model, data, config.train_config(seed), device, progress=progress)
+        try:
+            test_auc, test_acc, test_loss = evaluate(
+                model, data.test, device, config.batch_size,
+                amp=config.amp, channels_last=config.channels_last,
+            )
+        except TrainingFailure as e:
+            raise type(e)(f"test {e} with the best-val weights") from None
+    except TrainingFailure as e:
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return SeedResult(seed=seed, status="failed", reason=f"{type(e).__name__}: {e}",
+                          seconds=round(time.perf_counter() - start, 3))
+    name = f"seed-{seed}.pt"
+    metrics = {
+        "val_auc": trained.val_auc, "val_acc": trained.val_acc, "val_loss": trained.val_loss,
+        "test_auc": test_auc, "test_acc": test_acc, "test_loss": test_loss,
+    }
+    metadata = {
+        **{k: factory.source[k] for k in ("study", "trial") if k in factory.source},
+        "dataset": data.name,
+        "data": dataclasses.asdict(data_config),
+        "seed": seed,
+        "best_epoch": trained.best_epoch,
+        "metrics": metrics,
+        "retrain": dataclasses.asdict(config),
+    }
+    factory.save(out_dir / name, model, input_size=data.size, metadata=metadata)
+    return SeedResult(
+        seed=seed,
+        status="completed",
+        **metrics,
+        best_epoch=trained.best_epoch,
+        epochs_run=trained.epochs_run,
+        train_seconds=round(trained.train_seconds, 3),
+        seconds=round(time.perf_counter() - start, 3),
+        checkpoint=name,
+    )
+
+
+def summarise(seeds: Sequence[SeedResult]) -> dict[str, Any]:
+    """Mean and standard deviation (population, ddof=0, as ``np.std``) of each metric over the
+    completed seeds; ``None`` where no seed completed."""
+    completed = [s for s in seeds if s.completed]
+    summary: dict[str, Any] = {"completed": len(completed), "failed": len(seeds) - len(completed)}
+    for metric in SUMMARY_METRICS:
+        values = np.array([getattr(s, metric) for s in completed], dtype=np.float64)
+        summary[metric] = (
+            {"mean": float(values.mean()), "std": float(values.std())} if len(values) else None
+        )
+    return summary
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """Read a results.json written by :func:`retrain` (``path`` may be its folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; give a folder written by `nas3d retrain`")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(results, dict) or results.get("format") != RESULTS_FORMAT:
+        found = results.get("format") if isinstance(results, dict) else type(results).__name__
+        raise ValueError(
+            f"{path} is not a nas3d retrain result (format {found!r}, expected {RESULTS_FORMAT!r})"
+        )
+    return results
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    """Replace ``path`` atomically: a reader (or a crash) never sees half a file."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, suffix=".tmp",
+                                     delete=False, encoding="utf-8") as tmp:
+        json.dump(value, tmp, indent=2, allow_nan=True)
+        tmp.write("\n")
+    os.replace(tmp.name, path)

@@ -1,0 +1,147 @@
+"""Final training: the paper's protocol as defaults, results.json that a reloaded checkpoint
+reproduces, failures recorded with their reason, baselines through the same path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nas3d.architecture import Architecture
+from nas3d.baselines import baseline_costs, load_baseline_checkpoint
+from nas3d.checkpoint import load_checkpoint
+from nas3d.costs import measure_costs
+from nas3d.data import DataConfig, load_splits
+from nas3d.metrics import accuracy, auc
+from nas3d.retrain import PAPER_SEEDS, ModelFactory, RetrainConfig, load_results, retrain
+from nas3d.train import predict
+
+ARCH = Architecture(("conv3_in_relu", "relu_conv3"), ((0, 1), (1, 2), (2, 3)), 1, 1, 8)
+# Float32 (amp only acts on CUDA): bit-reproducible on the CPU, so a reloaded checkpoint scores the same.
+TINY = RetrainConfig(epochs=2, seeds=(0, 1), batch_size=16, amp=False)
+
+
+def tiny_data(tmp_path: Path, size: int = 8, samples: int = 64) -> DataConfig:
+    return DataConfig(dataset="synthetic", size=size, root=str(tmp_path / "data"), synthetic_samples=samples)
+
+
+def test_defaults_are_the_papers_protocol() -> None:
+    config = RetrainConfig()
+    assert (config.epochs, config.seeds, config.batch_size, config.lr) == (200, PAPER_SEEDS, 128, 1e-3)
+    assert PAPER_SEEDS == (0, 42, 143, 1234, 3074)
+    train = config.train_config(seed=42)
+    # no early stop: patience equals the epoch budget
+    assert (train.max_epochs, train.patience, train.seed, train.lr) == (200, 200, 42, 1e-3)
+    assert RetrainConfig(patience=10).train_config(0).patience == 10
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"epochs": 0}, "epochs must be an integer >= 1, but got 0"),
+        ({"seeds": ()}, "seeds must not be empty"),
+        ({"seeds": (0, 0)}, "seeds must be distinct"),
+        ({"seeds": (-1,)}, "seeds must be integers >= 0"),
+        ({"lr": 0.0}, "lr must be a finite number > 0"),
+        ({"lr": float("nan")}, "lr must be a finite number > 0"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+        ({"patience": 0}, "patience must be an integer >= 1 or None"),
+    ],
+)
+def test_bad_config_is_refused_with_the_value(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RetrainConfig(**kwargs)
+
+
+def test_results_match_the_metrics_of_the_saved_best_checkpoints(tmp_path: Path) -> None:
+    data_config = tiny_data(tmp_path)
+    factory = ModelFactory(name="tiny", architecture=ARCH, source={"dataset": "synthetic"})
+    seen = []
+    report = retrain(factory, data_config, TINY, "cpu", tmp_path / "out", on_seed=seen.append)
+    assert [s.seed for s in seen] == [0, 1] and not report.failed
+
+    results = load_results(tmp_path / "out")
+    assert results == json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["complete"] and results["dataset"] == "synthetic" and results["size"] == 8
+    assert results["samples"] == {"train": 64, "val": 16, "test": 16}  # full splits, no search subset
+    costs = measure_costs(ARCH, 1, 2, 8)
+    assert (results["costs"]["flops"], results["costs"]["params"]) == (costs.flops, costs.params)
+
+    data = load_splits(data_config, "cpu", for_search=False)
+    labels = data.test.labels.numpy()
+    for entry in results["seeds"]:
+        assert entry["status"] == "completed" and entry["reason"] is None
+        assert 1 <= entry["best_epoch"] <= entry["epochs_run"] == 2
+        checkpoint = load_checkpoint(tmp_path / "out" / entry["checkpoint"])
+        assert checkpoint.architecture == ARCH and checkpoint.metadata["seed"] == entry["seed"]
+        model = checkpoint.build().to(memory_format=torch.channels_last_3d)
+        scores, _ = predict(model, data.test, "cpu", 16, amp=False, channels_last=True)
+        assert entry["test_auc"] == auc(labels, scores, "binary-class")
+        assert entry["test_acc"] == accuracy(labels, scores, "binary-class")
+        assert checkpoint.metadata["metrics"]["test_auc"] == entry["test_auc"]
+
+    summary = results["summary"]
+    test_aucs = [s["test_auc"] for s in results["seeds"]]
+    assert summary["completed"] == 2 and summary["failed"] == 0
+    assert summary["test_auc"]["mean"] == pytest.approx(np.mean(test_aucs))
+    assert summary["test_auc"]["std"] == pytest.approx(np.std(test_aucs))
+
+
+def test_seeds_give_different_initialisations_and_reruns_the_same(tmp_path: Path) -> None:
+    data_config = tiny_data(tmp_path)
+    config = RetrainConfig(epochs=1, seeds=(0, 1), batch_size=16, amp=False)
+    factory = ModelFactory(name="tiny", architecture=ARCH)
+    first = retrain(factory, data_config, config, "cpu", tmp_path / "a")
+    again = retrain(factory, data_config, config, "cpu", tmp_path / "b")
+    assert first.seeds[0].val_loss != first.seeds[1].val_loss
+    assert [s.val_loss for s in first.seeds] == [s.val_loss for s in again.seeds]
+
+
+def test_a_failing_seed_is_recorded_with_its_reason_not_scored(tmp_path: Path) -> None:
+    config = RetrainConfig(epochs=2, seeds=(0, 1), batch_size=16, lr=1e12, amp=False)
+    factory = ModelFactory(name="diverges", architecture=ARCH)
+    report = retrain(factory, tiny_data(tmp_path), config, "cpu", tmp_path / "out")
+    assert len(report.failed) == 2
+    results = load_results(tmp_path / "out")
+    for entry in results["seeds"]:
+        assert entry["status"] == "failed" and entry["reason"].startswith("NonFiniteLoss: ")
+        assert entry["test_auc"] is None and entry["checkpoint"] is None
+    assert results["summary"] == {"completed": 0, "failed": 2, "val_auc": None, "val_acc": None,
+                                  "test_auc": None, "test_acc": None}
+    assert not list((tmp_path / "out").glob("seed-*.pt"))
+
+
+def test_existing_results_are_not_overwritten_unless_asked(tmp_path: Path) -> None:
+    factory = ModelFactory(name="tiny", architecture=ARCH)
+    config = RetrainConfig(epochs=1, seeds=(0,), batch_size=16, amp=False)
+    retrain(factory, tiny_data(tmp_path), config, "cpu", tmp_path / "out")
+    with pytest.raises(ValueError, match="results.json exists; pass --force"):
+        retrain(factory, tiny_data(tmp_path), config, "cpu", tmp_path / "out")
+    retrain(factory, tiny_data(tmp_path), config, "cpu", tmp_path / "out", overwrite=True)
+
+
+def test_a_baseline_retrains_through_the_same_path(tmp_path: Path) -> None:
+    data_config = tiny_data(tmp_path, size=4, samples=32)
+    config = RetrainConfig(epochs=1, seeds=(0,), batch_size=16, amp=False)
+    report = retrain(ModelFactory.from_baseline("resnet18"), data_config, config, "cpu", tmp_path / "out")
+    assert not report.failed, report.failed
+    results = report.results
+    assert results["model"]["kind"] == "baseline" and results["model"]["baseline"] == "resnet18"
+    assert (results["costs"]["flops"], results["costs"]["params"]) == baseline_costs("resnet18", 1, 2, 4)
+    raw = torch.load(tmp_path / "out" / "seed-0.pt", weights_only=True)  # weights and a recipe only
+    assert raw["baseline"] == "resnet18"
+    model = load_baseline_checkpoint(tmp_path / "out" / "seed-0.pt").build()
+    data = load_splits(data_config, "cpu", for_search=False)
+    scores, _ = predict(model.to(memory_format=torch.channels_last_3d), data.test, "cpu", 16,
+                        amp=False, channels_last=True)
+    assert report.seeds[0].test_auc == auc(data.test.labels.numpy(), scores, "binary-class")
+
+
+def test_factory_needs_exactly_one_model() -> None:
+    with pytest.raises(ValueError, match="exactly one of architecture and baseline"):
+        ModelFactory(name="x")
+    with pytest.raises(ValueError, match="unknown baseline 'resnet34'.*resnet18, resnet50"):
+        ModelFactory.from_baseline("resnet34")
