@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import optuna
@@ -13,7 +14,7 @@ from nas3d.checkpoint import load_checkpoint
 from nas3d.config import StudyConfig, load_study_config
 from nas3d.data import load_splits
 from nas3d.seeds import seed_architectures
-from nas3d.space import params_for
+from nas3d.space import params_for, sample_architecture
 from nas3d.storage import artifact_store_for, make_storage
 from nas3d.study import TrialObjective, create_study, load_study
 
@@ -127,3 +128,27 @@ def test_existing_study_with_another_config_is_refused(tmp_path: Path) -> None:
     create_study(smoke_config(tmp_path), storage)  # same config: reused
     with pytest.raises(ValueError, match=r"different configuration \(train.max_epochs: stored 2, asked 3\)"):
         create_study(smoke_config(tmp_path, **{"train.max_epochs": 3}), storage)
+
+
+def test_worker_seeds_differ_by_index_and_by_restart_but_repeat_otherwise(tmp_path: Path) -> None:
+    config = smoke_config(tmp_path, **{"study.sampler": "random", "space.initial_filters": "[8, 16, 32]",
+                                       "space.stacks": "[1, 2]", "space.cells_per_stack": "[1, 2]"})
+    storage = make_storage(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    create_study(config, storage)
+
+    def first_proposal(worker_index: int) -> dict:
+        study, loaded = load_study(config.study.name, storage, worker_index=worker_index)
+        trial = study.ask()
+        params = dict(sample_architecture(trial, loaded.space).to_dict())
+        study.tell(trial, state=TrialState.FAIL)  # leaves the next load one more trial
+        return params
+
+    fresh = first_proposal(0)
+    restarted = first_proposal(0)  # the same worker again, one trial later: must not replay
+    other = first_proposal(1)
+    assert len({json.dumps(p, sort_keys=True) for p in (fresh, restarted, other)}) == 3
+    # reproducible: the same index at the same point of the same study proposes the same
+    twin_storage = make_storage(f"sqlite:///{tmp_path / 'twin.sqlite'}")
+    create_study(config, twin_storage)
+    twin, loaded = load_study(config.study.name, twin_storage, worker_index=0)
+    assert sample_architecture(twin.ask(), loaded.space).to_dict() == fresh

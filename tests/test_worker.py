@@ -64,10 +64,15 @@ def test_two_workers_finish_exactly_the_budget(storage_url: str, tmp_path: Path)
 
 
 def long_trials_study(storage_url: str, tmp_path: Path, name: str) -> optuna.Study:
-    """Two trials long enough that a signal lands mid-training."""
+    """Two trials long enough that a signal lands mid-training, of two different architectures queued
+    first, so that what is retried or trained does not depend on what the sampler would propose."""
     config = smoke_config(tmp_path, **{"study.n_trials": 2, "study.name": name,
                                        "train.max_epochs": 60, "train.patience": 60})
-    return create_study(config, make_storage(storage_url))
+    study = create_study(config, make_storage(storage_url))
+    for ops in (("relu_conv3",), ("mish_conv3",)):
+        arch = Architecture(ops, ((0, 1), (1, 2)), stacks=1, cells_per_stack=1, initial_filters=8)
+        study.enqueue_trial(params_for(arch, config.space))
+    return study
 
 
 def wait_until_training(study: optuna.Study) -> None:
@@ -104,10 +109,11 @@ def test_sigterm_leaves_no_running_trial_and_requeues_it(tmp_path: Path) -> None
     interrupted = trials[0]
     assert interrupted.state == TrialState.FAIL
     assert interrupted.user_attrs["failure_reason"].startswith("interrupted")
-    requeued = trials[1]
+    [requeued] = [t for t in trials if t.system_attrs.get("failed_trial") == interrupted.number]
     assert requeued.state == TrialState.WAITING and requeued.params == interrupted.params
     assert "failure_reason" not in requeued.user_attrs
-    assert budget_state(study).used == 1  # the re-queued trial replaces the interrupted one
+    # the re-queued trial replaces the interrupted one; the other is the second queued architecture
+    assert budget_state(study).used == 2 and len(trials) == 3
 
 
 def test_duplicates_are_free_but_bounded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
