@@ -59,6 +59,9 @@ def create_study(config: StudyConfig, storage: optuna.storages.BaseStorage) -> o
     wanted = config.to_dict()
     existing = study.user_attrs.get(CONFIG_ATTR)
     if existing is not None:
+        # Read back through the current dataclasses, so a setting added since the study was created
+        # compares as its default instead of as a difference.
+        existing = StudyConfig.from_dict(existing, source=f"study {config.study.name!r}").to_dict()
         if existing != wanted:
             raise ValueError(
                 f"study {config.study.name!r} already exists with a different configuration "

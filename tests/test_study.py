@@ -152,3 +152,15 @@ def test_worker_seeds_differ_by_index_and_by_restart_but_repeat_otherwise(tmp_pa
     create_study(config, twin_storage)
     twin, loaded = load_study(config.study.name, twin_storage, worker_index=0)
     assert sample_architecture(twin.ask(), loaded.space).to_dict() == fresh
+
+
+def test_a_study_from_before_a_new_setting_still_matches_its_file(tmp_path: Path) -> None:
+    config = smoke_config(tmp_path)
+    storage = make_storage(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    study = create_study(config, storage)
+    older = config.to_dict()
+    del older["train"]["cpu_bf16"]  # as stored by a nas3d without that setting
+    study.set_user_attr("nas3d_config", older)
+    assert create_study(config, storage).study_name == config.study.name
+    with pytest.raises(ValueError, match=r"train.cpu_bf16: stored False, asked True"):
+        create_study(config.with_overrides({"train.cpu_bf16": "true"}), storage)
