@@ -308,5 +308,23 @@ def test_compare_prints_the_published_numbers_for_the_runs_dataset(
     assert "organmnist3d" in run_row and "0.996/0.907" in run_row and "0.994/0.883" in run_row
     assert "0.977/0.814" not in run_row
 
+    # the headline: nas3d's best run per dataset, averaged, beside the published means over the same
+    # datasets; a second, better OrganMNIST3D run replaces the first, and a NoduleMNIST3D run joins
+    runs = (("run", "organmnist3d", 0.95), ("better", "organmnist3d", 0.99),
+            ("nodule", "nodulemnist3d", 0.91))
+    for name, dataset, test_auc in runs:
+        (tmp_path / name).mkdir(exist_ok=True)
+        summary = results["summary"] | {"test_auc": {"mean": test_auc, "std": 0.0},
+                                        "test_acc": {"mean": 0.8, "std": 0.0}}
+        (tmp_path / name / "results.json").write_text(
+            json.dumps(results | {"dataset": dataset, "size": 28, "summary": summary})
+        )
+    assert run_main("compare", *(str(tmp_path / n) for n in ("run", "better", "nodule"))) == 0
+    out = capsys.readouterr().out
+    assert ("nas3d, best run per dataset over 2 of 6 datasets (nodulemnist3d, organmnist3d; missing "
+            "fracturemnist3d, adrenalmnist3d, vesselmnist3d, synapsemnist3d): mean test AUC 0.950, ACC 0.800"
+            ) in out
+    assert "ResNet-18+3D 0.929/0.875" in out  # (0.996 + 0.863) / 2, (0.907 + 0.844) / 2
+
     assert run_main("compare", str(tmp_path / "nothing-here")) == 2
     assert "nothing-here not found; give a folder written by `nas3d retrain`" in one_line_error(capsys)
