@@ -42,14 +42,15 @@ class TrainConfig:
     amp: bool = True  # mixed precision on CUDA
     # bf16 autocast on CPUs with native bf16 (cpu_has_native_bf16), opt-in. Measured on a 2-core AMD
     # EPYC with avx512_bf16 (bench/train_throughput.py, seed architectures, 28³, batch 128): about
-    # 1.7x to 2x faster than float32. Not the default because oneDNN's bf16 training is not
+    # 1.5x to 2x faster than float32. Not the default because oneDNN's bf16 training is not
     # bit-reproducible (the same trial twice gave different losses for some networks) and a BatchNorm
     # ResNet at 4³ once diverged to nan; float32 channels-last was identical every time.
     cpu_bf16: bool = False
     # channels_last_3d memory format. Measured on an H200 (bf16, 28³, batch 128): +3 % to +39 % on the
     # seed architectures (their BatchNorm stem and InstanceNorm ops run far faster channels-last),
-    # 2.1x on a small BN/IN CNN; only a norm-free toy net got slower (-5 to -20 %). On the CPU above,
-    # float32: 1.06x (small CNN) to 1.84x (seed architectures) faster than channels-first.
+    # 2.1x on a small BN/IN CNN; only a norm-free toy net got slower (-5 to -20 %). On the CPU above
+    # (bench/train_throughput.py, float32): the loop ran 1.78x-1.95x the channels-first seed loop on two
+    # seed architectures (1.15x SynapseMNIST3D, 1.16x the small CNN), and 1.00x when channels-first.
     channels_last: bool = True
 
     def __post_init__(self) -> None:
