@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nas3d.checkpoint import read_checkpoint, write_checkpoint
 from nas3d.costs import count_flops, count_params
 from nas3d.ops import unknown_option_message
 
@@ -190,32 +191,13 @@ def save_baseline_checkpoint(
     path: str | Path, model: ResNet3d, *, input_size: int, metadata: dict[str, Any] | None = None
 ) -> Path:
     """Write ``model``'s weights and recipe (its baseline name and shapes) to ``path``."""
-    from nas3d import __version__
-
-    path = Path(path)
-    torch.save(
-        {
-            "format": BASELINE_FORMAT,
-            "baseline": model.name,
-            "in_channels": model.stem[0].in_channels,
-            "num_classes": model.classifier.out_features,
-            "input_size": input_size,
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "metadata": {"nas3d_version": __version__, **(metadata or {})},
-        },
-        path,
-    )
-    return path
+    recipe = {"baseline": model.name}
+    return write_checkpoint(path, BASELINE_FORMAT, recipe, model, input_size=input_size, metadata=metadata)
 
 
 def load_baseline_checkpoint(path: str | Path) -> BaselineCheckpoint:
     """Read a checkpoint written by :func:`save_baseline_checkpoint` (with ``weights_only=True``)."""
-    data = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(data, dict) or data.get("format") != BASELINE_FORMAT:
-        found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise ValueError(
-            f"{path} is not a nas3d baseline checkpoint (format {found!r}, expected {BASELINE_FORMAT!r})"
-        )
+    data = read_checkpoint(path, (BASELINE_FORMAT,), what="nas3d baseline checkpoint")
     return BaselineCheckpoint(
         name=data["baseline"],
         in_channels=data["in_channels"],

@@ -7,11 +7,13 @@ from the architecture stored beside the weights.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from nas3d.architecture import Architecture
 from nas3d.model import Network, build_model
@@ -39,18 +41,32 @@ def save_checkpoint(
     path: str | Path, model: Network, *, input_size: int, metadata: dict[str, Any] | None = None
 ) -> Path:
     """Write ``model``'s weights and recipe to ``path``."""
+    recipe = {"architecture": model.arch.to_dict()}
+    return write_checkpoint(path, FORMAT, recipe, model, input_size=input_size, metadata=metadata)
+
+
+def write_checkpoint(
+    path: str | Path,
+    checkpoint_format: str,
+    recipe: dict[str, Any],
+    model: nn.Module,
+    *,
+    input_size: int,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """The layout every nas3d checkpoint shares: format, recipe, shapes, weights (on the CPU) and
+    metadata. ``model`` has a ``stem`` whose first layer is a convolution and a ``classifier``."""
     from nas3d import __version__
 
     path = Path(path)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save(
         {
-            "format": FORMAT,
-            "architecture": model.arch.to_dict(),
+            "format": checkpoint_format,
+            **recipe,
             "in_channels": model.stem[0].in_channels,
             "num_classes": model.classifier.out_features,
             "input_size": input_size,
-            "state_dict": state,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "metadata": {"nas3d_version": __version__, **(metadata or {})},
         },
         path,
@@ -58,12 +74,27 @@ def save_checkpoint(
     return path
 
 
+def read_checkpoint(
+    path: str | Path, formats: Sequence[str], what: str = "nas3d checkpoint"
+) -> dict[str, Any]:
+    """The dict a checkpoint holds, loaded safely (``weights_only=True``), if its format is one of
+    ``formats``; otherwise a one-line ``ValueError`` naming the file and what it holds."""
+    try:
+        data = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which, in one line
+        raise ValueError(
+            f"{path} is not a readable checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+        ) from None
+    found = data.get("format") if isinstance(data, dict) else type(data).__name__
+    if found not in formats:
+        expected = " or ".join(repr(f) for f in formats)
+        raise ValueError(f"{path} is not a {what} (format {found!r}, expected {expected})")
+    return data
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint` (safely: ``weights_only=True``)."""
-    data = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"{path} is not a nas3d checkpoint (format {found!r}, expected {FORMAT!r})")
+    data = read_checkpoint(path, (FORMAT,))
     return Checkpoint(
         architecture=Architecture.from_dict(data["architecture"]),
         in_channels=data["in_channels"],

@@ -40,7 +40,7 @@ from nas3d.baselines import (
     save_baseline_checkpoint,
 )
 from nas3d.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from nas3d.checkpoint import save_checkpoint
+from nas3d.checkpoint import read_checkpoint, save_checkpoint
 from nas3d.costs import measure_costs, thop_macs
 from nas3d.data import DataConfig, DeviceData, load_splits
 from nas3d.model import build_model
@@ -195,15 +195,7 @@ class ModelFactory:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} not found; export one with `nas3d export`")
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a truncated or foreign file: say which, in one line
-            raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
-                             f"{' '.join(str(e).split())[:200]})") from None
-        found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        if found not in (CHECKPOINT_FORMAT, BASELINE_FORMAT):
-            raise ValueError(f"{path} is not a nas3d checkpoint (format {found!r}, expected "
-                             f"{CHECKPOINT_FORMAT!r} or {BASELINE_FORMAT!r})")
+        data = read_checkpoint(path, (CHECKPOINT_FORMAT, BASELINE_FORMAT))
         metadata = dict(data.get("metadata") or {})
         source: dict[str, Any] = {
             "checkpoint": str(path.resolve()),
@@ -216,7 +208,7 @@ class ModelFactory:
                 source[key] = metadata[key]
         if isinstance(metadata.get("data"), dict):  # written by retrain: the whole data config
             source["data"] = metadata["data"]
-        if found == BASELINE_FORMAT:
+        if data["format"] == BASELINE_FORMAT:
             return cls(name=data["baseline"], baseline=data["baseline"], source=source)
         if "study" in metadata and "trial" in metadata:
             name = f"{metadata['study']}-trial{metadata['trial']}"
