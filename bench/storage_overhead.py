@@ -105,12 +105,13 @@ from optuna.trial import FrozenTrial, TrialState
 import nas3d.study
 import nas3d.worker
 from nas3d.architecture import Architecture
-from nas3d.config import SAMPLERS, TPE_OPTIONS, StudyConfig
+from nas3d.config import StudyConfig
 from nas3d.data import DeviceData, Split, write_synthetic_npz
 from nas3d.ops import OPS
+from nas3d.samplers import SAMPLERS, TPE_OPTIONS
 from nas3d.seeds import seed_architectures
 from nas3d.space import SearchSpace, sample_architecture
-from nas3d.storage import make_storage
+from nas3d.storages import make_storage
 from nas3d.study import DIRECTIONS, RESULT_ATTRS, create_study
 from nas3d.train import TrainConfig, TrainResult, train_trial
 
@@ -328,7 +329,7 @@ def instrumented_worker(recorder: _IterationRecorder) -> Iterator[None]:
 
 
 #: --sampler / --baseline-sampler values: the study's samplers, and Optuna's own TPESampler with the
-#: options nas3d's TPE uses (the baseline for nas3d.sampler.SharedSplitTPESampler).
+#: options nas3d's TPE uses (the baseline for nas3d.samplers._tpe.SharedSplitTPESampler).
 SAMPLER_CHOICES = (*SAMPLERS, "optuna-tpe")
 
 

@@ -73,7 +73,7 @@ from optuna.trial import TrialState
 
 from nas3d.data import ensure_file
 from nas3d.space import SearchSpace, sample_architecture
-from nas3d.storage import make_storage
+from nas3d.storages import make_storage
 from nas3d.study import DIRECTIONS, create_study
 
 TARGET_RATIO = 1.8

@@ -14,7 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nas3d.ops import OPS, unknown_option_message
+from nas3d.ops import OPS
+from nas3d.util import unknown_option_message
 
 SEED_MAX_EDGES = 9  # NAS-Bench-101's limit, kept by the seed study
 MIN_VERTICES = 3  # input, one operation, output

@@ -23,7 +23,7 @@ from torch import nn
 
 from nas3d.checkpoint import read_checkpoint, write_checkpoint
 from nas3d.costs import count_flops, count_params
-from nas3d.ops import unknown_option_message
+from nas3d.util import unknown_option_message
 
 __all__ = [
     "BASELINES",

@@ -18,7 +18,7 @@ from typing import Any
 import optuna
 
 from nas3d.config import StudyConfig, default_study_config, load_study_config
-from nas3d.storage import (
+from nas3d.storages import (
     DEFAULT_HEARTBEAT_INTERVAL,
     StorageUnavailable,
     make_storage,
@@ -302,7 +302,7 @@ def _export(args: argparse.Namespace) -> None:
     from optuna.artifacts.exceptions import ArtifactNotFound
 
     from nas3d.checkpoint import load_checkpoint
-    from nas3d.storage import artifact_store_for
+    from nas3d.storages import artifact_store_for
 
     out = Path(args.out)
     if out.exists() and not args.force:

@@ -1,4 +1,4 @@
-"""Study configuration: a typed, frozen view of a ``studies/*.toml`` file, and the study's sampler.
+"""Study configuration: a typed, frozen view of a ``studies/*.toml`` file and its overrides.
 
 A study file has the tables ``[study]``, ``[data]`` (``nas3d.data.DataConfig``), ``[train]``
 (``nas3d.train.TrainConfig``), ``[space]`` (``nas3d.space.SearchSpace``) and ``[constraints]``.
@@ -9,27 +9,22 @@ study's defaults. Unknown keys and wrong types are errors naming the file, table
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import tomllib
 import types
 import typing
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import optuna
-from optuna.exceptions import ExperimentalWarning
-
 from nas3d.data import DataConfig
-from nas3d.sampler import SharedSplitTPESampler
+from nas3d.samplers import SAMPLERS
 from nas3d.space import SearchSpace
 from nas3d.train import TrainConfig
+from nas3d.util import check_choice, did_you_mean
 
 __all__ = [
-    "SAMPLERS",
     "WARM_STARTS",
     "ConfigError",
     "Constraints",
@@ -37,26 +32,14 @@ __all__ = [
     "StudySettings",
     "default_study_config",
     "load_study_config",
-    "make_sampler",
+    "parse_overrides",
 ]
 
-SAMPLERS = ("tpe", "nsga2", "random")
 WARM_STARTS = ("none", "seed")
 
 
 class ConfigError(ValueError):
     """A study configuration problem; the message is one line naming where and what."""
-
-
-def _hint(value: str, valid: Sequence[str]) -> str:
-    """"; did you mean 'x'?" for the closest valid name, or nothing."""
-    close = difflib.get_close_matches(value, valid, n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _check_choice(what: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"{what} must be one of {', '.join(valid)}, got {value!r}{_hint(value, valid)}")
 
 
 @dataclass(frozen=True)
@@ -76,8 +59,8 @@ class StudySettings:
             raise ValueError("name must not be empty")
         if self.n_trials < 1:
             raise ValueError(f"n_trials must be >= 1, got {self.n_trials}")
-        _check_choice("sampler", self.sampler, SAMPLERS)
-        _check_choice("warm_start", self.warm_start, WARM_STARTS)
+        check_choice("sampler", self.sampler, SAMPLERS)
+        check_choice("warm_start", self.warm_start, WARM_STARTS)
 
 
 @dataclass(frozen=True)
@@ -175,24 +158,20 @@ def load_study_config(path: str | Path) -> StudyConfig:
     return StudyConfig.from_dict(doc, source=str(path))
 
 
-#: The TPE settings of every nas3d study. group=True (experimental in Optuna) is what makes TPE model
-#: define-by-run, conditional params jointly; multivariate: ops and edges interact; constant_liar:
-#: parallel workers spread out instead of proposing the same architecture.
-TPE_OPTIONS: dict[str, bool] = {"multivariate": True, "group": True, "constant_liar": True}
+def parse_overrides(items: Iterable[str], *, only_table: str | None = None) -> dict[str, str]:
+    """``--set TABLE.KEY=VALUE`` items as ``{"table.key": "value"}`` for :meth:`StudyConfig.with_overrides`.
 
-
-def make_sampler(settings: StudySettings) -> optuna.samplers.BaseSampler:
-    """The study's sampler. Constraints need no ``constraints_func``: Optuna 5 samplers read them
-    from the trials (see ``nas3d.storage.record_constraints``)."""
-    _check_choice("sampler", settings.sampler, SAMPLERS)
-    seed = settings.sampler_seed
-    if settings.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if settings.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)  # group=True, used knowingly
-        return SharedSplitTPESampler(**TPE_OPTIONS, seed=seed)
+    ``only_table`` restricts the keys to one table (``retrain`` takes ``data.*`` only).
+    """
+    overrides: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or "." not in key or (only_table and not key.startswith(only_table + ".")):
+            form = f"{only_table}.KEY=VALUE" if only_table else "TABLE.KEY=VALUE"
+            raise ValueError(f"--set expects {form}, but got {item!r}")
+        overrides[key] = value.strip()
+    return overrides
 
 
 # --- generic dataclass building -------------------------------------------------------------------
@@ -281,7 +260,8 @@ def _unknown(
     source: str, table: str | None, key: str, valid: list[str], what: str = "key"
 ) -> typing.NoReturn:
     where = f" in [{table}]" if table else ""
-    hint = _hint(key, valid)
+    close = did_you_mean(key, valid)
+    hint = f"; did you mean {close!r}?" if close else ""
     raise ConfigError(f"{source}: unknown {what} {key!r}{where}{hint} (valid: {', '.join(valid)})")
 
 

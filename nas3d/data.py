@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from medmnist.info import DEFAULT_ROOT, INFO
 
-from nas3d.ops import unknown_option_message
+from nas3d.util import atomic_write, one_line, unknown_option_message
 
 SYNTHETIC = "synthetic"
 SYNTHETIC_VERSION = 1  # bump when write_synthetic_npz changes what it writes
@@ -277,7 +277,7 @@ def read_arrays(
                 out[split] = (ds.imgs, ds.labels)
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError, ValueError) as exc:
         raise DatasetCorrupt(
-            f"{path} is not a readable MedMNIST npz ({type(exc).__name__}: {_one_line(exc)})"
+            f"{path} is not a readable MedMNIST npz ({type(exc).__name__}: {one_line(exc)})"
         ) from None
     for split, (images, labels) in out.items():
         _check_split(path, split, images, labels, cfg.size, cfg.num_classes)
@@ -327,10 +327,8 @@ def write_synthetic_npz(
             images[chunk] = np.clip(volume, 0, 255).astype(np.uint8)
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels[:, None]
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as tmp:
-        np.savez(tmp, **arrays)  # noise barely compresses; uncompressed writes 5× faster
-    os.replace(tmp.name, path)
-    return path
+    # noise barely compresses; uncompressed writes 5× faster
+    return atomic_write(path, lambda file: np.savez(file, **arrays))
 
 
 def _download(cfg: DataConfig, path: Path, url: str) -> None:
@@ -354,7 +352,7 @@ def _download(cfg: DataConfig, path: Path, url: str) -> None:
             raise cause from None
         raise DatasetUnavailable(
             f"could not download {cfg.file_name} from {url} into {path.parent} "
-            f"({type(cause).__name__}: {_one_line(cause)}); "
+            f"({type(cause).__name__}: {one_line(cause)}); "
             "fetch it by hand and point --data-root at its folder"
         ) from None
     finally:
@@ -396,6 +394,3 @@ def _check_split(
     if problem:
         raise DatasetCorrupt(f"{path}: {problem}")
 
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())

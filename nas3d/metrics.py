@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nas3d.ops import unknown_option_message
+from nas3d.util import unknown_option_message
 
 TASKS = ("binary-class", "multi-class")
 

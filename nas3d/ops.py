@@ -11,6 +11,8 @@ from functools import partial
 
 from torch import nn
 
+from nas3d.util import unknown_option_message
+
 KERNEL_SIZES = (3, 5, 7)
 
 
@@ -64,15 +66,6 @@ OPS: dict[str, Callable[[int], nn.Module]] = {
 def op_kernel_size(name: str) -> int:
     """The cubic kernel size of operation ``name``'s single convolution."""
     return OPS[name].keywords["k"]
-
-
-def unknown_option_message(kind: str, value: object, valid: list[str] | tuple[str, ...]) -> str:
-    """One line naming a bad choice, the closest valid one, and all of them."""
-    import difflib
-
-    close = difflib.get_close_matches(str(value), [str(v) for v in valid], n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return f"unknown {kind} {value!r}.{hint} Valid: {', '.join(map(str, valid))}"
 
 
 def build_op(name: str, channels: int) -> nn.Module:

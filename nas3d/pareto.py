@@ -53,7 +53,10 @@ def _chain(ops: Sequence[str]) -> tuple[tuple[int, int], ...]:
     return tuple((v, v + 1) for v in range(len(ops) + 1))
 
 
-def largest_seed_architecture(space: SearchSpace = SearchSpace()) -> Architecture:
+SEED_SPACE = SearchSpace()
+
+
+def largest_seed_architecture(space: SearchSpace = SEED_SPACE) -> Architecture:
     """The architecture of ``space`` with the most FLOPs.
 
     FLOPs count convolutions only (``nas3d.costs``), and the edges of a cell join vertices by sums,
@@ -63,15 +66,17 @@ def largest_seed_architecture(space: SearchSpace = SearchSpace()) -> Architectur
     op = max(space.ops, key=op_kernel_size)
     ops = (op,) * space.max_op_vertices
     return Architecture(ops=ops, edges=_chain(ops), stacks=max(space.stacks),
-                        cells_per_stack=max(space.cells_per_stack), initial_filters=max(space.initial_filters))
+                        cells_per_stack=max(space.cells_per_stack),
+                        initial_filters=max(space.initial_filters))
 
 
-def smallest_seed_architecture(space: SearchSpace = SearchSpace()) -> Architecture:
+def smallest_seed_architecture(space: SearchSpace = SEED_SPACE) -> Architecture:
     """The architecture of ``space`` with the fewest FLOPs: one vertex of the smallest kernel, the
     fewest stacks and cells, the narrowest start."""
     ops = (min(space.ops, key=op_kernel_size),)
     return Architecture(ops=ops, edges=_chain(ops), stacks=min(space.stacks),
-                        cells_per_stack=min(space.cells_per_stack), initial_filters=min(space.initial_filters))
+                        cells_per_stack=min(space.cells_per_stack),
+                        initial_filters=min(space.initial_filters))
 
 
 @dataclass(frozen=True)

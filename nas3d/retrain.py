@@ -19,8 +19,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,8 +42,8 @@ from nas3d.checkpoint import read_checkpoint, save_checkpoint
 from nas3d.costs import measure_costs, thop_macs
 from nas3d.data import DataConfig, DeviceData, load_splits
 from nas3d.model import build_model
-from nas3d.ops import unknown_option_message
 from nas3d.train import TrainConfig, TrainingFailure, autocast_dtype, device_name, evaluate, train_trial
+from nas3d.util import atomic_write, unknown_option_message
 
 if TYPE_CHECKING:  # the training path itself needs no optuna
     from optuna.trial import FrozenTrial
@@ -433,8 +431,5 @@ def load_results(path: str | Path) -> dict[str, Any]:
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
     """Replace ``path`` atomically: a reader (or a crash) never sees half a file."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, suffix=".tmp",
-                                     delete=False, encoding="utf-8") as tmp:
-        json.dump(value, tmp, indent=2, allow_nan=True)
-        tmp.write("\n")
-    os.replace(tmp.name, path)
+    text = json.dumps(value, indent=2, allow_nan=True) + "\n"
+    atomic_write(path, lambda file: file.write(text.encode("utf-8")))

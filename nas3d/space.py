@@ -23,7 +23,8 @@ from functools import cache
 from typing import Protocol
 
 from nas3d.architecture import SEED_MAX_EDGES, Architecture, prune_cell
-from nas3d.ops import OPS, unknown_option_message
+from nas3d.ops import OPS
+from nas3d.util import unknown_option_message
 
 MAX_OP_VERTICES = 5  # the seed's cell: 7 vertices = input + 5 operations + output
 

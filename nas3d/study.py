@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas3d.architecture import InfeasibleArchitecture
 from nas3d.checkpoint import save_checkpoint
-from nas3d.config import StudyConfig, make_sampler
+from nas3d.config import StudyConfig
 from nas3d.costs import measure_costs
 from nas3d.data import DeviceData
 from nas3d.model import build_model
+from nas3d.samplers import make_sampler
 from nas3d.seeds import seed_architectures
 from nas3d.space import params_for, sample_architecture
-from nas3d.storage import record_constraints
 from nas3d.train import device_name, train_trial
 
 logger = logging.getLogger(__name__)
@@ -127,6 +128,23 @@ def load_study(
         settings = dataclasses.replace(settings, sampler_seed=seed)
     study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(settings))
     return study, config
+
+
+def record_constraints(trial: optuna.trial.Trial, values: Mapping[str, float]) -> None:
+    """Record constraint values (feasible iff all <= 0) where both samplers and the dashboard see them.
+
+    Optuna 5 samplers read ``trial.constraints``, which merges the legacy list under system attr
+    ``"constraints"`` with the per-name ``"constraints:<name>"`` keys of ``Trial.set_constraint``;
+    optuna-dashboard 0.21 shows only the legacy list. So we write the list alone (in ``values``
+    order; writing both formats would count every constraint twice). Call once per trial, before
+    the objective returns.
+    """
+    vals = [float(v) for v in values.values()]
+    if any(v != v for v in vals):
+        raise ValueError(f"constraint values must not be NaN, got {dict(values)}")
+    # No public setter for system attrs exists in Optuna 5; this is what Optuna itself does
+    # for samplers' constraints_func (optuna.samplers._base._process_constraints_after_trial).
+    trial.storage.set_trial_system_attr(trial._trial_id, "constraints", vals)
 
 
 class TrialObjective:

@@ -25,7 +25,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import TrialState
 
 from nas3d.data import load_splits
-from nas3d.storage import (
+from nas3d.storages import (
     DEFAULT_HEARTBEAT_INTERVAL,
     artifact_store_for,
     make_storage,

@@ -11,7 +11,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from nas3d.storage import make_storage
+from nas3d.storages import make_storage
 from nas3d.worker import budget_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,7 +100,7 @@ def smoke_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """The smoke study with trial 0 COMPLETE (checkpoint stored) and trial 1 PRUNED as its duplicate."""
     from nas3d.config import load_study_config
     from nas3d.data import load_splits
-    from nas3d.storage import artifact_store_for
+    from nas3d.storages import artifact_store_for
     from nas3d.study import TrialObjective, create_study, load_study
 
     root = tmp_path_factory.mktemp("smoke")

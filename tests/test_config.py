@@ -13,9 +13,9 @@ from nas3d.config import (
     StudySettings,
     default_study_config,
     load_study_config,
-    make_sampler,
 )
 from nas3d.data import DATASETS, DataConfig
+from nas3d.samplers import make_sampler
 from nas3d.space import SearchSpace
 from nas3d.train import TrainConfig
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from nas3d.storage import resolve_storage_url
+from nas3d.storages import resolve_storage_url
 
 REPO = Path(__file__).resolve().parents[1]
 

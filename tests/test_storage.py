@@ -16,17 +16,17 @@ from optuna.trial import TrialState
 from optuna_dashboard._serializer import serialize_frozen_trial
 from sqlalchemy.engine import make_url
 
-from nas3d.storage import (
+from nas3d.storages import (
     DEFAULT_HEARTBEAT_INTERVAL,
     StorageUnavailable,
     artifact_store_for,
     make_storage,
-    record_constraints,
     resolve_storage_url,
     retry_transient,
     storage_home,
     study_lock,
 )
+from nas3d.study import record_constraints
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

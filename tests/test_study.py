@@ -15,7 +15,7 @@ from nas3d.config import StudyConfig, load_study_config
 from nas3d.data import load_splits
 from nas3d.seeds import seed_architectures
 from nas3d.space import params_for, sample_architecture
-from nas3d.storage import artifact_store_for, make_storage
+from nas3d.storages import artifact_store_for, make_storage
 from nas3d.study import TrialObjective, create_study, load_study
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 from nas3d.architecture import Architecture
 from nas3d.space import params_for
-from nas3d.storage import make_storage
+from nas3d.storages import make_storage
 from nas3d.study import create_study
 from nas3d.worker import budget_state, run_worker
 from tests.test_study import smoke_config

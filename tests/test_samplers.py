@@ -1,4 +1,4 @@
-"""nas3d.sampler: the shared-split TPE proposes exactly what Optuna's TPESampler proposes, with less work."""
+"""nas3d.samplers: the shared-split TPE proposes exactly what Optuna's TPESampler proposes, with less work."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ import pytest
 from optuna.samplers._tpe import sampler as tpe_module
 from optuna.trial import TrialState
 
-from nas3d.config import TPE_OPTIONS
-from nas3d.sampler import SharedSplitTPESampler, shortcuts_available
+from nas3d.samplers import TPE_OPTIONS
+from nas3d.samplers._tpe import SharedSplitTPESampler, shortcuts_available
 from nas3d.space import SearchSpace, sample_architecture
-from nas3d.storage import record_constraints
-from nas3d.study import DIRECTIONS
+from nas3d.study import DIRECTIONS, record_constraints
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # group=True
 
@@ -58,7 +57,7 @@ def trials() -> list[optuna.trial.FrozenTrial]:
 
 
 def test_proposes_exactly_what_optuna_tpe_proposes(trials: list) -> None:
-    assert shortcuts_available(), f"Optuna {optuna.__version__}: update nas3d.sampler._TESTED_OPTUNA"
+    assert shortcuts_available(), f"Optuna {optuna.__version__}: update nas3d.samplers._tpe._TESTED_OPTUNA"
     stock = propose(optuna.samplers.TPESampler(**TPE_OPTIONS, seed=5), trials, 6)
     shared = propose(SharedSplitTPESampler(**TPE_OPTIONS, seed=5), trials, 6)
     assert shared == stock

@@ -11,7 +11,7 @@ of it, but it also repeats two things that do not depend on the group:
 
 :class:`SharedSplitTPESampler` splits once per trial and decomposes incrementally. Both are exact:
 for the same seed and the same trials it proposes the same parameters as ``TPESampler`` (tested in
-``tests/test_sampler.py``). It relies on private parts of Optuna's TPE that Optuna 5.0 has; for any
+``tests/test_samplers.py``). It relies on private parts of Optuna's TPE that Optuna 5.0 has; for any
 other Optuna version it behaves exactly as ``TPESampler`` does. Measured effect:
 ``bench/storage_overhead.py`` (README, "Storage and sampler overhead").
 """

@@ -1,0 +1,55 @@
+"""Where studies live: storage strings → one spec → Optuna storages, study locks, artifact stores.
+
+Accepted storage strings (``--storage`` flag, else env ``NAS3D_STORAGE``, else the default):
+
+- empty / None: SQLite file ``<home>/nas3d.db``; ``<home>`` is env ``NAS3D_HOME`` if set, else
+  ``./storage`` relative to the current working directory (the repo's ``storage/`` folder when run
+  from the repo root).
+- ``sqlite:///path.db``: one host, a few workers. Crash recovery via heartbeat.
+- ``postgresql://user@host:port/db`` (or ``postgresql+psycopg://``, ``postgres://``): several hosts.
+  Rewritten to the psycopg 3 driver. Crash recovery via heartbeat.
+- ``journal:path.log``: Optuna's JournalStorage on a file. Single host, no heartbeat: a worker killed
+  mid-trial leaves a RUNNING trial behind for good.
+
+Crash recovery (RDB only): the worker's heartbeat thread writes every ``heartbeat_interval`` seconds;
+the next ``study.optimize`` on any worker fails trials silent for ``grace_period`` seconds and
+re-queues them (``RetryHeartbeatStaleTrialCallback``). The heartbeat thread runs only inside
+``Study.optimize``, not with ask/tell.
+"""
+
+from nas3d.storages._artifacts import artifact_store_for
+from nas3d.storages._locks import StudyLock, study_lock
+from nas3d.storages._rdb import (
+    DEFAULT_GRACE_PERIOD,
+    DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_MAX_RETRY,
+    StorageUnavailable,
+    make_storage,
+    retry_transient,
+)
+from nas3d.storages._spec import (
+    ACCEPTED_FORMS,
+    StorageSpec,
+    redact_url,
+    resolve_storage,
+    resolve_storage_url,
+    storage_home,
+)
+
+__all__ = [
+    "ACCEPTED_FORMS",
+    "DEFAULT_GRACE_PERIOD",
+    "DEFAULT_HEARTBEAT_INTERVAL",
+    "DEFAULT_MAX_RETRY",
+    "StorageSpec",
+    "StorageUnavailable",
+    "StudyLock",
+    "artifact_store_for",
+    "make_storage",
+    "redact_url",
+    "resolve_storage",
+    "resolve_storage_url",
+    "retry_transient",
+    "storage_home",
+    "study_lock",
+]

@@ -1,0 +1,108 @@
+"""The study lock: one holder at a time across every worker and host of a study."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from sqlalchemy.engine import make_url
+
+from nas3d.storages._rdb import PG_CONNECT_TIMEOUT_S, StorageUnavailable, _unavailable_message
+from nas3d.storages._spec import StorageSpec, resolve_storage, storage_home
+
+
+class StudyLock:
+    """A mutual-exclusion lock shared by every worker of one study, on any host that shares the storage.
+
+    Workers hold it from the budget check through ``study.ask()`` so that N workers never start more
+    than the budget. PostgreSQL: a session advisory lock (the server drops it if the worker dies).
+    SQLite/journal: a file lock beside the database (one host, as those storages are).
+    ``release`` is a no-op when the lock is not held; the lock is also a context manager.
+    """
+
+    def acquire(self) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> StudyLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def study_lock(storage: str | StorageSpec | None, study_name: str) -> StudyLock:
+    """The ``StudyLock`` of ``study_name`` in ``storage`` (a string is resolved as usual)."""
+    spec = resolve_storage(storage)
+    key = hashlib.blake2b(f"nas3d-study:{study_name}".encode(), digest_size=8).digest()
+    if spec.kind == "postgresql":
+        return _AdvisoryLock(spec.url, int.from_bytes(key, "big", signed=True))
+    path = spec.file
+    folder = path.parent if path else storage_home()
+    return _FileLock(folder / f"{path.name if path else 'nas3d'}.{key.hex()}.lock")
+
+
+class _FileLock(StudyLock):
+    """``filelock.FileLock`` (an ``flock`` on Unix: dropped by the kernel if the worker dies)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # Not thread-local: a worker may release from the thread that runs the trial.
+        self._lock = FileLock(path, thread_local=False)
+
+    def acquire(self) -> None:
+        if self._lock.is_locked:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+
+    def release(self) -> None:
+        if self._lock.is_locked:
+            self._lock.release(force=True)
+
+
+class _AdvisoryLock(StudyLock):
+    def __init__(self, url: str, key: int) -> None:
+        self._url = make_url(url)
+        self._key = key
+        self._conn: Any = None  # psycopg.Connection, opened on first use
+        self._held = False
+
+    def acquire(self) -> None:
+        import psycopg
+
+        if self._held:
+            return
+        for attempt in (1, 2):
+            try:
+                if self._conn is None or self._conn.closed:
+                    libpq = self._url.set(drivername="postgresql").render_as_string(hide_password=False)
+                    self._conn = psycopg.connect(libpq, autocommit=True, connect_timeout=PG_CONNECT_TIMEOUT_S)
+                self._conn.execute("SELECT pg_advisory_lock(%s)", (self._key,))
+                self._held = True
+                return
+            except psycopg.OperationalError as e:
+                self._close()
+                if attempt == 2:  # the connection may have died idle (server restart): retried once
+                    raise StorageUnavailable(_unavailable_message(self._url, e)) from e
+
+    def release(self) -> None:
+        if not self._held:
+            return
+        self._held = False
+        try:
+            self._conn.execute("SELECT pg_advisory_unlock(%s)", (self._key,))
+        except Exception:
+            self._close()  # a lost session has dropped the lock already
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None

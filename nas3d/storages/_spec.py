@@ -1,0 +1,92 @@
+"""Storage strings: the accepted forms, the default home, and their one resolution into a spec."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+
+ACCEPTED_FORMS = (
+    "'' (default SQLite under $NAS3D_HOME or ./storage), 'sqlite:///path.db', "
+    "'postgresql://user@host:port/db', 'postgresql+psycopg://...', 'journal:path.log'"
+)
+_PG_PREFIXES = ("postgresql://", "postgres://", "postgresql+psycopg://")
+
+
+def storage_home() -> Path:
+    """The folder for the default database and artifacts: ``$NAS3D_HOME``, else ``./storage``."""
+    return Path(os.environ.get("NAS3D_HOME") or "storage").expanduser().resolve()
+
+
+def resolve_storage_url(explicit: str | None) -> str:
+    """The canonical storage string for ``explicit``, else ``$NAS3D_STORAGE``, else the default.
+
+    PostgreSQL URLs get the psycopg 3 driver; journal paths become absolute. The default SQLite
+    folder is created. Raises ``ValueError`` for anything else.
+    """
+    value = (explicit or "").strip() or os.environ.get("NAS3D_STORAGE", "").strip()
+    if not value:
+        home = storage_home()
+        home.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{home / 'nas3d.db'}"
+    if value.startswith("sqlite://"):
+        return value
+    if value.startswith(_PG_PREFIXES):
+        return "postgresql+psycopg://" + value.split("://", 1)[1]
+    if value.startswith("journal:") and value[len("journal:") :].strip():
+        return "journal:" + str(Path(value[len("journal:") :].strip()).expanduser().resolve())
+    raise ValueError(f"unsupported storage {redact_url(value)!r}; accepted forms: {ACCEPTED_FORMS}")
+
+
+def redact_url(value: str) -> str:
+    try:
+        return make_url(value).render_as_string(hide_password=True)
+    except Exception:
+        return value
+
+
+def _storage_file(url: str) -> Path | None:
+    if url.startswith("journal:"):
+        return Path(url[len("journal:") :])
+    sa_url = make_url(url)
+    if sa_url.get_backend_name() == "sqlite" and sa_url.database not in (None, "", ":memory:"):
+        return Path(sa_url.database).expanduser().resolve()
+    return None
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    """A storage string resolved once: what workers and commands pass around.
+
+    ``url`` is canonical (psycopg 3 driver, absolute journal path); ``kind`` is ``"sqlite"``,
+    ``"postgresql"`` or ``"journal"``.
+    """
+
+    url: str
+
+    @property
+    def kind(self) -> str:
+        if self.url.startswith("journal:"):
+            return "journal"
+        return "postgresql" if self.url.startswith("postgresql") else "sqlite"
+
+    @property
+    def file(self) -> Path | None:
+        """The database or journal file, for the embedded kinds."""
+        return _storage_file(self.url)
+
+    @property
+    def redacted(self) -> str:
+        return redact_url(self.url)
+
+    def __str__(self) -> str:
+        return self.redacted
+
+
+def resolve_storage(explicit: str | StorageSpec | None) -> StorageSpec:
+    """The :class:`StorageSpec` of ``--storage`` (else ``$NAS3D_STORAGE``, else the default)."""
+    if isinstance(explicit, StorageSpec):
+        return explicit
+    return StorageSpec(resolve_storage_url(explicit))

@@ -1,0 +1,56 @@
+"""Small helpers every layer shares: one-line errors, "did you mean", atomic file writes."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO
+
+__all__ = ["atomic_write", "check_choice", "did_you_mean", "one_line", "unknown_option_message"]
+
+
+def one_line(text: object, limit: int | None = None) -> str:
+    """``text`` with its white space (newlines included) folded, cut to ``limit`` characters."""
+    folded = " ".join(str(text).split())
+    return folded if limit is None else folded[:limit]
+
+
+def did_you_mean(value: object, valid: Sequence[object]) -> str | None:
+    """The valid choice closest to ``value``, if any is close."""
+    close = difflib.get_close_matches(str(value), [str(v) for v in valid], n=1)
+    return close[0] if close else None
+
+
+def unknown_option_message(kind: str, value: object, valid: Sequence[object]) -> str:
+    """One line naming a bad choice, the closest valid one, and all of them."""
+    close = did_you_mean(value, valid)
+    hint = f" Did you mean {close!r}?" if close else ""
+    return f"unknown {kind} {value!r}.{hint} Valid: {', '.join(map(str, valid))}"
+
+
+def check_choice(what: str, value: str, valid: Sequence[str]) -> None:
+    """Raise a one-line ``ValueError`` unless ``value`` is one of ``valid``."""
+    if value not in valid:
+        close = did_you_mean(value, valid)
+        hint = f"; did you mean {close!r}?" if close else ""
+        raise ValueError(f"{what} must be one of {', '.join(valid)}, got {value!r}{hint}")
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> Path:
+    """Write ``path`` through ``write(file)`` into a temporary file beside it, then move it in whole:
+    a reader (or a crash) never sees half a file, and an existing file is replaced only by a whole one.
+    """
+    path = Path(path)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                     delete=False) as tmp:
+        try:
+            write(tmp)
+        except BaseException:
+            tmp.close()
+            os.unlink(tmp.name)
+            raise
+    os.replace(tmp.name, path)
+    return path
