@@ -1,4 +1,4 @@
-"""ResNet baselines for MedMNIST3D, their cost counts and checkpoints, and the published numbers.
+"""ResNet baselines for MedMNIST3D, and the published numbers they are compared with.
 
 The baselines are 3D ResNet-18 (BasicBlock, [2, 2, 2, 2]) and ResNet-50 (Bottleneck, [3, 4, 6, 3]),
 stage widths 64-128-256-512, BatchNorm3d, global average pool and a linear classifier. The stem is
@@ -8,38 +8,27 @@ the CIFAR-style adaptation for small inputs: one 3x3x3 stride-1 convolution and 
 bottlenecks put the stride on the 3x3x3 convolution ("ResNet v1.5"); a shortcut whose shape changes
 is a 1x1x1 strided convolution plus BatchNorm3d.
 
-A baseline checkpoint is, like a nas3d one, a plain dict of tensors, strings and numbers — the
-baseline's name is its recipe — so it loads with ``torch.load(weights_only=True)``.
+They are built, costed and checkpointed through :mod:`nas3d.registry`, like searched architectures.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from nas3d.checkpoint import read_checkpoint, write_checkpoint
-from nas3d.costs import count_flops, count_params
 from nas3d.util import unknown_option_message
 
 __all__ = [
     "BASELINES",
-    "BASELINE_FORMAT",
     "PUBLISHED",
     "PUBLISHED_MODELS",
     "SEED_STUDY_MEAN",
-    "BaselineCheckpoint",
     "ResNet3d",
-    "baseline_costs",
     "build_baseline",
-    "load_baseline_checkpoint",
-    "save_baseline_checkpoint",
 ]
 
-BASELINE_FORMAT = "nas3d-baseline/1"
 STAGE_WIDTHS = (64, 128, 256, 512)
 
 
@@ -160,52 +149,6 @@ def build_baseline(name: str, in_channels: int = 1, num_classes: int = 2) -> Res
     except KeyError:
         raise ValueError(unknown_option_message("baseline", name, list(BASELINES))) from None
     return ResNet3d(name, recipe.block, recipe.blocks_per_stage, in_channels, num_classes)
-
-
-def baseline_costs(name: str, in_channels: int, num_classes: int, size: int) -> tuple[int, int]:
-    """``(flops, params)`` of baseline ``name`` on a ``size``³ input, counted as :mod:`nas3d.costs`
-    counts searched architectures: ``FlopCounterMode`` on a batch of one (FLOPs = 2 × MACs of the
-    convolutions and the classifier), on the meta device."""
-    with torch.device("meta"):
-        model = build_baseline(name, in_channels, num_classes).eval()
-    return count_flops(model, (1, in_channels, size, size, size)), count_params(model)
-
-
-@dataclass(frozen=True)
-class BaselineCheckpoint:
-    name: str
-    in_channels: int
-    num_classes: int
-    input_size: int
-    state_dict: dict[str, torch.Tensor]
-    metadata: dict[str, Any]
-
-    def build(self, device: torch.device | str = "cpu") -> ResNet3d:
-        """The baseline with these weights loaded, in eval mode."""
-        model = build_baseline(self.name, self.in_channels, self.num_classes)
-        model.load_state_dict(self.state_dict)
-        return model.to(device).eval()
-
-
-def save_baseline_checkpoint(
-    path: str | Path, model: ResNet3d, *, input_size: int, metadata: dict[str, Any] | None = None
-) -> Path:
-    """Write ``model``'s weights and recipe (its baseline name and shapes) to ``path``."""
-    recipe = {"baseline": model.name}
-    return write_checkpoint(path, BASELINE_FORMAT, recipe, model, input_size=input_size, metadata=metadata)
-
-
-def load_baseline_checkpoint(path: str | Path) -> BaselineCheckpoint:
-    """Read a checkpoint written by :func:`save_baseline_checkpoint` (with ``weights_only=True``)."""
-    data = read_checkpoint(path, (BASELINE_FORMAT,), what="nas3d baseline checkpoint")
-    return BaselineCheckpoint(
-        name=data["baseline"],
-        in_channels=data["in_channels"],
-        num_classes=data["num_classes"],
-        input_size=data["input_size"],
-        state_dict=data["state_dict"],
-        metadata=data["metadata"],
-    )
 
 
 # --- published numbers ----------------------------------------------------------------------------

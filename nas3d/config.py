@@ -33,6 +33,7 @@ __all__ = [
     "default_study_config",
     "load_study_config",
     "parse_overrides",
+    "resolve_study_config",
 ]
 
 WARM_STARTS = ("none", "seed")
@@ -156,6 +157,32 @@ def load_study_config(path: str | Path) -> StudyConfig:
         # tomllib's message already ends with "(at line N, column M)"
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     return StudyConfig.from_dict(doc, source=str(path))
+
+
+#: Command-line flags that set one study-file key each (``--n-trials 20`` is ``study.n_trials``).
+FLAG_KEYS = {
+    "size": "data.size", "name": "study.name", "n_trials": "study.n_trials", "max_epochs": "train.max_epochs",
+    "data_root": "data.root", "sampler": "study.sampler", "warm_start": "study.warm_start",
+}
+
+
+def resolve_study_config(
+    study_file: str | Path | None,
+    dataset: str | None,
+    flags: Mapping[str, object],
+    sets: Iterable[str] = (),
+) -> StudyConfig:
+    """The study file (else the seed study's defaults for ``dataset``) with the flags of
+    :data:`FLAG_KEYS` that are set in ``flags`` and the ``--set`` items applied."""
+    if study_file:
+        config = load_study_config(study_file)
+    else:
+        config = default_study_config(dataset or "organmnist3d", int(flags.get("size") or 28))
+    overrides: dict[str, object] = {
+        key: flags[flag] for flag, key in FLAG_KEYS.items() if flags.get(flag) is not None
+    }
+    overrides.update(parse_overrides(sets))
+    return config.with_overrides(overrides, source="command line") if overrides else config
 
 
 def parse_overrides(items: Iterable[str], *, only_table: str | None = None) -> dict[str, str]:

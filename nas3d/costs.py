@@ -23,7 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from nas3d.architecture import Architecture
-from nas3d.model import build_model
+from nas3d.registry import ModelRecipe
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +64,25 @@ def thop_macs(model: torch.nn.Module, input_shape: tuple[int, ...]) -> int | Non
 
 
 def measure_costs(
-    arch: Architecture, in_channels: int, num_classes: int, size: int, *, with_thop: bool = True
+    model: Architecture | ModelRecipe | str,
+    in_channels: int,
+    num_classes: int,
+    size: int,
+    *,
+    with_thop: bool = True,
 ) -> Costs:
-    """FLOPs, parameters and thop MACs, all counted on the meta device."""
+    """FLOPs, parameters and thop MACs of any registered model (an architecture, a recipe or a
+    baseline's name) on a ``size``³ input, all counted on the meta device."""
+    recipe = ModelRecipe.of(model)
     with torch.device("meta"):
-        model = build_model(arch, in_channels, num_classes).eval()
+        network = recipe.build(in_channels, num_classes).eval()
     shape = (1, in_channels, size, size, size)
-    flops, params = count_flops(model, shape), count_params(model)
-    # thop runs last, on this throw-away model: its buffers must never reach a real state_dict.
-    return Costs(flops=flops, params=params, thop_macs=thop_macs(model, shape) if with_thop else None)
+    flops, params = count_flops(network, shape), count_params(network)
+    macs = None
+    if with_thop:
+        # thop runs last, on this throw-away model: its buffers must never reach a real state_dict.
+        try:
+            macs = thop_macs(network, shape)
+        except Exception as e:  # informative only; the FLOPs above are the number nas3d compares
+            logger.warning("thop could not count %s: %s", recipe.describe(), e)
+    return Costs(flops=flops, params=params, thop_macs=macs)

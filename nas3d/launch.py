@@ -16,10 +16,11 @@ import sys
 import time
 from dataclasses import dataclass
 
+from nas3d.util import EXIT_USAGE
+
 logger = logging.getLogger(__name__)
 
 MAX_RESTARTS_PER_SLOT = 3
-EXIT_USAGE = 2  # the worker rejected its input: restarting cannot help
 
 
 @dataclass
@@ -30,6 +31,23 @@ class Slot:
     process: subprocess.Popen | None = None
     restarts: int = 0
     handled: bool = False  # this process's exit has been dealt with
+
+
+def discover_gpus(gpus: str | None, *, cpu: bool = False) -> list[int] | None:
+    """The GPU indices to run on: ``--gpus 0,1`` as given, else every visible GPU, else None (the
+    CPU). ``cpu`` forces the CPU."""
+    if cpu:
+        return None
+    if gpus:
+        try:
+            return [int(g) for g in gpus.split(",") if g.strip()]
+        except ValueError:
+            raise ValueError(
+                f"--gpus expects comma-separated GPU indices such as 0,1, but got {gpus!r}"
+            ) from None
+    import torch
+
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else None
 
 
 def plan_slots(
@@ -50,6 +68,14 @@ def plan_slots(
     threads = str(max(1, (os.cpu_count() or 1) // cpu_workers))
     env = {**base, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     return [Slot(i, "cpu", env) for i in range(cpu_workers)]
+
+
+def worker_arguments(heartbeat_interval: int, grace_period: int | None, progress: bool) -> list[str]:
+    """The ``nas3d worker`` flags every launched worker gets."""
+    extra = ["--heartbeat-interval", str(heartbeat_interval)]
+    if grace_period is not None:
+        extra += ["--grace-period", str(grace_period)]
+    return [*extra, "--progress"] if progress else extra
 
 
 def launch(study_name: str, storage_url: str, slots: list[Slot], worker_args: list[str] = ()) -> int:

@@ -27,21 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from nas3d.architecture import Architecture
-from nas3d.baselines import (
-    BASELINE_FORMAT,
-    BASELINES,
-    baseline_costs,
-    build_baseline,
-    save_baseline_checkpoint,
-)
-from nas3d.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from nas3d.checkpoint import read_checkpoint, save_checkpoint
-from nas3d.costs import measure_costs, thop_macs
-from nas3d.data import DataConfig, DeviceData, load_splits
-from nas3d.model import build_model
+from nas3d.baselines import BASELINES
+from nas3d.checkpoint import load_checkpoint, save_checkpoint
+from nas3d.costs import measure_costs
+from nas3d.data import DATASETS, SYNTHETIC, DataConfig, DeviceData, load_splits
+from nas3d.registry import ModelRecipe
 from nas3d.train import TrainConfig, TrainingFailure, autocast_dtype, device_name, evaluate, train_trial
 from nas3d.util import atomic_write, unknown_option_message
 
@@ -52,11 +44,12 @@ __all__ = [
     "PAPER_SEEDS",
     "RESULTS_FILE",
     "RESULTS_FORMAT",
-    "ModelFactory",
     "RetrainConfig",
     "RetrainReport",
+    "RetrainSource",
     "SeedResult",
     "load_results",
+    "resolve_data",
     "retrain",
 ]
 
@@ -118,104 +111,67 @@ class RetrainConfig:
 
 
 @dataclass(frozen=True)
-class ModelFactory:
-    """What to retrain: a searched architecture or a baseline by name, and where it came from.
+class RetrainSource:
+    """What to retrain — a registered model's recipe — and where it came from.
 
-    ``build`` returns a freshly initialised network for a dataset's channels and classes; ``source``
-    (provenance: checkpoint path, study and trial, recorded dataset) goes into results.json.
+    ``source`` (provenance: checkpoint path, study and trial, recorded dataset or data config) goes
+    into results.json and helps :func:`resolve_data` find the data the model was searched on.
     """
 
     name: str
-    architecture: Architecture | None = None
-    baseline: str | None = None
+    recipe: ModelRecipe
     source: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        if (self.architecture is None) == (self.baseline is None):
-            raise ValueError("a ModelFactory needs exactly one of architecture and baseline")
-        if self.baseline is not None and self.baseline not in BASELINES:
-            raise ValueError(unknown_option_message("baseline", self.baseline, list(BASELINES)))
-
-    @property
-    def kind(self) -> str:
-        return "nas3d" if self.architecture is not None else "baseline"
-
-    @property
-    def recorded_dataset(self) -> str | None:
-        """The dataset the source was trained or searched on, where it says."""
-        return self.source.get("dataset")
-
-    def build(self, in_channels: int, num_classes: int) -> nn.Module:
-        if self.architecture is not None:
-            return build_model(self.architecture, in_channels, num_classes)
-        assert self.baseline is not None
-        return build_baseline(self.baseline, in_channels, num_classes)
-
-    def costs(self, in_channels: int, num_classes: int, size: int) -> dict[str, int | None]:
-        """FLOPs, params and thop MACs on a ``size``³ input, counted the same way for both kinds."""
-        if self.architecture is not None:
-            costs = measure_costs(self.architecture, in_channels, num_classes, size)
-            return {"flops": costs.flops, "params": costs.params, "thop_macs": costs.thop_macs}
-        assert self.baseline is not None
-        flops, params = baseline_costs(self.baseline, in_channels, num_classes, size)
-        with torch.device("meta"):  # thop leaves buffers behind: only a throw-away copy sees it
-            throwaway = build_baseline(self.baseline, in_channels, num_classes).eval()
-        try:
-            macs = thop_macs(throwaway, (1, in_channels, size, size, size))
-        except Exception as e:  # informative only; the FLOPs above are the number we compare
-            logger.warning("thop could not count %s: %s", self.baseline, e)
-            macs = None
-        return {"flops": flops, "params": params, "thop_macs": macs}
-
-    def save(self, path: Path, model: nn.Module, *, input_size: int, metadata: dict[str, Any]) -> Path:
-        """A checkpoint of ``model`` that loads with ``weights_only=True`` and rebuilds on its own."""
-        if self.architecture is not None:
-            return save_checkpoint(path, model, input_size=input_size, metadata=metadata)  # type: ignore[arg-type]
-        return save_baseline_checkpoint(path, model, input_size=input_size, metadata=metadata)  # type: ignore[arg-type]
-
     def describe(self) -> dict[str, Any]:
+        architecture = self.recipe.architecture
         return {
-            "kind": self.kind,
+            # "kind" and "baseline" keep results.json readable by `nas3d compare` across versions.
+            "kind": "nas3d" if architecture is not None else "baseline",
             "name": self.name,
-            "baseline": self.baseline,
-            "architecture": self.architecture.to_dict() if self.architecture is not None else None,
-            "arch": self.architecture.short_str() if self.architecture is not None else None,
+            "recipe": self.recipe.to_dict(),
+            "baseline": None if architecture is not None else self.recipe.name,
+            "architecture": architecture.to_dict() if architecture is not None else None,
+            "arch": self.recipe.describe(),
             "source": self.source,
         }
 
     @classmethod
-    def from_baseline(cls, name: str) -> ModelFactory:
-        return cls(name=name, baseline=name, source={"baseline": name})
+    def from_baseline(cls, name: str) -> RetrainSource:
+        if name not in BASELINES:
+            raise ValueError(unknown_option_message("baseline", name, list(BASELINES)))
+        return cls(name=name, recipe=ModelRecipe(name), source={"baseline": name})
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path) -> ModelFactory:
-        """The architecture (or baseline) of a nas3d or baseline checkpoint; its weights are not used."""
+    def from_architecture(cls, name: str, architecture: Architecture, **source: Any) -> RetrainSource:
+        return cls(name=name, recipe=ModelRecipe.of(architecture), source=dict(source))
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> RetrainSource:
+        """The recipe of a checkpoint; its weights are not used (training starts fresh)."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} not found; export one with `nas3d export`")
-        data = read_checkpoint(path, (CHECKPOINT_FORMAT, BASELINE_FORMAT))
-        metadata = dict(data.get("metadata") or {})
+        checkpoint = load_checkpoint(path)
+        metadata = checkpoint.metadata
         source: dict[str, Any] = {
             "checkpoint": str(path.resolve()),
-            "input_size": data["input_size"],
-            "num_classes": data["num_classes"],
-            "in_channels": data["in_channels"],
+            "input_size": checkpoint.input_size,
+            "num_classes": checkpoint.num_classes,
+            "in_channels": checkpoint.in_channels,
         }
         for key in ("dataset", "study", "trial"):
             if key in metadata:
                 source[key] = metadata[key]
-        if isinstance(metadata.get("data"), dict):  # written by retrain: the whole data config
+        if isinstance(metadata.get("data"), dict):  # the whole data config the model was trained on
             source["data"] = metadata["data"]
-        if data["format"] == BASELINE_FORMAT:
-            return cls(name=data["baseline"], baseline=data["baseline"], source=source)
         if "study" in metadata and "trial" in metadata:
             name = f"{metadata['study']}-trial{metadata['trial']}"
+        elif checkpoint.architecture is None:
+            name = checkpoint.recipe.name
         else:
             name = path.stem
-        return cls(name=name, architecture=Architecture.from_dict(data["architecture"]), source=source)
+        return cls(name=name, recipe=checkpoint.recipe, source=source)
 
     @classmethod
-    def from_trial(cls, study_name: str, trial: FrozenTrial) -> ModelFactory:
+    def from_trial(cls, study_name: str, trial: FrozenTrial) -> RetrainSource:
         """The architecture a trial sampled (its ``arch_json`` user attr)."""
         text = trial.user_attrs.get("arch_json")
         if text is None:
@@ -223,9 +179,122 @@ class ModelFactory:
             raise ValueError(f"trial {trial.number} of study {study_name!r} has no architecture "
                              f"({trial.state.name.lower()}: {reason}); pick a trial with one, e.g. from "
                              "`nas3d status`")
-        source = {"study": study_name, "trial": trial.number, "trial_state": trial.state.name}
-        return cls(name=f"{study_name}-trial{trial.number}", architecture=Architecture.from_json(text),
-                   source=source)
+        return cls.from_architecture(f"{study_name}-trial{trial.number}", Architecture.from_json(text),
+                                     study=study_name, trial=trial.number, trial_state=trial.state.name)
+
+
+def resolve_data(
+    recorded: DataConfig | None,
+    source: RetrainSource,
+    *,
+    dataset: str | None = None,
+    size: int | None = None,
+    root: str | None = None,
+    overrides: dict[str, str] | None = None,
+) -> DataConfig:
+    """The data to retrain on: what the study (``recorded``) or the source's checkpoint recorded,
+    with the command line's dataset, size, root and ``data.*`` overrides applied."""
+    from nas3d.config import StudyConfig, StudySettings
+
+    if recorded is None:
+        recorded = _recorded_by_checkpoint(source.source)
+    if dataset is None and recorded is None:
+        what = ("--baseline" if source.recipe.architecture is None
+                else "this checkpoint records no dataset, so it")
+        raise ValueError(f"{what} needs --dataset: one of {', '.join((*DATASETS, SYNTHETIC))}")
+    if dataset is not None and (recorded is None or recorded.dataset != dataset):
+        keep_size = recorded is not None and SYNTHETIC not in (dataset, recorded.dataset)
+        recorded = DataConfig(dataset=dataset, size=recorded.size if keep_size else 28)
+    assert recorded is not None
+    changes: dict[str, object] = dict(overrides or {})
+    if size is not None:
+        changes["data.size"] = size
+    if root is not None:
+        changes["data.root"] = root
+    if not changes:
+        return recorded
+    holder = StudyConfig(study=StudySettings(name="retrain"), data=recorded)
+    return holder.with_overrides(changes, source="command line").data
+
+
+def _recorded_by_checkpoint(source: dict[str, Any]) -> DataConfig | None:
+    if "data" in source:
+        return DataConfig(**source["data"])
+    if "dataset" in source and "input_size" in source:
+        classes = {"synthetic_classes": source["num_classes"]} if source["dataset"] == SYNTHETIC else {}
+        return DataConfig(dataset=source["dataset"], size=source["input_size"], **classes)
+    return None
+
+
+@dataclass(frozen=True)
+class RetrainPlan:
+    """Everything one ``nas3d retrain`` run needs, resolved and validated before anything is written."""
+
+    source: RetrainSource
+    data: DataConfig
+    config: RetrainConfig
+    device: torch.device
+    out: Path
+
+
+def plan_retrain(options: dict[str, Any], storage: Any) -> RetrainPlan:
+    """Resolve ``nas3d retrain``'s options (its flags, by name) into a :class:`RetrainPlan`.
+
+    The source is a checkpoint, a study's trial or a baseline; the data defaults to what the study or
+    checkpoint recorded; ``storage`` (a storage string or spec) is opened only for a trial.
+    """
+    from nas3d.config import parse_overrides
+    from nas3d.storages import make_storage, storage_home
+    from nas3d.study import load_study, load_trial
+
+    study_name, trial = options.get("study_name"), options.get("trial")
+    if trial is not None and not study_name:
+        raise ValueError("--trial goes with --study-name; a checkpoint or baseline needs no trial number")
+    if study_name and trial is None:
+        raise ValueError("--study-name needs --trial N (the trial number `nas3d status` shows)")
+    config = RetrainConfig(
+        epochs=options["epochs"], seeds=parse_seeds(options["seeds"]), batch_size=options["batch_size"],
+        lr=options["lr"], patience=options.get("patience"), amp=not options.get("no_amp", False),
+    )
+    device = torch_device(options.get("device") or "cpu")
+    recorded = None
+    if options.get("checkpoint"):
+        source = RetrainSource.from_checkpoint(options["checkpoint"])
+    elif study_name:
+        optuna_storage = make_storage(storage)
+        source = RetrainSource.from_trial(study_name, load_trial(optuna_storage, study_name, trial))
+        recorded = load_study(study_name, optuna_storage)[1].data
+    else:
+        source = RetrainSource.from_baseline(options["baseline"])
+    data = resolve_data(
+        recorded, source, dataset=options.get("dataset"), size=options.get("size"),
+        root=options.get("data_root"), overrides=parse_overrides(options.get("set") or (), only_table="data"),
+    )
+    out = options.get("out") or storage_home() / "retrain" / f"{source.name}-{data.dataset}-{data.size}"
+    return RetrainPlan(source=source, data=data, config=config, device=device, out=Path(out))
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``--seeds 0,42,143`` as integers."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(
+            f"--seeds expects comma-separated integers such as 0,42,143, but got {text!r}"
+        ) from None
+
+
+def torch_device(name: str) -> torch.device:
+    """``--device`` as a torch device that exists here; a one-line ``ValueError`` otherwise."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, but got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, but got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
 
 
 @dataclass(frozen=True)
@@ -268,7 +337,7 @@ class RetrainReport:
 
 
 def retrain(
-    factory: ModelFactory,
+    source: RetrainSource,
     data_config: DataConfig,
     config: RetrainConfig,
     device: torch.device | str,
@@ -278,7 +347,7 @@ def retrain(
     progress: bool = False,
     on_seed: Callable[[SeedResult], None] | None = None,
 ) -> RetrainReport:
-    """Train ``factory``'s model once per seed by ``config``, test each best-val checkpoint, write
+    """Train ``source``'s model once per seed by ``config``, test each best-val checkpoint, write
     ``out_dir``/results.json and ``out_dir``/seed-{seed}.pt.
 
     ``on_seed`` is called with each seed's result as soon as it is known. Data errors
@@ -293,7 +362,7 @@ def retrain(
                          "or choose another --out")
     data = load_splits(data_config, device, for_search=False)  # full train and val, and test
     assert data.test is not None
-    costs = factory.costs(data.in_channels, data.num_classes, data.size)
+    costs = dataclasses.asdict(measure_costs(source.recipe, data.in_channels, data.num_classes, data.size))
     amp_dtype = autocast_dtype(device, config.amp)
     out_dir.mkdir(parents=True, exist_ok=True)
     from nas3d import __version__
@@ -301,8 +370,8 @@ def retrain(
     results: dict[str, Any] = {
         "format": RESULTS_FORMAT,
         "nas3d_version": __version__,
-        "name": factory.name,
-        "model": factory.describe(),
+        "name": source.name,
+        "model": source.describe(),
         "data": dataclasses.asdict(data_config),
         "dataset": data.name,
         "size": data.size,
@@ -326,7 +395,7 @@ def retrain(
     }
     seed_results: list[SeedResult] = []
     for seed in config.seeds:
-        result = _run_seed(factory, data, data_config, config, seed, device, out_dir, progress)
+        result = _run_seed(source, data, data_config, config, seed, device, out_dir, progress)
         seed_results.append(result)
         results["seeds"] = [dataclasses.asdict(r) for r in seed_results]
         results["summary"] = summarise(seed_results)
@@ -343,7 +412,7 @@ def retrain(
 
 
 def _run_seed(
-    factory: ModelFactory,
+    source: RetrainSource,
     data: DeviceData,
     data_config: DataConfig,
     config: RetrainConfig,
@@ -354,7 +423,7 @@ def _run_seed(
 ) -> SeedResult:
     start = time.perf_counter()
     torch.manual_seed(seed)  # train_trial seeds the batch order; the initial weights need it too
-    model = factory.build(data.in_channels, data.num_classes)
+    model = source.recipe.build(data.in_channels, data.num_classes)
     try:
         trained = train_trial(model, data, config.train_config(seed), device, progress=progress)
         try:
@@ -376,7 +445,7 @@ def _run_seed(
         "test_auc": test_auc, "test_acc": test_acc, "test_loss": test_loss,
     }
     metadata = {
-        **{k: factory.source[k] for k in ("study", "trial") if k in factory.source},
+        **{k: source.source[k] for k in ("study", "trial") if k in source.source},
         "dataset": data.name,
         "data": dataclasses.asdict(data_config),
         "seed": seed,
@@ -384,7 +453,8 @@ def _run_seed(
         "metrics": metrics,
         "retrain": dataclasses.asdict(config),
     }
-    factory.save(out_dir / name, model, input_size=data.size, metadata=metadata)
+    save_checkpoint(out_dir / name, model, source.recipe, in_channels=data.in_channels,
+                    num_classes=data.num_classes, input_size=data.size, metadata=metadata)
     return SeedResult(
         seed=seed,
         status="completed",

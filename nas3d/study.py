@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -21,15 +22,17 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import FrozenTrial, TrialState
 
 from nas3d.architecture import InfeasibleArchitecture
-from nas3d.checkpoint import save_checkpoint
+from nas3d.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from nas3d.config import StudyConfig
 from nas3d.costs import measure_costs
-from nas3d.data import DeviceData
+from nas3d.data import DeviceData, ensure_file
 from nas3d.model import build_model
 from nas3d.samplers import make_sampler
 from nas3d.seeds import seed_architectures
 from nas3d.space import params_for, sample_architecture
+from nas3d.storages import StorageSpec, make_storage
 from nas3d.train import device_name, train_trial
+from nas3d.util import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +80,16 @@ def create_study(config: StudyConfig, storage: optuna.storages.BaseStorage) -> o
     if config.study.warm_start == "seed":
         enqueue_seed_architectures(study, config)
     return study
+
+
+def prepare_study(config: StudyConfig, storage: str | StorageSpec | None) -> optuna.Study:
+    """Check what the study needs (its data, its storage), then create it, or check the existing one.
+
+    The data is checked first, so a missing file never leaves an empty study behind, and nas3d never
+    falls back to other data.
+    """
+    ensure_file(config.data)
+    return create_study(config, make_storage(storage))
 
 
 def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -252,8 +265,79 @@ class TrialObjective:
         }
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"trial-{trial.number}.pt"
-            save_checkpoint(path, model, input_size=self.data.size, metadata=metadata)
+            save_checkpoint(path, model, model.arch, in_channels=self.data.in_channels,
+                            num_classes=self.data.num_classes, input_size=self.data.size, metadata=metadata)
             artifact_id = upload_artifact(
                 artifact_store=self.artifact_store, file_path=str(path), study_or_trial=trial
             )
         trial.set_user_attr("checkpoint_artifact", artifact_id)
+
+
+def load_trial(storage: optuna.storages.BaseStorage, study_name: str, number: int) -> FrozenTrial:
+    """Trial ``number`` of study ``study_name``; one-line ``LookupError`` naming what exists."""
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        raise StudyNotFound(f"no study named {study_name!r} in this storage; `nas3d status` lists them "
+                            "(is --storage / $NAS3D_STORAGE the one the workers used?)") from None
+    try:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+    except KeyError:
+        count = len(storage.get_all_trials(study_id, deepcopy=False))
+        numbers = f"numbered 0 to {count - 1}" if count else "none yet"
+        raise LookupError(f"study {study_name!r} has no trial {number} (its trials: {numbers})") from None
+    return storage.get_trial(trial_id)
+
+
+def _no_checkpoint_reason(trial: FrozenTrial) -> str:
+    state = trial.state.name.lower()
+    attrs = trial.user_attrs
+    if trial.state in (TrialState.RUNNING, TrialState.WAITING):
+        return f"it is {state}; export it once it completes"
+    if trial.state == TrialState.COMPLETE:
+        return "it completed without one (its worker had no artifact store)"
+    verb = {"PRUNED": "was pruned", "FAIL": "failed"}.get(trial.state.name, f"is {state}")
+    reason = f"it {verb} ({one_line(attrs.get('failure_reason', 'no reason recorded'))})"
+    if "duplicate_of" in attrs:
+        reason += f"; export trial {attrs['duplicate_of']}, which trained this architecture"
+    return reason
+
+
+def export_checkpoint(
+    storage: optuna.storages.BaseStorage,
+    artifact_store: Any,
+    study_name: str,
+    number: int,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+) -> tuple[FrozenTrial, Checkpoint]:
+    """Copy trial ``number``'s checkpoint out of the artifact store to ``out``; returns the trial and
+    the checkpoint as loaded back. The file appears whole or not at all, and an existing ``out`` is
+    replaced only with ``overwrite`` and only by a file that loads."""
+    from optuna.artifacts import download_artifact
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} exists; pass --force to overwrite it, or choose another --out")
+    trial = load_trial(storage, study_name, number)
+    artifact_id = trial.user_attrs.get("checkpoint_artifact")
+    if artifact_id is None:
+        raise LookupError(f"trial {trial.number} of study {study_name!r} has no checkpoint: "
+                          + _no_checkpoint_reason(trial))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    try:
+        download_artifact(artifact_store=artifact_store, file_path=str(partial), artifact_id=artifact_id)
+        checkpoint = load_checkpoint(partial)
+        os.replace(partial, out)
+    except ArtifactNotFound:
+        raise LookupError(
+            f"trial {trial.number}'s checkpoint (artifact {artifact_id}) is not in the artifact store "
+            f"{getattr(artifact_store, '_base_path', '?')}; point $NAS3D_ARTIFACTS at the folder the "
+            "workers wrote to"
+        ) from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return trial, checkpoint

@@ -9,7 +9,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_write", "check_choice", "did_you_mean", "one_line", "unknown_option_message"]
+__all__ = ["EXIT_USAGE", "atomic_write", "check_choice", "did_you_mean", "one_line", "unknown_option_message"]
+
+#: Exit status of a command or worker that rejected its input: the supervisor does not restart it.
+EXIT_USAGE = 2
 
 
 def one_line(text: object, limit: int | None = None) -> str:

@@ -12,12 +12,16 @@ from nas3d.baselines import (
     PUBLISHED,
     PUBLISHED_MODELS,
     SEED_STUDY_MEAN,
-    baseline_costs,
     build_baseline,
-    load_baseline_checkpoint,
-    save_baseline_checkpoint,
 )
+from nas3d.checkpoint import load_checkpoint, save_checkpoint
+from nas3d.costs import measure_costs
 from nas3d.data import DATASETS
+
+
+def baseline_costs(name: str, in_channels: int, num_classes: int, size: int) -> tuple[int, int]:
+    costs = measure_costs(name, in_channels, num_classes, size, with_thop=False)
+    return costs.flops, costs.params
 
 
 @pytest.mark.parametrize("size", [28, 64])
@@ -82,18 +86,33 @@ def test_baseline_checkpoint_loads_with_weights_only_and_reproduces_predictions(
     model = build_baseline("resnet18", 1, 2).eval()
     x = torch.rand(3, 1, 4, 4, 4)
     expected = model(x)
-    path = save_baseline_checkpoint(tmp_path / "r18.pt", model, input_size=4, metadata={"seed": 0})
+    path = save_checkpoint(tmp_path / "r18.pt", model, "resnet18", in_channels=1, num_classes=2, input_size=4,
+                           metadata={"seed": 0})
     raw = torch.load(path, weights_only=True)
-    assert raw["baseline"] == "resnet18" and raw["metadata"]["seed"] == 0
-    loaded = load_baseline_checkpoint(path)
-    assert (loaded.name, loaded.in_channels, loaded.num_classes, loaded.input_size) == ("resnet18", 1, 2, 4)
+    assert raw["model"] == {"name": "resnet18", "args": {}} and raw["metadata"]["seed"] == 0
+    loaded = load_checkpoint(path)
+    shapes = (loaded.in_channels, loaded.num_classes, loaded.input_size)
+    assert loaded.recipe.name == "resnet18" and shapes == (1, 2, 4)
+    assert loaded.architecture is None
     torch.testing.assert_close(loaded.build()(x), expected, rtol=0, atol=0)
 
 
-def test_a_nas3d_checkpoint_is_not_read_as_a_baseline(tmp_path: Path) -> None:
+def test_a_baseline_checkpoint_of_the_first_format_still_loads(tmp_path: Path) -> None:
+    # The layout nas3d 0.1 wrote for baselines ("nas3d-baseline/1"): the name was the recipe.
+    torch.manual_seed(0)
+    model = build_baseline("resnet18", 1, 2).eval()
+    x = torch.rand(2, 1, 4, 4, 4)
+    torch.save({"format": "nas3d-baseline/1", "baseline": "resnet18", "in_channels": 1, "num_classes": 2,
+                "input_size": 4, "state_dict": model.state_dict(), "metadata": {}}, tmp_path / "old.pt")
+    loaded = load_checkpoint(tmp_path / "old.pt")
+    assert loaded.recipe.name == "resnet18"
+    torch.testing.assert_close(loaded.build()(x), model(x), rtol=0, atol=0)
+
+
+def test_a_checkpoint_missing_its_recipe_is_refused_in_one_line(tmp_path: Path) -> None:
     torch.save({"format": "nas3d-checkpoint/1"}, tmp_path / "x.pt")
-    with pytest.raises(ValueError, match="not a nas3d baseline checkpoint"):
-        load_baseline_checkpoint(tmp_path / "x.pt")
+    with pytest.raises(ValueError, match=r"x\.pt is not a nas3d checkpoint"):
+        load_checkpoint(tmp_path / "x.pt")
 
 
 def test_published_table_covers_every_model_and_dataset() -> None:

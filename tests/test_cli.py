@@ -208,7 +208,8 @@ def test_retrain_from_a_checkpoint_and_a_baseline_then_compare(
 ) -> None:
     import torch
 
-    from nas3d.baselines import baseline_costs, load_baseline_checkpoint
+    from nas3d.checkpoint import FORMAT, load_checkpoint
+    from nas3d.costs import measure_costs
 
     url, root = smoke_study
     exported = tmp_path / "trial0.pt"
@@ -222,7 +223,8 @@ def test_retrain_from_a_checkpoint_and_a_baseline_then_compare(
                     "--out", str(tmp_path / "r18")) == 0
     capsys.readouterr()
     raw = torch.load(tmp_path / "r18" / "seed-0.pt", weights_only=True)
-    assert raw["format"] == "nas3d-baseline/1" and load_baseline_checkpoint(tmp_path / "r18" / "seed-0.pt")
+    assert raw["format"] == FORMAT and raw["model"] == {"name": "resnet18", "args": {}}
+    assert load_checkpoint(tmp_path / "r18" / "seed-0.pt").recipe.name == "resnet18"
 
     assert run_main("compare", str(tmp_path / "nas"), str(tmp_path / "r18")) == 0
     table = capsys.readouterr().out
@@ -230,7 +232,8 @@ def test_retrain_from_a_checkpoint_and_a_baseline_then_compare(
 
     nas_flops = load_results(tmp_path / "nas")["costs"]["flops"]
     nas_params = load_results(tmp_path / "nas")["costs"]["params"]
-    r18_flops, r18_params = baseline_costs("resnet18", 1, 2, 4)
+    r18 = measure_costs("resnet18", 1, 2, 4, with_thop=False)
+    r18_flops, r18_params = r18.flops, r18.params
     assert "resnet18 FLOPs,params / run" in table
     assert f"{r18_flops / nas_flops:.1f}x, {r18_params / nas_params:.1f}x" in table
     assert "1.0x, 1.0x" in table  # the ResNet's own row
@@ -249,7 +252,8 @@ def test_retrain_with_failing_seeds_records_why_and_exits_non_zero(
     from nas3d.checkpoint import save_checkpoint
 
     arch = Architecture(("relu_conv3",), ((0, 1), (1, 2)), 1, 1, 8)
-    save_checkpoint(checkpoint, build_model(arch), input_size=8, metadata={"dataset": "synthetic"})
+    save_checkpoint(checkpoint, build_model(arch), arch, in_channels=1, num_classes=2, input_size=8,
+                    metadata={"dataset": "synthetic"})
     code = run_main("retrain", "--checkpoint", str(checkpoint), "--data-root", str(tmp_path / "data"),
                     "--set", "data.synthetic_samples=32", "--lr", "1e12", "--epochs", "2", "--seeds", "0,1",
                     "--batch-size", "16", "--no-amp", "--out", str(tmp_path / "out"))
@@ -289,12 +293,12 @@ def test_compare_prints_the_published_numbers_for_the_runs_dataset(
 
     from nas3d.architecture import Architecture
     from nas3d.data import DataConfig
-    from nas3d.retrain import ModelFactory, RetrainConfig, retrain
+    from nas3d.retrain import RetrainConfig, RetrainSource, retrain
 
     arch = Architecture(("relu_conv3",), ((0, 1), (1, 2)), 1, 1, 8)
     data = DataConfig(dataset="synthetic", size=8, root=str(tmp_path / "data"), synthetic_samples=32)
     config = RetrainConfig(epochs=1, seeds=(0,), batch_size=16, amp=False)
-    retrain(ModelFactory(name="tiny", architecture=arch), data, config, "cpu", tmp_path / "run")
+    retrain(RetrainSource.from_architecture("tiny", arch), data, config, "cpu", tmp_path / "run")
     # As if the run had been on OrganMNIST3D at 28^3 (not available offline): compare only reads the file.
     path = tmp_path / "run" / "results.json"
     results = json.loads(path.read_text())

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from nas3d.architecture import Architecture
-from nas3d.baselines import baseline_costs, load_baseline_checkpoint
 from nas3d.checkpoint import load_checkpoint
 from nas3d.costs import measure_costs
 from nas3d.data import DataConfig, load_splits
 from nas3d.metrics import accuracy, auc
-from nas3d.retrain import PAPER_SEEDS, ModelFactory, RetrainConfig, load_results, retrain
+from nas3d.registry import ModelRecipe
+from nas3d.retrain import PAPER_SEEDS, RetrainConfig, RetrainSource, load_results, retrain
 from nas3d.train import predict
 
 ARCH = Architecture(("conv3_in_relu", "relu_conv3"), ((0, 1), (1, 2), (2, 3)), 1, 1, 8)
@@ -58,7 +58,7 @@ def test_bad_config_is_refused_with_the_value(kwargs: dict, message: str) -> Non
 
 def test_results_match_the_metrics_of_the_saved_best_checkpoints(tmp_path: Path) -> None:
     data_config = tiny_data(tmp_path)
-    factory = ModelFactory(name="tiny", architecture=ARCH, source={"dataset": "synthetic"})
+    factory = RetrainSource.from_architecture("tiny", ARCH, dataset="synthetic")
     seen = []
     report = retrain(factory, data_config, TINY, "cpu", tmp_path / "out", on_seed=seen.append)
     assert [s.seed for s in seen] == [0, 1] and not report.failed
@@ -93,7 +93,7 @@ def test_results_match_the_metrics_of_the_saved_best_checkpoints(tmp_path: Path)
 def test_seeds_give_different_initialisations_and_reruns_the_same(tmp_path: Path) -> None:
     data_config = tiny_data(tmp_path)
     config = RetrainConfig(epochs=1, seeds=(0, 1), batch_size=16, amp=False)
-    factory = ModelFactory(name="tiny", architecture=ARCH)
+    factory = RetrainSource.from_architecture("tiny", ARCH)
     first = retrain(factory, data_config, config, "cpu", tmp_path / "a")
     again = retrain(factory, data_config, config, "cpu", tmp_path / "b")
     assert first.seeds[0].val_loss != first.seeds[1].val_loss
@@ -102,7 +102,7 @@ def test_seeds_give_different_initialisations_and_reruns_the_same(tmp_path: Path
 
 def test_a_failing_seed_is_recorded_with_its_reason_not_scored(tmp_path: Path) -> None:
     config = RetrainConfig(epochs=2, seeds=(0, 1), batch_size=16, lr=1e12, amp=False)
-    factory = ModelFactory(name="diverges", architecture=ARCH)
+    factory = RetrainSource.from_architecture("diverges", ARCH)
     report = retrain(factory, tiny_data(tmp_path), config, "cpu", tmp_path / "out")
     assert len(report.failed) == 2
     results = load_results(tmp_path / "out")
@@ -115,7 +115,7 @@ def test_a_failing_seed_is_recorded_with_its_reason_not_scored(tmp_path: Path) -
 
 
 def test_existing_results_are_not_overwritten_unless_asked(tmp_path: Path) -> None:
-    factory = ModelFactory(name="tiny", architecture=ARCH)
+    factory = RetrainSource.from_architecture("tiny", ARCH)
     config = RetrainConfig(epochs=1, seeds=(0,), batch_size=16, amp=False)
     retrain(factory, tiny_data(tmp_path), config, "cpu", tmp_path / "out")
     with pytest.raises(ValueError, match="results.json exists; pass --force"):
@@ -126,22 +126,36 @@ def test_existing_results_are_not_overwritten_unless_asked(tmp_path: Path) -> No
 def test_a_baseline_retrains_through_the_same_path(tmp_path: Path) -> None:
     data_config = tiny_data(tmp_path, size=4, samples=32)
     config = RetrainConfig(epochs=1, seeds=(0,), batch_size=16, amp=False)
-    report = retrain(ModelFactory.from_baseline("resnet18"), data_config, config, "cpu", tmp_path / "out")
+    report = retrain(RetrainSource.from_baseline("resnet18"), data_config, config, "cpu", tmp_path / "out")
     assert not report.failed, report.failed
     results = report.results
     assert results["model"]["kind"] == "baseline" and results["model"]["baseline"] == "resnet18"
-    assert (results["costs"]["flops"], results["costs"]["params"]) == baseline_costs("resnet18", 1, 2, 4)
+    costs = measure_costs("resnet18", 1, 2, 4)
+    assert (results["costs"]["flops"], results["costs"]["params"]) == (costs.flops, costs.params)
     raw = torch.load(tmp_path / "out" / "seed-0.pt", weights_only=True)  # weights and a recipe only
-    assert raw["baseline"] == "resnet18"
-    model = load_baseline_checkpoint(tmp_path / "out" / "seed-0.pt").build()
+    assert raw["model"] == {"name": "resnet18", "args": {}}
+    model = load_checkpoint(tmp_path / "out" / "seed-0.pt").build()
     data = load_splits(data_config, "cpu", for_search=False)
     scores, _ = predict(model.to(memory_format=torch.channels_last_3d), data.test, "cpu", 16,
                         amp=False, channels_last=True)
     assert report.seeds[0].test_auc == auc(data.test.labels.numpy(), scores, "binary-class")
 
 
-def test_factory_needs_exactly_one_model() -> None:
-    with pytest.raises(ValueError, match="exactly one of architecture and baseline"):
-        ModelFactory(name="x")
+def test_an_unknown_baseline_lists_the_valid_ones() -> None:
     with pytest.raises(ValueError, match="unknown baseline 'resnet34'.*resnet18, resnet50"):
-        ModelFactory.from_baseline("resnet34")
+        RetrainSource.from_baseline("resnet34")
+    with pytest.raises(ValueError, match="unknown model 'resnet34'.*nas3d, resnet18, resnet50"):
+        ModelRecipe("resnet34")
+
+
+def test_a_checkpoint_of_the_first_format_still_loads_and_predicts_as_it_did() -> None:
+    # Written by nas3d 0.1 ("nas3d-checkpoint/1"); the logits were printed when it was written.
+    checkpoint = load_checkpoint(Path(__file__).parent / "data" / "checkpoint-format1.pt")
+    assert checkpoint.architecture == Architecture(("relu_conv3",), ((0, 1), (1, 2)), 1, 1, 8)
+    assert checkpoint.metadata["trial"] == 3 and checkpoint.input_size == 12
+    x = torch.linspace(0, 1, 12**3).reshape(1, 1, 12, 12, 12)
+    with torch.no_grad():
+        logits = checkpoint.build()(x)
+    torch.testing.assert_close(logits, torch.tensor([[-0.3046598434448242, -0.2169724404811859]]))
+    source = RetrainSource.from_checkpoint(Path(__file__).parent / "data" / "checkpoint-format1.pt")
+    assert source.name == "smoke-trial3" and source.recipe.architecture == checkpoint.architecture

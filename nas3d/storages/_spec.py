@@ -20,12 +20,14 @@ def storage_home() -> Path:
     return Path(os.environ.get("NAS3D_HOME") or "storage").expanduser().resolve()
 
 
-def resolve_storage_url(explicit: str | None) -> str:
+def resolve_storage_url(explicit: str | StorageSpec | None) -> str:
     """The canonical storage string for ``explicit``, else ``$NAS3D_STORAGE``, else the default.
 
     PostgreSQL URLs get the psycopg 3 driver; journal paths become absolute. The default SQLite
     folder is created. Raises ``ValueError`` for anything else.
     """
+    if isinstance(explicit, StorageSpec):
+        return explicit.url
     value = (explicit or "").strip() or os.environ.get("NAS3D_STORAGE", "").strip()
     if not value:
         home = storage_home()
