@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -32,7 +31,7 @@ from nas3d.seeds import seed_architectures
 from nas3d.space import params_for, sample_architecture
 from nas3d.storages import StorageSpec, make_storage
 from nas3d.train import device_name, train_trial
-from nas3d.util import one_line
+from nas3d.util import atomic_path, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -327,17 +326,14 @@ def export_checkpoint(
         raise LookupError(f"trial {trial.number} of study {study_name!r} has no checkpoint: "
                           + _no_checkpoint_reason(trial))
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
     try:
-        download_artifact(artifact_store=artifact_store, file_path=str(partial), artifact_id=artifact_id)
-        checkpoint = load_checkpoint(partial)
-        os.replace(partial, out)
+        with atomic_path(out) as partial:
+            download_artifact(artifact_store=artifact_store, file_path=str(partial), artifact_id=artifact_id)
+            checkpoint = load_checkpoint(partial)  # only a file that loads replaces ``out``
     except ArtifactNotFound:
         raise LookupError(
             f"trial {trial.number}'s checkpoint (artifact {artifact_id}) is not in the artifact store "
             f"{getattr(artifact_store, '_base_path', '?')}; point $NAS3D_ARTIFACTS at the folder the "
             "workers wrote to"
         ) from None
-    finally:
-        partial.unlink(missing_ok=True)
     return trial, checkpoint

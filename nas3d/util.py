@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import difflib
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-__all__ = ["EXIT_USAGE", "atomic_write", "check_choice", "did_you_mean", "one_line", "unknown_option_message"]
+__all__ = [
+    "EXIT_USAGE",
+    "atomic_path",
+    "atomic_write",
+    "check_choice",
+    "did_you_mean",
+    "one_line",
+    "unknown_option_message",
+]
 
 #: Exit status of a command or worker that rejected its input: the supervisor does not restart it.
 EXIT_USAGE = 2
@@ -42,18 +51,23 @@ def check_choice(what: str, value: str, valid: Sequence[str]) -> None:
         raise ValueError(f"{what} must be one of {', '.join(valid)}, got {value!r}{hint}")
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> Path:
-    """Write ``path`` through ``write(file)`` into a temporary file beside it, then move it in whole:
-    a reader (or a crash) never sees half a file, and an existing file is replaced only by a whole one.
-    """
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; moved onto ``path`` whole when the block ends
+    without an error, removed otherwise. A reader (or a crash) never sees half a file, and an existing
+    file is replaced only by a whole one."""
     path = Path(path)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False) as tmp:
-        try:
-            write(tmp)
-        except BaseException:
-            tmp.close()
-            os.unlink(tmp.name)
-            raise
-    os.replace(tmp.name, path)
-    return path
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> Path:
+    """Write ``path`` through ``write(file)``, atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as file:
+            write(file)
+    return Path(path)
