@@ -48,7 +48,7 @@ head -n 12 "$WORK/status.txt"
 $PY - "$WORK" "$tests_line" "$SEARCH_SECONDS" <<'PY'
 import json, pathlib, sys
 import optuna
-from nas3d.storage import make_storage
+from nas3d.storages import make_storage
 work, tests_line, seconds = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 rows = [("CUDA tests", tests_line.strip() or "-")]
 try:
