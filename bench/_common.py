@@ -9,14 +9,11 @@ from __future__ import annotations
 import os
 import sys
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
-
-from sqlalchemy.engine import make_url
 
 REPO = Path(__file__).resolve().parents[1]
 # Run as files, the scripts have bench/ first on sys.path, not the repo: put the checkout first so
@@ -26,18 +23,18 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from nas3d.config import StudyConfig, load_study_config  # noqa: E402
+from nas3d.storages import redact_url as redact  # noqa: E402, F401 (re-exported for the scripts)
+from nas3d.testing.storages import BACKENDS, DEFAULT_ADMIN_URL, PG_ENV, psycopg_url  # noqa: E402
+from nas3d.testing.storages import scratch_storage as _scratch_storage  # noqa: E402
 
 SMOKE = REPO / "studies" / "smoke.toml"
-PG_ENV = "NAS3D_TEST_POSTGRES_URL"
-DEFAULT_PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-BACKENDS = ("sqlite", "postgresql")
 
 T = TypeVar("T")
 
 
 def default_pg_admin_url() -> str:
     """``$NAS3D_TEST_POSTGRES_URL``, else the local trust-auth server."""
-    return os.environ.get(PG_ENV) or DEFAULT_PG_ADMIN_URL
+    return os.environ.get(PG_ENV) or DEFAULT_ADMIN_URL
 
 
 def smoke_config(**overrides: object) -> StudyConfig:
@@ -62,42 +59,13 @@ def parse_backends(text: str) -> list[str]:
     return backends
 
 
-def _libpq(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def _sqlalchemy_pg(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    if not sep or not scheme.startswith(("postgresql", "postgres")):
-        raise ValueError(f"--postgres-url must be a postgresql:// URL, but got {url!r}")
-    return "postgresql+psycopg://" + rest
-
-
 @contextmanager
 def scratch_storage(backend: str, workdir: Path, pg_admin_url: str, tag: str = "") -> Iterator[str]:
     """A fresh, empty storage URL: a SQLite file in ``workdir``, or a new PostgreSQL database
-    ``nas3d_bench_<hex>`` on the server of ``pg_admin_url`` (dropped, connections and all, on exit)."""
-    suffix = uuid.uuid4().hex[:10]
-    if backend == "sqlite":
-        yield f"sqlite:///{workdir / f'bench-{tag}{suffix}.db'}"
-        return
-    if backend != "postgresql":
-        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    import psycopg
-
-    admin = _sqlalchemy_pg(pg_admin_url)
-    name = f"nas3d_bench_{tag}{suffix}"
-    with psycopg.connect(_libpq(admin), autocommit=True, connect_timeout=10) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield make_url(admin).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(_libpq(admin), autocommit=True, connect_timeout=10) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def redact(url: str) -> str:
-    return make_url(url).render_as_string(hide_password=True)
+    ``nas3d_bench_<tag><hex>`` on the server of ``pg_admin_url`` (dropped, connections and all, on exit)."""
+    server = psycopg_url(pg_admin_url, "--postgres-url") if backend == "postgresql" else None
+    with _scratch_storage(backend, workdir, server, name_prefix=f"nas3d_bench_{tag}") as url:
+        yield url
 
 
 class PhaseTimer:

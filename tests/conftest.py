@@ -9,22 +9,22 @@ server is a failure, so a broken CI database cannot pass as "skipped".
 from __future__ import annotations
 
 import os
-import pwd
-import shutil
 import signal
-import socket
-import subprocess
-import tempfile
-import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import make_url
 
-PG_ENV = "NAS3D_TEST_POSTGRES_URL"
-_PG_BIN_DIRS = ("/usr/lib/postgresql/15/bin",)
+from nas3d.testing.storages import (
+    PG_ENV,
+    PostgresUnavailable,
+    connect,
+    psycopg_url,
+    scratch_storage,
+    temporary_database,
+    throwaway_server,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -35,108 +35,28 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NAS3D_ARTIFACTS", raising=False)
 
 
-class _NoServer(Exception):
-    pass
-
-
 def _unavailable(reason: str) -> None:
     if os.environ.get("CI", "").lower() == "true" or os.environ.get(PG_ENV):
         pytest.fail(reason, pytrace=False)
     pytest.skip(reason)
 
 
-def _libpq(url: str) -> str:
-    """SQLAlchemy URL → libpq URI for psycopg.connect."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def _connect(url: str):  # -> psycopg.Connection
-    import psycopg
-
-    return psycopg.connect(_libpq(url), autocommit=True, connect_timeout=5)
-
-
-def _sqlalchemy_url(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    if not sep or not scheme.startswith(("postgresql", "postgres")):
-        raise ValueError(f"{PG_ENV} must be a postgresql:// URL, got {url!r}")
-    return "postgresql+psycopg://" + rest
-
-
-def _tool(name: str) -> str:
-    found = shutil.which(name) or next(
-        (str(Path(d) / name) for d in _PG_BIN_DIRS if (Path(d) / name).exists()), None
-    )
-    if found is None:
-        raise _NoServer(f"{name} not found on PATH")
-    return found
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def _throwaway_server() -> Iterator[tuple[str, Callable[[], None]]]:
-    """A PostgreSQL server in a temp dir on a free port, trust auth; yields its admin URL and a
-    function that restarts it."""
-    initdb, pg_ctl = _tool("initdb"), _tool("pg_ctl")
-    as_user: list[str] = []
-    tmp = Path(tempfile.mkdtemp(prefix="nas3d-pg-"))
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        try:
-            pg_user = pwd.getpwnam("postgres")
-        except KeyError:
-            raise _NoServer("running as root and there is no 'postgres' OS user to run initdb") from None
-        as_user = [_tool("runuser"), "-u", "postgres", "--"]
-        os.chown(tmp, pg_user.pw_uid, pg_user.pw_gid)
-    data, port = tmp / "data", _free_port()
-
-    def run(*args: str) -> None:
-        try:
-            subprocess.run([*as_user, *args], check=True, capture_output=True, text=True, timeout=60)
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
-            detail = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
-            raise _NoServer(f"{Path(args[0]).name} failed: {detail[-1] if detail else e}") from None
-
-    try:
-        # fsync off: the data is thrown away, and durability would only slow every test down
-        run(initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
-        opts = f"-p {port} -k {tmp} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
-        # -l: without a log file the server inherits our stdout and pipes never reach EOF
-        ctl = [pg_ctl, "-D", str(data), "-l", str(tmp / "log"), "-o", opts, "-w", "-t", "30"]
-        run(*ctl, "start")
-    except _NoServer:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        yield (
-            f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres",
-            lambda: run(*ctl, "-m", "fast", "restart"),
-        )
-    finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 @pytest.fixture(scope="session")
 def _postgres() -> Iterator[tuple[str, Callable[[], None] | None]]:
     env = os.environ.get(PG_ENV)
     if env:
-        url = _sqlalchemy_url(env)
+        url = psycopg_url(env)
         try:
-            _connect(url).close()
+            connect(url).close()
         except Exception as e:
             where = make_url(url).render_as_string(hide_password=True)
             pytest.fail(f"{PG_ENV}={where}: cannot connect: {str(e).strip().splitlines()[0]}", pytrace=False)
         yield url, None
         return
     try:
-        server = _throwaway_server()
-        url_and_restart = server.__enter__()
-    except _NoServer as e:
+        server = throwaway_server()
+        started = server.__enter__()
+    except PostgresUnavailable as e:
         _unavailable(f"no PostgreSQL for storage tests ({e}); set {PG_ENV}=postgresql://user@host:port/db")
         return
     # A SIGTERM (CI timeout, `timeout pytest`) would skip teardown and leave the server running;
@@ -145,7 +65,7 @@ def _postgres() -> Iterator[tuple[str, Callable[[], None] | None]]:
     if previous is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _interrupt)
     try:
-        yield url_and_restart
+        yield started.url, started.restart
     finally:
         if previous is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -170,32 +90,17 @@ def restart_postgres(_postgres: tuple[str, Callable[[], None] | None]) -> Callab
     return _postgres[1]
 
 
-@contextmanager
-def _temporary_database(server_url: str, prefix: str) -> Iterator[str]:
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    with _connect(server_url) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with _connect(server_url) as conn:
-            # FORCE: engines the tests left open (pooled connections) must not block the drop
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.fixture(scope="session")
 def postgres_url(postgres_server: str) -> Iterator[str]:
     """A fresh database for this test session: ``postgresql+psycopg://...``; dropped at the end."""
-    with _temporary_database(postgres_server, "nas3d_test") as url:
+    with temporary_database(postgres_server, "nas3d_test_") as url:
         yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty storage URL per test, for tests parametrised over storage backends."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'nas3d.db'}"
-        return
-    server = request.getfixturevalue("postgres_server")
-    with _temporary_database(server, "nas3d_test_t") as url:
+    # the server fixture only for PostgreSQL: a SQLite-only run never starts one
+    server = request.getfixturevalue("postgres_server") if request.param == "postgresql" else None
+    with scratch_storage(request.param, tmp_path, server, name_prefix="nas3d_test_t_") as url:
         yield url
