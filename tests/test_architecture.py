@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import random
 
+import networkx as nx
 import pytest
+from networkx.algorithms.isomorphism import categorical_node_match
 
 from nas3d.architecture import Architecture, InfeasibleArchitecture, prune_cell
 from nas3d.ops import OPS
@@ -142,3 +144,98 @@ def test_from_dict_names_unknown_and_missing_keys() -> None:
     data["filters"] = data.pop("initial_filters")
     with pytest.raises(ValueError, match=r"unknown=\['filters'\] missing=\['initial_filters'\]"):
         Architecture.from_dict(data)
+
+
+# --- the canonical hash against an independent isomorphism check ------------------------------------
+
+
+def labelled_graph(arch: Architecture) -> nx.DiGraph:
+    """The cell as networkx sees it: input and output labelled as such, operation vertices by op."""
+    graph = nx.DiGraph()
+    labels = ["input", *arch.ops, "output"]
+    graph.add_nodes_from((v, {"op": label}) for v, label in enumerate(labels))
+    graph.add_edges_from(arch.edges)
+    return graph
+
+
+def same_architecture(a: Architecture, b: Architecture) -> bool:
+    """Same macro settings and isomorphic labelled cells, decided by networkx (VF2), not by nas3d."""
+    def macro(x: Architecture) -> tuple[int, int, int]:
+        return x.stacks, x.cells_per_stack, x.initial_filters
+
+    return macro(a) == macro(b) and nx.is_isomorphic(labelled_graph(a), labelled_graph(b),
+                                      node_match=categorical_node_match("op", None))
+
+
+def moved_edge(arch: Architecture, rng: random.Random) -> Architecture | None:
+    """The same ops with one edge moved to a free slot, keeping every vertex on an input->output path
+    (None when no move does)."""
+    out = arch.output_vertex
+    free = [(a, b) for b in range(1, out + 1) for a in range(b) if (a, b) not in arch.edges]
+    for _ in range(20 if free else 0):
+        edges = set(arch.edges) - {rng.choice(arch.edges)} | {rng.choice(free)}
+        try:
+            return Architecture(arch.ops, tuple(edges), arch.stacks, arch.cells_per_stack,
+                                arch.initial_filters)
+        except ValueError:  # a vertex lost its only input or output: no longer the same ops
+            continue
+    return None
+
+
+def swapped_ops(arch: Architecture, rng: random.Random) -> Architecture | None:
+    """The same graph with the ops of two vertices exchanged (None when there is nothing to swap)."""
+    if len(set(arch.ops)) < 2:
+        return None
+    i, j = rng.sample(range(len(arch.ops)), 2)
+    while arch.ops[i] == arch.ops[j]:
+        i, j = rng.sample(range(len(arch.ops)), 2)
+    ops = list(arch.ops)
+    ops[i], ops[j] = ops[j], ops[i]
+    return Architecture(tuple(ops), arch.edges, arch.stacks, arch.cells_per_stack, arch.initial_filters)
+
+
+def small_random_architecture(rng: random.Random) -> Architecture:
+    """From a tiny space (two ops, up to three vertices, one macro), so independent draws often coincide."""
+    while True:
+        n = rng.randint(1, 3)
+        edges = [(a, b) for b in range(1, n + 2) for a in range(b) if rng.random() < 0.5]
+        try:
+            return make([rng.choice(OP_NAMES[:2]) for _ in range(n)], edges, max_edges=21)
+        except InfeasibleArchitecture:
+            continue
+
+
+def test_equal_hash_iff_isomorphic_on_random_pairs() -> None:
+    rng = random.Random(6)
+    pairs: dict[str, list[tuple[Architecture, Architecture]]] = {
+        "relabelled": [], "edge moved": [], "ops swapped": [], "macro changed": [], "independent": []
+    }
+    def add(kind: str, a: Architecture, b: Architecture | None) -> None:
+        if b is not None and len(pairs[kind]) < 300:
+            pairs[kind].append((a, b))
+
+    while min(len(p) for p in pairs.values()) < 300:
+        arch = random_architecture(rng)
+        renumbered = relabel(arch, rng)
+        add("relabelled", arch, renumbered if renumbered != arch else None)  # a copy proves nothing
+        # the close calls, renumbered too, so that equal labels cannot stand in for equal graphs
+        for kind, other in (("edge moved", moved_edge(arch, rng)), ("ops swapped", swapped_ops(arch, rng))):
+            add(kind, arch, other and relabel(other, rng))
+        field = rng.choice(["stacks", "cells_per_stack", "initial_filters"])
+        changed = Architecture.from_dict(arch.to_dict() | {field: 2 * getattr(arch, field)})
+        add("macro changed", arch, relabel(changed, rng))
+        add("independent", small_random_architecture(rng), small_random_architecture(rng))
+
+    verdicts: dict[str, list[bool]] = {}
+    for kind, kind_pairs in pairs.items():
+        verdicts[kind] = []
+        for a, b in kind_pairs:
+            isomorphic = same_architecture(a, b)
+            assert (a.arch_hash() == b.arch_hash()) == isomorphic, (kind, isomorphic, a, b)
+            assert (a.canonical() == b.canonical()) == isomorphic, (kind, isomorphic, a, b)
+            verdicts[kind].append(isomorphic)
+    # both directions are exercised, and the close calls are mostly, not always, different graphs
+    assert all(verdicts["relabelled"]) and not any(verdicts["macro changed"])
+    for kind in ("edge moved", "ops swapped", "independent"):
+        assert verdicts[kind].count(False) >= 100, (kind, verdicts[kind].count(False))
+    assert verdicts["independent"].count(True) >= 20, verdicts["independent"].count(True)
