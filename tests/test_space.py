@@ -26,19 +26,20 @@ def test_fixed_trial_rebuilds_200_random_trials() -> None:
         study.tell(trial, 0.0)
 
 
-def test_infeasible_share_over_2000_random_samples() -> None:
+def test_no_infeasible_sample_in_2000_random_samples() -> None:
+    # The space is feasible by construction (nas3d.space), and the README says 0.0 %: not one may fail.
     study = random_study(1)
-    infeasible = 0
+    infeasible: list[str] = []
     hashes = set()
     for _ in range(2000):
         trial = study.ask()
         try:
             hashes.add(sample_architecture(trial).arch_hash())
-        except InfeasibleArchitecture:
-            infeasible += 1
+        except InfeasibleArchitecture as e:
+            infeasible.append(f"trial {trial.number}: {e.reason}; params {trial.params}")
         study.tell(trial, 0.0)
-    print(f"infeasible share: {infeasible / 2000:.1%}; distinct architectures: {len(hashes)} of 2000")
-    assert infeasible / 2000 <= 0.05
+    print(f"infeasible share: {len(infeasible) / 2000:.1%}; distinct architectures: {len(hashes)} of 2000")
+    assert infeasible == []
     assert len(hashes) > 1500  # the sampler explores; duplicates stay a minority
 
 
