@@ -21,40 +21,7 @@ from nas3d.storages import make_storage
 from nas3d.worker import budget_state
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def nas3d(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "nas3d", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-@pytest.mark.slow
-def test_search_smoke_study_end_to_end(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    result = nas3d("search", "--study", str(REPO / "studies" / "smoke.toml"), "--data-root", str(data),
-                   "--n-trials", "3", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "study 'smoke' ready" in result.stdout
-    assert "(budget 3)" in result.stdout
-    study = optuna.load_study(study_name="smoke", storage=make_storage(None))
-    assert budget_state(study).used == 3
-    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
-    status = nas3d("status", cwd=tmp_path)
-    assert status.returncode == 0 and "val_auc" in status.stdout
-
-
-def test_missing_dataset_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
-    empty = tmp_path / "empty"
-    result = nas3d("search", "--dataset", "nodulemnist3d", "--data-root", str(empty),
-                   "--set", "data.download=false", cwd=tmp_path)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "nodulemnist3d.npz not found in" in lines[0] and "zenodo" in lines[0].lower()
-    assert optuna.get_all_study_summaries(make_storage(None)) == []
-
-
+#: Marks every process a CLI test starts, so that a leftover can be found whoever its parent is now.
 RUN_TAG = "NAS3D_TEST_RUN"
 
 
@@ -93,6 +60,44 @@ def nas3d_group(*args: str, cwd: Path, env: dict[str, str]) -> Iterator[subproce
             while (left := tagged_processes(tag)) and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert left == [], f"processes left behind by `nas3d {' '.join(args)}`: {left}"
+
+
+def nas3d(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``nas3d ARGS`` to the end; a run past ``timeout`` fails the test, and never leaves workers behind."""
+    with nas3d_group(*args, cwd=cwd, env={}) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"`nas3d {' '.join(args)}` ran past {timeout} s; stderr: {stderr[-2000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+@pytest.mark.slow
+def test_search_smoke_study_end_to_end(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    result = nas3d("search", "--study", str(REPO / "studies" / "smoke.toml"), "--data-root", str(data),
+                   "--n-trials", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "study 'smoke' ready" in result.stdout
+    assert "(budget 3)" in result.stdout
+    study = optuna.load_study(study_name="smoke", storage=make_storage(None))
+    assert budget_state(study).used == 3
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+    status = nas3d("status", cwd=tmp_path)
+    assert status.returncode == 0 and "val_auc" in status.stdout
+
+
+def test_missing_dataset_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    result = nas3d("search", "--dataset", "nodulemnist3d", "--data-root", str(empty),
+                   "--set", "data.download=false", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "nodulemnist3d.npz not found in" in lines[0] and "zenodo" in lines[0].lower()
+    assert optuna.get_all_study_summaries(make_storage(None)) == []
 
 
 def test_download_failure_offline_never_switches_data(tmp_path: Path) -> None:
