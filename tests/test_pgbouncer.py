@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,6 +68,21 @@ def test_two_workers_through_pgbouncer_finish_exactly_the_budget(bouncer_url: st
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)], outputs
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials), outputs
     assert budget_state(study).used == 4 == len([t for t in trials if "duplicate_of" not in t.user_attrs])
+
+
+def test_lock_of_a_vanished_holder_expires(bouncer_url: str) -> None:
+    # A holder that stops talking without closing its connection (its host died) must not keep the
+    # study lock for the hours a TCP keepalive takes: the server ends the idle transaction.
+    stuck, other = study_lock(bouncer_url, "s"), study_lock(bouncer_url, "s")
+    stuck.IDLE_TIMEOUT_S = 1
+    stuck.acquire()
+    started = time.monotonic()
+    other.acquire()
+    assert 0.8 < time.monotonic() - started < 10
+    stuck.release()  # its connection was closed by the server: release copes, the next acquire reconnects
+    other.release()
+    with stuck:
+        pass
 
 
 def test_prepared_statements_off_unless_the_url_asks() -> None:

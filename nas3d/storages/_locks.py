@@ -89,7 +89,14 @@ class _AdvisoryLock(StudyLock):
     """
 
     POLL_MIN_S = 0.005
-    POLL_MAX_S = 0.1  # the lock is held for one ask (milliseconds): a waiter rechecks often
+    # Each poll is a transaction on the database (and PgBouncer): many waiters polling often cost more
+    # than the lock is worth (bench/storage_load.py at 64 workers). A waiter loses at most this much
+    # per trial (2.5 % of a 20-s trial); while many wait, one of them takes the lock sooner.
+    POLL_MAX_S = 0.5
+    # A holder whose host vanished (no TCP close) would keep its transaction open, and the lock,
+    # until the server's TCP keepalive gives up (two hours by default): the server ends the lock's
+    # transaction once it has been idle this long instead. A live worker holds it for one ask.
+    IDLE_TIMEOUT_S = 60
 
     def __init__(self, url: str, key: int) -> None:
         self._url, self._connect_args = pg_connect_args(make_url(url))
@@ -116,8 +123,13 @@ class _AdvisoryLock(StudyLock):
                     self._conn = psycopg.connect(
                         libpq, autocommit=False, connect_timeout=PG_CONNECT_TIMEOUT_S, **self._connect_args
                     )
-                # Not autocommit: this SELECT opens the transaction that holds the lock until release.
-                (got,) = self._conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (self._key,)).fetchone()
+                # Not autocommit: this SELECT opens the transaction that holds the lock until release;
+                # set_config(..., true) is SET LOCAL: it ends with the transaction, pooler or not.
+                (_, got) = self._conn.execute(
+                    "SELECT set_config('idle_in_transaction_session_timeout', %s, true),"
+                    " pg_try_advisory_xact_lock(%s)",
+                    (f"{int(self.IDLE_TIMEOUT_S * 1000)}ms", self._key),
+                ).fetchone()
                 if not got:
                     self._conn.rollback()  # a pooler may hand the server connection to someone else
                 return bool(got)
