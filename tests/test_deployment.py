@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -52,3 +53,138 @@ def test_worker_gets_gpus_and_stops_gracefully() -> None:
     assert worker["command"][0] == "launch"
     assert (REPO / "Dockerfile").exists() and worker["build"] == "."
     assert 'ENTRYPOINT ["nas3d"]' in (REPO / "Dockerfile").read_text()
+
+
+# --- Kubernetes (deploy/k8s), checked offline against the Kubernetes schemas ----------------------
+
+K8S = REPO / "deploy" / "k8s"
+K8S_VERSIONS = ("1.29", "1.33")  # Indexed Jobs and the completion-index annotation: GA since 1.24
+
+
+def k8s_objects() -> list[dict]:
+    return [doc for path in sorted(K8S.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def k8s_object(kind: str, name: str) -> dict:
+    [found] = [o for o in k8s_objects() if o["kind"] == kind and o["metadata"]["name"] == name]
+    return found
+
+
+def pod_spec(obj: dict) -> dict:
+    return obj["spec"]["template"]["spec"]
+
+
+def containers(obj: dict) -> list[dict]:
+    spec = pod_spec(obj)
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def strings(node: object) -> list[str]:
+    """Every string value in parsed YAML (keys and comments aside)."""
+    if isinstance(node, dict):
+        return [s for v in node.values() for s in strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in strings(v)]
+    return [node] if isinstance(node, str) else []
+
+
+def expand(args: list[str], container: dict) -> list[str]:
+    """``$(VAR)`` as the kubelet expands it, with a placeholder value per variable the container defines."""
+    names = {e["name"] for e in container.get("env", [])}
+    out = []
+    for arg in args:
+        for name in names:
+            arg = arg.replace(f"$({name})", "7" if "INDEX" in name else f"value-of-{name.lower()}")
+        assert "$(" not in arg, f"{arg!r}: a variable the container does not define"
+        out.append(arg)
+    return out
+
+
+def test_k8s_manifests_validate_against_the_schemas() -> None:
+    import kubernetes_validate
+
+    objects = k8s_objects()
+    assert {o["kind"] for o in objects} >= {"Job", "StatefulSet", "Deployment", "Service", "ConfigMap"}
+    for obj in objects:
+        for version in K8S_VERSIONS:
+            # strict: unknown fields (a typo such as `limit:`) fail too
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_k8s_credentials_only_from_secrets() -> None:
+    assert not [o for o in k8s_objects() if o["kind"] == "Secret"], "Secrets come from kubectl, not from here"
+    for value in strings(k8s_objects()):
+        assert not re.search(r"://[^/@\s]+:[^/@\s]+@", value), f"a URL with a password: {value!r}"
+    for obj in k8s_objects():
+        if obj["kind"] not in ("Job", "Deployment", "StatefulSet"):
+            continue
+        for container in containers(obj):
+            for env in container.get("env", []):
+                if re.search(r"PASSWORD|STORAGE$|SECRET|TOKEN|KEY", env["name"]):
+                    assert "secretKeyRef" in env.get("valueFrom", {}), (obj["metadata"]["name"], env)
+
+
+def test_k8s_dashboard_and_database_stay_inside_the_cluster() -> None:
+    objects = k8s_objects()
+    assert not [o for o in objects if o["kind"] in ("Ingress", "Gateway", "HTTPRoute")]
+    services = [o for o in objects if o["kind"] == "Service"]
+    assert {s["metadata"]["name"] for s in services} == {"nas3d-dashboard", "nas3d-postgres"}
+    for service in services:
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP", service["metadata"]["name"]
+        assert not any("nodePort" in port for port in service["spec"]["ports"])
+    for obj in objects:
+        if obj["kind"] in ("Job", "Deployment", "StatefulSet"):
+            assert not pod_spec(obj).get("hostNetwork")
+            assert not any("hostPort" in p for c in containers(obj) for p in c.get("ports", []))
+
+
+def test_k8s_workers_one_gpu_each_after_the_study_exists() -> None:
+    from nas3d.cli import build_parser
+
+    workers = k8s_object("Job", "nas3d-workers")
+    assert workers["spec"]["completionMode"] == "Indexed"
+    [worker] = pod_spec(workers)["containers"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert worker["resources"]["requests"]["nvidia.com/gpu"] == 1
+    index = {e["name"]: e for e in worker["env"]}["WORKER_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert index == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    # the arguments are ones `nas3d` accepts (the image's entrypoint is `nas3d`)
+    parsed = build_parser().parse_args(expand(worker["args"], worker))
+    assert (parsed.command, parsed.device, parsed.worker_index) == ("worker", "cuda", 7)
+    [wait] = pod_spec(workers)["initContainers"]
+    assert "nas3d status --study-name" in wait["command"][-1]
+
+    create = k8s_object("Job", "nas3d-create-study")
+    [creator] = pod_spec(create)["containers"]
+    assert build_parser().parse_args(expand(creator["args"], creator)).command == "create-study"
+    study = k8s_object("ConfigMap", "nas3d-study")["data"]
+    assert (REPO / study["study-file"]).is_file()
+    assert "COPY studies ./studies" in (REPO / "Dockerfile").read_text()
+
+
+def test_k8s_probes_where_something_answers() -> None:
+    for kind, name in (("Deployment", "nas3d-dashboard"), ("StatefulSet", "nas3d-postgres")):
+        [container] = pod_spec(k8s_object(kind, name))["containers"]
+        assert "readinessProbe" in container and "livenessProbe" in container, name
+    # a worker serves nothing: its liveness is the trial heartbeat, not a probe that would kill a trial
+    [worker] = pod_spec(k8s_object("Job", "nas3d-workers"))["containers"]
+    assert "livenessProbe" not in worker
+
+
+def test_k8s_matches_docker_compose() -> None:
+    services = compose()["services"]
+    [worker] = pod_spec(k8s_object("Job", "nas3d-workers"))["containers"]
+    env = {e["name"]: e for e in worker["env"]}
+    assert env["NAS3D_ARTIFACTS"]["value"] == services["worker"]["environment"]["NAS3D_ARTIFACTS"]
+    assert set(services["worker"]["environment"]) <= set(env)
+    grace = int(services["worker"]["stop_grace_period"].rstrip("s"))
+    assert pod_spec(k8s_object("Job", "nas3d-workers"))["terminationGracePeriodSeconds"] == grace
+    [dashboard] = pod_spec(k8s_object("Deployment", "nas3d-dashboard"))["containers"]
+    assert "--artifact-dir /artifacts" in " ".join(dashboard["args"]) and "--artifact-dir /artifacts" in (
+        services["dashboard"]["command"]
+    )
+    [postgres] = pod_spec(k8s_object("StatefulSet", "nas3d-postgres"))["containers"]
+    assert postgres["image"] == services["postgres"]["image"]
+    pg_env = {e["name"]: e.get("value") for e in postgres["env"]}
+    assert pg_env["POSTGRES_USER"] == services["postgres"]["environment"]["POSTGRES_USER"]
+    assert pg_env["POSTGRES_DB"] == services["postgres"]["environment"]["POSTGRES_DB"]

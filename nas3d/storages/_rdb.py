@@ -32,6 +32,33 @@ DEFAULT_MAX_RETRY = 2  # a trial that keeps killing its worker (e.g. host OOM) i
 SQLITE_BUSY_TIMEOUT_S = 60  # several workers on one host queue on SQLite's single writer lock
 PG_CONNECT_TIMEOUT_S = 10  # a blackholed host fails in seconds, not after the TCP default of minutes
 
+PREPARE_THRESHOLD_PARAM = "prepare_threshold"
+
+
+def pg_connect_args(url: URL) -> tuple[URL, dict[str, Any]]:
+    """psycopg options for a PostgreSQL URL: ``(url without nas3d's own query parameter, kwargs)``.
+
+    Server-side prepared statements are off (``prepare_threshold=None``) by default: PgBouncer in
+    transaction mode (before 1.21) routes a client's next statement to another server connection,
+    where psycopg's prepared statement does not exist (``DuplicatePreparedStatement "_pg3_0"`` or
+    ``prepared statement does not exist``), and a URL cannot say whether a pooler is in between.
+    On a direct connection ``bench/storage_load.py`` measured no throughput cost and 5-12 % more
+    PostgreSQL CPU per trial (README, "Running on a cluster"). ``?prepare_threshold=N`` in the URL
+    turns them back on for a direct connection.
+    """
+    value = url.query.get(PREPARE_THRESHOLD_PARAM)
+    if value is None:
+        return url, {"prepare_threshold": None}
+    text = value if isinstance(value, str) else value[-1]
+    try:
+        threshold = None if text.lower() in ("", "none") else int(text)
+    except ValueError:
+        raise ValueError(
+            f"?{PREPARE_THRESHOLD_PARAM}= must be an integer or 'none', but got {text!r}"
+        ) from None
+    return url.difference_update_query([PREPARE_THRESHOLD_PARAM]), {"prepare_threshold": threshold}
+
+
 class StorageUnavailable(RuntimeError):
     """The storage's database cannot be reached; the message is one line with the fix."""
 
@@ -63,9 +90,12 @@ def make_storage(
         except (OSError, sqlite3.Error) as e:
             raise StorageUnavailable(_unavailable_message(sa_url, e)) from e
     else:
+        sa_url, pg_args = pg_connect_args(sa_url)
+        url = sa_url.render_as_string(hide_password=False)
         # pool_pre_ping: a pooled connection killed by a server restart is replaced on checkout
         # instead of failing the next storage call.
-        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": PG_CONNECT_TIMEOUT_S}}
+        connect_args = {"connect_timeout": PG_CONNECT_TIMEOUT_S, **pg_args}
+        engine_kwargs = {"pool_pre_ping": True, "connect_args": connect_args}
 
     with warnings.catch_warnings():
         # heartbeat and the retry callback are marked experimental since Optuna 2.8; we rely on them

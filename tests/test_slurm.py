@@ -1,0 +1,135 @@
+"""deploy/slurm/workers.sbatch on a real single-node Slurm: a 2-task array of CPU workers on a smoke
+study in PostgreSQL finishes the exact budget, and a task cancelled mid-trial re-queues its trial.
+
+The cluster (munged, slurmctld, slurmd) is started by the test in a temp folder (tests/servers.py).
+Skipped where the Slurm binaries are missing, except under CI=true, where that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from nas3d.storages import make_storage
+from nas3d.study import create_study
+from nas3d.worker import budget_state
+from tests.conftest import _temporary_database
+from tests.servers import ServerUnavailable, slurm_cluster
+from tests.test_study import smoke_config
+from tests.test_worker import counted, long_trials_study, wait_for
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "deploy" / "slurm" / "workers.sbatch"
+KILL_WAIT_S = 30  # Slurm's default: SIGKILL this long after SIGTERM
+
+
+@pytest.fixture(scope="module")
+def slurm() -> Iterator[dict[str, str]]:
+    try:
+        cluster = slurm_cluster(cpus=2, kill_wait=KILL_WAIT_S)
+        env = cluster.__enter__()
+    except ServerUnavailable as e:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"single-node Slurm: {e}", pytrace=False)
+        pytest.skip(f"single-node Slurm: {e}")
+    try:
+        yield env
+    finally:
+        cluster.__exit__(None, None, None)
+
+
+@pytest.fixture
+def pg_url(postgres_server: str) -> Iterator[str]:
+    with _temporary_database(postgres_server, "nas3d_test_slurm") as url:
+        yield url
+
+
+def submit(slurm: dict[str, str], storage_url: str, study: str, tmp_path: Path) -> str:
+    """``sbatch --array=0-1 workers.sbatch STUDY`` with CPU overrides; returns the job id."""
+    env = {
+        **os.environ, **slurm,
+        "NAS3D_STORAGE": storage_url,  # from the environment, as the script requires
+        "NAS3D_ARTIFACTS": str(tmp_path / "artifacts"),
+        "NAS3D_DEVICE": "cpu",
+        "NAS3D_COMMAND": f"{sys.executable} -m nas3d",
+        "PYTHONPATH": str(REPO),
+        "PYTHONUNBUFFERED": "1",
+    }
+    command = [
+        "sbatch", "--parsable", "--array=0-1", "--gres=none", "--cpus-per-task=1", "--mem=1G",
+        f"--output={tmp_path}/worker-%A_%a.out", f"--chdir={tmp_path}",
+        str(SCRIPT), study, "--heartbeat-interval", "1", "--grace-period", "3",
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return done.stdout.strip().split(";")[0]
+
+
+def squeue(slurm: dict[str, str], job: str) -> list[str]:
+    """``JOBID STATE`` of each array task still known to Slurm."""
+    done = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %T"], env={**os.environ, **slurm},
+                          capture_output=True, text=True)
+    return done.stdout.split("\n")[:-1] if done.returncode == 0 else []
+
+
+def outputs(tmp_path: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(tmp_path.glob("worker-*.out")))
+
+
+def test_script_refuses_to_run_without_a_storage_url(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "NAS3D_STORAGE"}
+    done = subprocess.run(["bash", str(SCRIPT), "smoke"], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and "NAS3D_STORAGE is not set" in done.stderr
+    assert "postgresql://" not in SCRIPT.read_text().split("set -euo pipefail")[1]
+
+
+def test_job_array_finishes_exactly_the_budget(slurm: dict[str, str], pg_url: str, tmp_path: Path) -> None:
+    config = smoke_config(tmp_path, **{"study.n_trials": 5, "study.name": "slurm-budget"})
+    study = create_study(config, make_storage(pg_url))
+    job = submit(slurm, pg_url, "slurm-budget", tmp_path)
+    wait_for(lambda: not squeue(slurm, job), timeout=300, interval=0.5)
+    logs = outputs(tmp_path)
+    assert logs.count("study 'slurm-budget' has used its budget of 5 trials") == 2, logs
+    trials = study.get_trials()
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)], logs
+    assert budget_state(study).used == 5 == len(counted(study))
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials), logs
+
+
+def test_cancelled_task_requeues_its_trial_and_the_study_finishes(
+    slurm: dict[str, str], pg_url: str, tmp_path: Path
+) -> None:
+    study = long_trials_study(pg_url, tmp_path, "slurm-cancel")
+    job = submit(slurm, pg_url, "slurm-cancel", tmp_path)
+
+    def training() -> list[optuna.trial.FrozenTrial]:
+        return [t for t in study.get_trials(deepcopy=False)
+                if t.state == TrialState.RUNNING and "arch_hash" in t.user_attrs]
+
+    wait_for(lambda: len(training()) == 2, timeout=240, interval=0.5)  # both tasks mid-trial
+    cancelled_at = time.monotonic()
+    subprocess.run(["scancel", f"{job}_0"], env={**os.environ, **slurm}, check=True)
+    wait_for(lambda: f"{job}_0" not in " ".join(squeue(slurm, job)), timeout=KILL_WAIT_S + 30)
+    # it left on SIGTERM, well before the SIGKILL that follows after KillWait
+    assert time.monotonic() - cancelled_at < KILL_WAIT_S, outputs(tmp_path)
+    wait_for(lambda: not squeue(slurm, job), timeout=400, interval=0.5)
+
+    logs = outputs(tmp_path)
+    trials = study.get_trials()
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)], logs
+    [interrupted] = [t for t in trials if t.state == TrialState.FAIL]
+    assert interrupted.user_attrs["failure_reason"] == "interrupted: the worker received SIGTERM; re-queued"
+    [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == interrupted.number]
+    assert retry.state == TrialState.COMPLETE and retry.params == interrupted.params
+    assert len(counted(study)) == 2 and all(t.state == TrialState.COMPLETE for t in counted(study))
+    assert "was interrupted and queued again" in logs and "worker stopped by SIGTERM" in logs
+
