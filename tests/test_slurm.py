@@ -1,7 +1,7 @@
 """deploy/slurm/workers.sbatch on a real single-node Slurm: a 2-task array of CPU workers on a smoke
 study in PostgreSQL finishes the exact budget, and a task cancelled mid-trial re-queues its trial.
 
-The cluster (munged, slurmctld, slurmd) is started by the test in a temp folder (tests/servers.py).
+The cluster (munged, slurmctld, slurmd) is started by the test in a temp folder (nas3d/testing/servers.py).
 Skipped where the Slurm binaries are missing, except under CI=true, where that is a failure.
 """
 
@@ -22,7 +22,7 @@ from nas3d.storages import make_storage
 from nas3d.study import create_study
 from nas3d.worker import budget_state
 from tests.conftest import _temporary_database
-from tests.servers import ServerUnavailable, slurm_cluster
+from nas3d.testing.servers import ServerUnavailable, slurm_cluster
 from tests.test_study import smoke_config
 from tests.test_worker import counted, long_trials_study, wait_for
 
