@@ -64,8 +64,8 @@ from nas3d.data import load_splits  # noqa: E402
 from nas3d.space import SearchSpace  # noqa: E402
 from nas3d.storages import _locks, make_storage  # noqa: E402
 from nas3d.study import create_study  # noqa: E402
-from nas3d.train import TrainResult  # noqa: E402
 from nas3d.testing.servers import pgbouncer  # noqa: E402
+from nas3d.train import TrainResult  # noqa: E402
 
 TARGETS = ("direct", "pgbouncer", "direct-prepared")
 
