@@ -267,6 +267,31 @@ def test_duplicates_and_constraint_violations_are_members_with_what_the_study_kn
     assert best[0].number == 1 and 3 not in [m.number for m in best]
 
 
+def test_a_retried_trial_keeps_its_slot_and_no_slot_is_lost_or_doubled() -> None:
+    study = optuna.create_study(directions=list(DIRECTIONS), sampler=ODESampler(population=4, seed=0))
+    for _ in range(2):
+        trial = study.ask()
+        study.tell(trial, proxy(sample_architecture(trial)))
+    interrupted = study.ask()
+    sample_architecture(interrupted)
+    study.tell(interrupted, state=TrialState.FAIL)
+    failed = study.trials[-1]
+    # what nas3d.worker does with an interrupted trial: queue it again with its params and history
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, params=failed.params, distributions=failed.distributions,
+        system_attrs={"failed_trial": failed.number, "retry_history": [failed.number]}))
+    for _ in range(3):
+        trial = study.ask()
+        study.tell(trial, proxy(sample_architecture(trial)))
+    retry = study.trials[3]
+    assert retry.params == failed.params and retry.system_attrs[SLOT] == failed.system_attrs[SLOT] == 2
+    state = _Run(study, 4, "multi")
+    assert [sorted(stage.slots) for stage in state.stages] == [[0, 1, 2, 3], [0]]
+    assert state.stages[0].slots[2].number == failed.number  # the slot's claim ...
+    auc, flops = retry.values
+    assert state.stages[0].slots[2].result == Result(0, (-auc, flops))  # ... with the retry's result
+
+
 # --- configuration ----------------------------------------------------------------------------------
 
 
@@ -361,6 +386,7 @@ def _compare_samplers():
     try:
         spec = importlib.util.spec_from_file_location("compare_samplers", path)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(path.parent))
@@ -370,8 +396,8 @@ def _compare_samplers():
 @pytest.mark.slow
 def test_ode_beats_random_on_the_cheap_objective() -> None:
     bench = _compare_samplers()
-    ode = ODESettings(population=8)
+    ode = ODESettings(population=6)  # a small population, so that 40 trials make five generations
     seeds = (0, 1, 2)
-    hv = {name: [bench.cheap_run(name, seed, 48, ode).hypervolume for seed in seeds]
+    hv = {name: [bench.cheap_run(name, seed, 40, ode).hypervolume for seed in seeds]
           for name in ("random", "ode")}
     assert statistics.fmean(hv["ode"]) > statistics.fmean(hv["random"]), hv
