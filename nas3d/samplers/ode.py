@@ -61,6 +61,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -397,6 +398,7 @@ class ODESampler(BaseSampler):
         self._rng = np.random.default_rng(seed)
         self._fallback = RandomSampler(seed=seed)
         self._proposals: dict[int, dict[str, Any]] = {}  # trial id -> params, for this process's trials
+        self._claiming = threading.Lock()  # threads of one process (optimize(n_jobs>1)) claim in turn
 
     def reseed_rng(self) -> None:
         self._rng = np.random.default_rng()
@@ -418,6 +420,10 @@ class ODESampler(BaseSampler):
             return
         if trial.params or "fixed_params" in attrs:
             return  # enqueued with its parameters: outside the run
+        with self._claiming:
+            self._claim(study, trial)
+
+    def _claim(self, study: Study, trial: FrozenTrial) -> None:
         run = _Run(study, self.population, self.mode)
         stage, slot = run.next_slot()
         kind = self._stage_kind(run, stage)
@@ -425,9 +431,10 @@ class ODESampler(BaseSampler):
         params = params_for(arch, self.space)
         self._proposals[trial._trial_id] = params
         storage = study._storage
+        # STAGE last: a reader sees a claim only once the rest of it is written.
         for key, value in (
-            (STAGE, stage), (SLOT, slot), (KIND, kind), (VECTOR, [float(g) for g in vector]),
-            (PARAMS, params), (HASH, arch.arch_hash()), (REDRAWS, redraws),
+            (VECTOR, [float(g) for g in vector]), (PARAMS, params), (HASH, arch.arch_hash()),
+            (REDRAWS, redraws), (KIND, kind), (SLOT, slot), (STAGE, stage),
         ):
             storage.set_trial_system_attr(trial._trial_id, key, value)
 
@@ -459,7 +466,7 @@ class ODESampler(BaseSampler):
             return
         original = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
             study._study_id, trial.system_attrs["retry_history"][-1]))
-        for key in (STAGE, SLOT, KIND, VECTOR, PARAMS, HASH):
+        for key in (VECTOR, PARAMS, HASH, KIND, SLOT, STAGE):  # STAGE last, as in _claim
             if key in original.system_attrs:
                 study._storage.set_trial_system_attr(trial._trial_id, key, original.system_attrs[key])
 
