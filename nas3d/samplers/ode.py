@@ -256,20 +256,21 @@ def _crowding(losses: np.ndarray) -> np.ndarray:
 
 def select_best(members: Sequence[Member], n: int, mode: str) -> list[Member]:
     """The best ``n`` finished members, best first (see the module docstring for the order)."""
-    finished = [m for m in members if m.result is not None]
-    feasible = [m for m in finished if m.result.klass == FEASIBLE]  # type: ignore[union-attr]
-    others = sorted((m for m in finished if m.result.klass != FEASIBLE),  # type: ignore[union-attr]
-                    key=lambda m: (_single_key(m.result), m.number))  # type: ignore[arg-type]
+    finished = [(m, m.result) for m in members if m.result is not None]
+    feasible = [(m, r) for m, r in finished if r.klass == FEASIBLE]
+    others = [m for m, r in sorted(((m, r) for m, r in finished if r.klass != FEASIBLE),
+                                   key=lambda mr: (_single_key(mr[1]), mr[0].number))]
     if mode == "single" or not feasible:
-        chosen = sorted(feasible, key=lambda m: (_single_key(m.result), m.number))  # type: ignore[arg-type]
+        chosen = [m for m, r in sorted(feasible, key=lambda mr: (_single_key(mr[1]), mr[0].number))]
     else:
-        losses = np.array([m.result.losses for m in feasible])  # type: ignore[union-attr]
+        losses = np.array([r.losses for _, r in feasible])
         ranks = moocore.pareto_rank(losses)
         chosen = []
         for rank in range(int(ranks.max()) + 1):
             front = [i for i in range(len(feasible)) if ranks[i] == rank]
             crowd = dict(zip(front, _crowding(losses[front]), strict=True))
-            chosen.extend(feasible[i] for i in sorted(front, key=lambda i: (-crowd[i], feasible[i].number)))
+            front.sort(key=lambda i: (-crowd[i], feasible[i][0].number))
+            chosen.extend(feasible[i][0] for i in front)
             if len(chosen) >= n:
                 break
     return (chosen + others)[:n]
@@ -302,11 +303,9 @@ class _Run:
         directions = study.directions
         self.known_hashes: set[str] = set()
         self.stages: list[_Stage] = []
-        for trial in trials:
-            for attrs in (trial.user_attrs, trial.system_attrs):
-                h = attrs.get("arch_hash") if attrs is trial.user_attrs else attrs.get(HASH)
-                if h:
-                    self.known_hashes.add(h)
+        for trial in trials:  # the objective's hash of every trial, and the hash of every proposal
+            hashes = (trial.user_attrs.get("arch_hash"), trial.system_attrs.get(HASH))
+            self.known_hashes.update(h for h in hashes if h)
         for trial in sorted(trials, key=lambda t: t.number):
             attrs = trial.system_attrs
             if STAGE not in attrs or attrs.get("retry_history"):
