@@ -340,7 +340,7 @@ def sampler_variant(name: str) -> Iterator[None]:
         yield
         return
 
-    def stock_tpe(settings: Any) -> optuna.samplers.BaseSampler:
+    def stock_tpe(settings: Any, **_: Any) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(**TPE_OPTIONS, seed=settings.sampler_seed)
 
     with _patched(nas3d.study, "make_sampler", stock_tpe):

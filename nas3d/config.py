@@ -1,7 +1,8 @@
 """Study configuration: a typed, frozen view of a ``studies/*.toml`` file and its overrides.
 
 A study file has the tables ``[study]``, ``[data]`` (``nas3d.data.DataConfig``), ``[train]``
-(``nas3d.train.TrainConfig``), ``[space]`` (``nas3d.space.SearchSpace``) and ``[constraints]``.
+(``nas3d.train.TrainConfig``), ``[space]`` (``nas3d.space.SearchSpace``), ``[constraints]`` and
+``[ode]`` (``nas3d.samplers.ODESettings``, read when ``sampler = "ode"``).
 Every table is optional except ``[study]`` (``name`` is required); omitted keys take the seed
 study's defaults. Unknown keys and wrong types are errors naming the file, table and key.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nas3d.data import DataConfig
-from nas3d.samplers import SAMPLERS
+from nas3d.samplers import SAMPLERS, ODESettings
 from nas3d.space import SearchSpace
 from nas3d.train import TrainConfig
 from nas3d.util import check_choice, did_you_mean
@@ -104,6 +105,8 @@ class StudyConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     space: SearchSpace = field(default_factory=SearchSpace)
     constraints: Constraints = field(default_factory=Constraints)
+    # A study stored before [ode] existed reads back with these defaults, so it still compares equal.
+    ode: ODESettings = field(default_factory=ODESettings)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """JSON-compatible dict (tuples become lists); ``from_dict`` reverses it."""

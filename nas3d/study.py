@@ -56,7 +56,7 @@ def create_study(config: StudyConfig, storage: optuna.storages.BaseStorage) -> o
         study_name=config.study.name,
         storage=storage,
         directions=list(DIRECTIONS),
-        sampler=make_sampler(config.study),
+        sampler=make_sampler(config.study, space=config.space, ode=config.ode),
         load_if_exists=True,
     )
     wanted = config.to_dict()
@@ -138,7 +138,9 @@ def load_study(
         entropy = [settings.sampler_seed, worker_index, len(storage.get_all_trials(study_id, deepcopy=False))]
         seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
         settings = dataclasses.replace(settings, sampler_seed=seed)
-    study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(settings))
+    study = optuna.load_study(
+        study_name=name, storage=storage, sampler=make_sampler(settings, space=config.space, ode=config.ode)
+    )
     return study, config
 
 
