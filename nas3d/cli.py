@@ -31,7 +31,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "--n-trials": dict(type=int, help="trial budget across all workers"),
     "--max-epochs": dict(type=int, help="training epochs per trial, at most"),
     "--data-root": dict(help="folder holding the MedMNIST npz files"),
-    "--sampler": dict(help="tpe, nsga2 or random"),
+    "--sampler": dict(help="tpe, nsga2, random or ode (its settings: --set ode.population=N, ode.F, ...)"),
     "--warm-start": dict(choices=("none", "seed"), help="enqueue the seed architectures first"),
     "--set": dict(action="append", default=[], metavar="TABLE.KEY=VALUE",
                   help="override a study-file value, e.g. --set train.patience=3 (retrain: data.* only)"),
