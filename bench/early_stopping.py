@@ -78,13 +78,13 @@ def base_config(args: argparse.Namespace) -> StudyConfig:
 
 
 def run_study(config: StudyConfig, label: str, workdir: Path, *, budget: int | None,
-              epoch_budget: int | None, data) -> dict:
+              epoch_budget: int | None, data, device: str) -> dict:
     """One study until ``budget`` architectures (or ``epoch_budget`` epochs) are spent."""
     storage = make_storage(f"sqlite:///{workdir / f'{label}.db'}")
     config = config.with_overrides({"study.name": label}, source="benchmark")
     create_study(config, storage)
     study, config = load_study(label, storage)
-    objective = TrialObjective(config, data, "cpu", artifact_store=None)
+    objective = TrialObjective(config, data, device, artifact_store=None)
     limit = budget if budget is not None else 100_000
 
     def enough(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eta", type=int, default=3)
     parser.add_argument("--min-epochs", type=int, default=1)
     parser.add_argument("--sampler-seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="torch device of the in-process worker (cpu, cuda)")
     parser.add_argument("--space", choices=("narrow", "seed"), default="narrow")
     parser.add_argument("--skip-equal-epochs", action="store_true", help="leave out the moasha=E run")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="nas3d-bench-es-") as tmp:
         args.workdir = Path(tmp)
         base = base_config(args)
-        data = load_splits(base.data, "cpu", for_search=True)
+        data = load_splits(base.data, args.device, for_search=True)
         stopper = base.with_overrides({"early_stopping.kind": "moasha"})
         print(f"data: {data.name} {base.data.size}³, {len(data.train)} train / {len(data.val)} val; "
               f"space {args.space}; max_epochs {args.max_epochs}, patience {args.patience}, batch "
@@ -151,16 +152,20 @@ def main(argv: list[str] | None = None) -> int:
               f"{stopper.early_stopping.rungs(args.max_epochs)}); sampler {base.study.sampler} seed "
               f"{args.sampler_seed}", flush=True)
         results = []
-        full = run_study(base.with_overrides({"early_stopping.kind": "none"}), "full", args.workdir,
-                         budget=args.trials, epoch_budget=None, data=data)
-        results.append(full)
-        print(f"  {full['run']}: {full['epochs']} epochs, {full['wall_s']:.0f} s", flush=True)
-        results.append(run_study(stopper, "moasha", args.workdir, budget=args.trials, epoch_budget=None,
-                                 data=data))
-        print(f"  moasha: {results[-1]['epochs']} epochs, {results[-1]['wall_s']:.0f} s", flush=True)
+
+        def done(result: dict) -> dict:
+            results.append(result)
+            print(f"  {result['run']}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                     for k, v in result.items() if k != "run"), flush=True)
+            return result
+
+        full = done(run_study(base.with_overrides({"early_stopping.kind": "none"}), "full", args.workdir,
+                              budget=args.trials, epoch_budget=None, data=data, device=args.device))
+        done(run_study(stopper, "moasha", args.workdir, budget=args.trials, epoch_budget=None, data=data,
+                       device=args.device))
         if not args.skip_equal_epochs:
-            results.append(run_study(stopper, "moasha=E", args.workdir, budget=None,
-                                     epoch_budget=full["epochs"], data=data))
+            done(run_study(stopper, "moasha=E", args.workdir, budget=None, epoch_budget=full["epochs"],
+                           data=data, device=args.device))
 
     headers = ("run", "archs", "trained", "stopped", "complete", "epochs", "wall s", "hypervolume", "front")
     rows = [(r["run"], r["architectures"], r["trained"], r["stopped"], r["complete"], r["epochs"],
