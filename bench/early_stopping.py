@@ -41,7 +41,8 @@ from _common import REPO, format_table, smoke_config
 
 from nas3d.config import StudyConfig, load_study_config
 from nas3d.data import load_splits
-from nas3d.pareto import fully_trained, study_hypervolume
+from nas3d.early_stopping import decide, learning_curve, rung_entry, rung_epochs
+from nas3d.pareto import fully_trained, hypervolume, hypervolume_box, study_hypervolume
 from nas3d.storages import make_storage
 from nas3d.study import TrialObjective, create_study, load_study
 from nas3d.train import TrainingFailure
@@ -110,6 +111,38 @@ def run_study(config: StudyConfig, label: str, workdir: Path, *, budget: int | N
     }
 
 
+def replay(trials: list, config: StudyConfig, eta: int, min_epochs: int) -> dict:
+    """What MO-ASHA (``eta``, ``min_epochs``) would have decided on the full run's stored curves.
+
+    Exact for a sequential run while the sampler's proposals do not depend on results (TPE's random
+    start-up trials: the first 10) and training is deterministic (float32 on the CPU): each trial, in
+    order, is ranked at each rung against the earlier trials that reached it, as a live run ranks it.
+    """
+    rungs = rung_epochs(min_epochs, eta, config.train.max_epochs)
+    trained = [t for t in trials if learning_curve(t)["epoch"]]
+    epochs, reached, kept = 0, {r: [] for r in rungs}, []
+    for t in trained:
+        length = len(learning_curve(t)["epoch"])
+        stop = None
+        for r in rungs:
+            if r > length:
+                break
+            mine = rung_entry(t, r)
+            # a run that patience ends at the rung's epoch is not judged there, but counts for later ones
+            proceed = r == length or decide(mine, reached[r], eta)[0]
+            reached[r].append(mine)
+            if not proceed:
+                stop = r
+                break
+        epochs += stop or length
+        if stop is None:
+            kept.append(t)
+    box = hypervolume_box(config.data.size, config.data.in_channels, config.data.num_classes)
+    return {"run": f"replay eta={eta} min={min_epochs}", "epochs": epochs,
+            "stopped": len(trained) - len(kept),
+            "hypervolume": hypervolume(((t.values[0], t.values[1]) for t in kept), box)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="synthetic",
@@ -161,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
 
         full = done(run_study(base.with_overrides({"early_stopping.kind": "none"}), "full", args.workdir,
                               budget=args.trials, epoch_budget=None, data=data, device=args.device))
+        full_trials = optuna.load_study(study_name="full", storage=make_storage(
+            f"sqlite:///{args.workdir / 'full.db'}")).get_trials()
+        replays = [replay(full_trials, base, eta, m) for eta in (2, 3) for m in (1, 2, 3)
+                   if rung_epochs(m, eta, args.max_epochs)]
         done(run_study(stopper, "moasha", args.workdir, budget=args.trials, epoch_budget=None, data=data,
                        device=args.device))
         if not args.skip_equal_epochs:
@@ -178,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 * ms['hypervolume'] / full['hypervolume']:.1f} % of the full run's hypervolume")
     else:
         print("equal trials: no ratio (an empty front or no epochs)")
+    print("replayed on the full run's curves (valid while proposals do not depend on results):")
+    print(format_table(("replay", "epochs", "stopped", "hypervolume", "epochs ratio", "hv ratio"), [
+        (r["run"], r["epochs"], r["stopped"], f"{r['hypervolume']:.4f}",
+         f"{full['epochs'] / r['epochs']:.2f}x",
+         f"{100 * r['hypervolume'] / full['hypervolume']:.1f} %" if full["hypervolume"] > 0 else "-")
+        for r in replays]))
     if len(results) > 2:
         eq = results[2]
         print(f"equal epochs ({eq['epochs']} vs {full['epochs']}): moasha evaluates {eq['architectures']} "

@@ -42,7 +42,7 @@ from nas3d.worker import budget_state
 from tests.test_study import make_objective, smoke_config
 
 REPO = Path(__file__).resolve().parents[1]
-MOASHA = {"early_stopping.kind": "moasha"}
+MOASHA = {"early_stopping.kind": "moasha", "early_stopping.min_epochs": 1}  # smoke trials are short
 
 
 # --- rungs and configuration ----------------------------------------------------------------------
@@ -282,7 +282,7 @@ def test_sampler_keeps_proposing_distinct_architectures_after_many_stops(tmp_pat
 
     def search(kind: str) -> tuple[optuna.Study, list[str]]:
         config = smoke_config(tmp_path, **{"early_stopping.kind": kind, "early_stopping.eta": 3,
-                                           "train.max_epochs": 4})
+                                           "early_stopping.min_epochs": 1, "train.max_epochs": 4})
         study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler(config.study))
         seen: list[str] = []
 
