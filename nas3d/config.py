@@ -2,7 +2,8 @@
 
 A study file has the tables ``[study]``, ``[data]`` (``nas3d.data.DataConfig``), ``[train]``
 (``nas3d.train.TrainConfig``), ``[space]`` (``nas3d.space.SearchSpace``), ``[constraints]`` and
-``[ode]`` (``nas3d.samplers.ODESettings``, read when ``sampler = "ode"``).
+``[ode]`` (``nas3d.samplers.ODESettings``, read when ``sampler = "ode"``) and ``[early_stopping]``
+(``nas3d.early_stopping.EarlyStoppingConfig``).
 Every table is optional except ``[study]`` (``name`` is required); omitted keys take the seed
 study's defaults. Unknown keys and wrong types are errors naming the file, table and key.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from nas3d.data import DataConfig
+from nas3d.early_stopping import EarlyStoppingConfig
 from nas3d.samplers import SAMPLERS, ODESettings
 from nas3d.space import SearchSpace
 from nas3d.train import TrainConfig
@@ -29,6 +31,7 @@ __all__ = [
     "WARM_STARTS",
     "ConfigError",
     "Constraints",
+    "EarlyStoppingConfig",
     "StudyConfig",
     "StudySettings",
     "default_study_config",
@@ -107,6 +110,16 @@ class StudyConfig:
     constraints: Constraints = field(default_factory=Constraints)
     # A study stored before [ode] existed reads back with these defaults, so it still compares equal.
     ode: ODESettings = field(default_factory=ODESettings)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+
+    def __post_init__(self) -> None:
+        stopper = self.early_stopping
+        if stopper.active and not stopper.rungs(self.train.max_epochs):
+            raise ValueError(
+                f"early_stopping.min_epochs ({stopper.min_epochs}) must be below train.max_epochs "
+                f"({self.train.max_epochs}) for the {stopper.kind} stopper to act; lower min_epochs "
+                'or set early_stopping.kind = "none"'
+            )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """JSON-compatible dict (tuples become lists); ``from_dict`` reverses it."""

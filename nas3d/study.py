@@ -25,6 +25,7 @@ from nas3d.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from nas3d.config import StudyConfig
 from nas3d.costs import measure_costs
 from nas3d.data import DeviceData, ensure_file
+from nas3d.early_stopping import EpochMonitor
 from nas3d.model import build_model
 from nas3d.samplers import make_sampler
 from nas3d.seeds import seed_architectures
@@ -184,6 +185,7 @@ class TrialObjective:
         self.artifact_store = artifact_store
         self.progress = progress
         self.trainings = 0  # how many trials this objective actually trained
+        self.epochs_trained = 0  # epochs those trainings ran, stopped ones included
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         try:
@@ -239,11 +241,18 @@ class TrialObjective:
 
         model = build_model(arch, data.in_channels, data.num_classes).to(self.device)
         self.trainings += 1
-        result = train_trial(model, data, self.config.train, self.device, progress=self.progress)
+        # Records the learning curve every epoch and runs the [early_stopping] stopper at its rungs.
+        monitor = EpochMonitor(trial, self.config.early_stopping, self.config.train.max_epochs, costs.flops)
+        result = train_trial(
+            model, data, self.config.train, self.device, progress=self.progress, on_epoch=monitor
+        )
+        self.epochs_trained += result.epochs_run
         trial.set_user_attr("val_acc", result.val_acc)
         trial.set_user_attr("train_seconds", round(result.train_seconds, 3))
         trial.set_user_attr("epochs", result.epochs_run)
         trial.set_user_attr("best_epoch", result.best_epoch)
+        if result.stopped_early:
+            monitor.stop(result)  # PRUNED with the reason and the partial values; no checkpoint
         if self.artifact_store is not None:
             self._store_checkpoint(trial, model, result.val_auc, result.val_acc, costs.flops)
         return result.val_auc, float(costs.flops)

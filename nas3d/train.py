@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,6 +95,13 @@ class TrainResult:
     train_seconds: float  # wall time of the whole run, validation included
     samples_per_second: float  # training samples per second of the training passes alone
     history: tuple[EpochRecord, ...]
+    stopped_early: bool = False  # an ``on_epoch`` callback ended the run before patience or max_epochs
+
+
+#: Called after every epoch's validation with the epoch's record and whether the run ends after it
+#: anyway (patience or ``max_epochs``); returns False to stop training now. Keeps this module free of
+#: optuna: nas3d.early_stopping.EpochMonitor is the one nas3d passes.
+EpochCallback = Callable[[EpochRecord, bool], bool]
 
 
 def train_trial(
@@ -103,6 +111,7 @@ def train_trial(
     device: torch.device | str,
     *,
     progress: bool = False,
+    on_epoch: EpochCallback | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data.train``, validating on ``data.val`` each epoch, and return the best epoch.
 
@@ -110,13 +119,15 @@ def train_trial(
     and the batch order are set from ``config.seed``: on CPU the same model and data give identical
     results twice. Raises :class:`TrialOutOfMemory` or :class:`NonFiniteLoss` (both
     :class:`TrainingFailure`) instead of returning a score for a run that did not train.
+    ``on_epoch`` (see :data:`EpochCallback`) sees every epoch and may end the run early; the result
+    then has ``stopped_early`` set and holds the best epoch so far.
     """
     device = torch.device(device)
     missing = set(range(data.num_classes)) - set(data.val.labels.unique().tolist())
     if missing:
         raise ValueError(f"validation split has no sample of classes {sorted(missing)}: its AUC is undefined")
     try:
-        return _train(model, data, config, device, progress)
+        return _train(model, data, config, device, progress, on_epoch)
     except torch.OutOfMemoryError as exc:
         reason = f"out of memory on {device} at batch size {config.batch_size}: {str(exc).splitlines()[0]}"
     # Outside the except block the exception and its traceback, which hold _train's frames and their
@@ -128,7 +139,12 @@ def train_trial(
 
 
 def _train(
-    model: nn.Module, data: DeviceData, config: TrainConfig, device: torch.device, progress: bool
+    model: nn.Module,
+    data: DeviceData,
+    config: TrainConfig,
+    device: torch.device,
+    progress: bool,
+    on_epoch: EpochCallback | None,
 ) -> TrainResult:
     start = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -147,6 +163,7 @@ def _train(
     best: EpochRecord | None = None
     best_state: dict[str, torch.Tensor] = {}
     lowest_loss, since_lower = math.inf, 0
+    stopped_early = False
     train_time = 0.0
     bar = tqdm(total=config.max_epochs, desc="train", unit="epoch", leave=False, disable=not progress)
     with bar:
@@ -184,7 +201,13 @@ def _train(
                 since_lower += 1
             bar.set_postfix(loss=f"{val_loss:.4f}", auc=f"{val_auc:.4f}", best=f"{best.val_auc:.4f}")
             bar.update()
-            if since_lower >= config.patience:
+            # Patience (or the last epoch) ends the run on its own terms; the callback is told so, and
+            # only a run that would have gone on counts as stopped early.
+            last = since_lower >= config.patience or epoch == config.max_epochs
+            if on_epoch is not None and not on_epoch(record, last) and not last:
+                stopped_early = True
+                break
+            if last:
                 break
     assert best is not None  # max_epochs >= 1
     model.load_state_dict(best_state)
@@ -197,6 +220,7 @@ def _train(
         train_seconds=time.perf_counter() - start,
         samples_per_second=len(history) * len(data.train) / train_time,
         history=tuple(history),
+        stopped_early=stopped_early,
     )
 
 

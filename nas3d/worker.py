@@ -6,7 +6,8 @@ trials whose worker died (their heartbeat went stale; Optuna re-queues them), co
 use up budget, and asks for a trial only if one is left. A failed trial that was re-queued does not
 count (its retry does), nor does a duplicate of an earlier architecture, which costs no training;
 but a study stops once it holds as many duplicates as its budget, so a sampler that keeps proposing
-known architectures cannot run forever.
+known architectures cannot run forever. A trial the early stopper ended counts: its architecture was
+evaluated (trained to a rung and ranked there), only not to the end.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import TrialState
 
 from nas3d.data import load_splits
+from nas3d.pareto import EARLY_STOPPED_ATTR
 from nas3d.storages import (
     DEFAULT_HEARTBEAT_INTERVAL,
     artifact_store_for,
@@ -48,6 +50,7 @@ class BudgetState:
     duplicates: int  # trials that reused an earlier trial's result
     waiting: int
     running: int
+    stopped: int = 0  # trials the early stopper ended (counted in ``used``)
 
     def spent(self, budget: int) -> bool:
         """No trial may start: the budget is used (queued trials count already), or the duplicate
@@ -65,6 +68,7 @@ def budget_state(study: optuna.Study) -> BudgetState:
         duplicates=duplicates,
         waiting=sum(t.state == TrialState.WAITING for t in trials),
         running=sum(t.state == TrialState.RUNNING for t in trials),
+        stopped=sum(bool(t.user_attrs.get(EARLY_STOPPED_ATTR)) for t in trials),
     )
 
 

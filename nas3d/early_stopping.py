@@ -1,0 +1,373 @@
+"""Early stopping across trials: learning curves, and a multi-objective ASHA stopper (MO-ASHA).
+
+Optuna refuses ``trial.report`` in multi-objective studies and its pruners exclude them. nas3d needs
+less than a general pruner: FLOPs are known exactly before a trial trains, so only validation AUC is
+uncertain while it runs. This module implements the asynchronous successive-halving stopper of
+Schmucker et al. (2021, "Multi-objective asynchronous successive halving"), in its stopping form:
+
+- **Rungs** sit at epochs ``min_epochs * eta**k`` below ``train.max_epochs`` (:func:`rung_epochs`).
+- A trial that finishes a rung's epoch records its **rung value**: the best validation AUC it has
+  reached so far (the trial's score is its best epoch, so this is the score it would report if it
+  stopped here), paired with its FLOPs.
+- It then **continues only if it is in the top** ``floor(n / eta)`` of the ``n`` trials that have
+  reached that rung so far (itself included), ranked by non-dominated sorting on (rung AUC, max; FLOPs,
+  min). Whole fronts are taken while they fit; inside the front that does not fit whole, the
+  tie-break is **crowding distance** (NSGA-II's, on AUC and log10 FLOPs, the axes of the hypervolume
+  in :mod:`nas3d.pareto`): the trials that spread the front most go on. Identical points get the same
+  distance, and a trial tied with the last one taken also continues, so a decision never depends on
+  the order in which trials arrived or which worker computes it. With fewer than ``eta`` trials at
+  the rung there is no top ``1/eta`` to be in, and the trial continues.
+- **Across workers and hosts** the rung state is the study storage itself: every trial writes its
+  learning curve (user attr ``learning_curve``) after each epoch, before it reads the other trials'
+  curves at a rung. Of two trials reaching a rung at once, at least the later writer sees the other:
+  no rung value is lost, and each trial decides each rung once, recording the decision (user attr
+  ``early_stopping``) with the trials it was compared with.
+- It composes with the per-trial patience stop of :func:`nas3d.train.train_trial`: a trial that
+  patience ends at a rung's epoch has finished its training and is not judged there (its rung value
+  still counts for the trials after it).
+
+A stopped trial is recorded PRUNED (see :meth:`EpochMonitor.stop`), so the front, ``status``,
+export and hypervolumes hold fully trained trials only while the sampler still sees the
+architecture among its poor ("above") trials.
+
+Peers at a rung are RUNNING, COMPLETE and PRUNED trials with a learning curve that long; FAILed
+trials (diverged or interrupted; an interrupted one is re-queued and measured again) and duplicates
+(which never train) are not.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import moocore
+import numpy as np
+
+from nas3d.pareto import EARLY_STOPPED_ATTR
+from nas3d.train import EpochRecord, TrainResult
+from nas3d.util import check_choice
+
+__all__ = [
+    "CURVE_ATTR",
+    "CURVE_KEYS",
+    "DECISIONS_ATTR",
+    "EARLY_STOPPED_VALUES_ATTR",
+    "KINDS",
+    "Decision",
+    "EarlyStoppingConfig",
+    "EpochMonitor",
+    "RungEntry",
+    "crowding_distances",
+    "decide",
+    "format_learning_curve",
+    "learning_curve",
+    "rung_epochs",
+]
+
+KINDS = ("none", "moasha")
+#: User attr: the trial's per-epoch curve, ``{"epoch": [...], "train_loss": [...], "val_loss": [...],
+#: "val_auc": [...], "val_acc": [...]}`` (one entry per epoch trained, rewritten after each epoch).
+CURVE_ATTR = "learning_curve"
+CURVE_KEYS = ("epoch", "train_loss", "val_loss", "val_auc", "val_acc")
+#: User attr: the stopper's decisions, one dict per rung the trial reached (see :class:`Decision`).
+DECISIONS_ATTR = "early_stopping"
+#: User attr of a stopped trial: ``[best val AUC so far, FLOPs]``, its values had it been complete.
+EARLY_STOPPED_VALUES_ATTR = "early_stopped_values"
+#: User attr: the trial's FLOPs, known before training; peers at a rung read it before any values exist.
+FLOPS_ATTR = "flops"
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """The ``[early_stopping]`` table.
+
+    ``kind = "none"`` trains every trial until ``train.max_epochs`` or patience; ``"moasha"`` adds the
+    stopper of this module. The default stays "none" so that a study stored before this table existed
+    reads back as what it ran with; the study files choose explicitly.
+    """
+
+    kind: str = "none"
+    eta: int = 3  # keep the top 1/eta at each rung; rungs are eta times apart
+    min_epochs: int = 2  # the first rung (epoch-1 AUCs on a quarter of val were at chance: see README)
+
+    def __post_init__(self) -> None:
+        check_choice("early_stopping.kind", self.kind, KINDS)
+        if self.eta < 2:
+            raise ValueError(f"early_stopping.eta must be >= 2, but got {self.eta!r}")
+        if self.min_epochs < 1:
+            raise ValueError(f"early_stopping.min_epochs must be >= 1, but got {self.min_epochs!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.kind != "none"
+
+    def rungs(self, max_epochs: int) -> tuple[int, ...]:
+        """The rung epochs for a run of at most ``max_epochs`` (empty when the stopper is off)."""
+        return rung_epochs(self.min_epochs, self.eta, max_epochs) if self.active else ()
+
+
+def rung_epochs(min_epochs: int, eta: int, max_epochs: int) -> tuple[int, ...]:
+    """``min_epochs * eta**k`` for k = 0, 1, ... while below ``max_epochs``.
+
+    A rung at ``max_epochs`` itself would decide nothing: the trial ends there anyway.
+    """
+    if min_epochs < 1 or eta < 2 or max_epochs < 1:
+        raise ValueError(
+            f"rungs need min_epochs >= 1, eta >= 2, max_epochs >= 1, but got "
+            f"(min_epochs={min_epochs}, eta={eta}, max_epochs={max_epochs})"
+        )
+    rungs, epoch = [], min_epochs
+    while epoch < max_epochs:
+        rungs.append(epoch)
+        epoch *= eta
+    return tuple(rungs)
+
+
+# --- promotion ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RungEntry:
+    """One trial's result at a rung: its best val AUC up to the rung's epoch, and its FLOPs."""
+
+    trial: int  # trial number
+    val_auc: float
+    flops: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the stopper decided for one trial at one rung, as recorded on the trial."""
+
+    rung: int  # 0-based rung index
+    epoch: int  # the rung's epoch
+    val_auc: float  # the trial's rung value
+    proceed: bool  # True: train on; False: stopped here
+    at_rung: int  # trials at the rung when it decided, itself included
+    promoted: int  # how many of them go on: at_rung // eta (0: too few to decide, all go on)
+    front: int | None  # the trial's non-dominated front among them, 1 = first (None: too few)
+    crowding: float | None  # its crowding distance, when its front was the one cut (else None)
+    peers: tuple[int, ...]  # numbers of the other trials it was compared with
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["peers"] = list(self.peers)
+        if out["crowding"] is not None and math.isinf(out["crowding"]):
+            out["crowding"] = "inf"  # JSON has no infinity
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Decision:
+        crowding = data.get("crowding")
+        return cls(**{**data, "peers": tuple(data["peers"]),
+                      "crowding": float(crowding) if crowding is not None else None})
+
+    def summary(self) -> str:
+        verdict = "continue" if self.proceed else "stop"
+        if self.promoted == 0:
+            return (f"rung {self.rung} (epoch {self.epoch}): {verdict}, {self.at_rung} at the rung < eta: "
+                    "too few to rank")
+        where = f"front {self.front}"
+        if self.crowding is not None:
+            where += f", crowding {self.crowding:.3g}"
+        return (f"rung {self.rung} (epoch {self.epoch}): {verdict}, {where}; "
+                f"top {self.promoted} of {self.at_rung} go on")
+
+
+def crowding_distances(points: np.ndarray) -> np.ndarray:
+    """NSGA-II crowding distance of each row of ``points`` (one front, objectives in columns).
+
+    The extremes of each objective get infinity. Identical rows get the same distance (computed on
+    the distinct points), so a tie never depends on the order of the rows. Written out here because
+    neither Optuna (private ``_calc_crowding_distance``) nor moocore exposes it.
+    """
+    unique, inverse = np.unique(points, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    n, m = unique.shape
+    distance = np.zeros(n)
+    if n <= 2:
+        return np.full(len(points), math.inf)
+    for j in range(m):
+        order = np.argsort(unique[:, j], kind="stable")
+        values = unique[order, j]
+        span = values[-1] - values[0]
+        distance[order[0]] = distance[order[-1]] = math.inf
+        if span > 0:
+            distance[order[1:-1]] += (values[2:] - values[:-2]) / span
+    return distance[inverse]
+
+
+def decide(
+    candidate: RungEntry, others: Sequence[RungEntry], eta: int
+) -> tuple[bool, int, int | None, float | None]:
+    """Whether ``candidate`` is in the top ``len(all) // eta`` of itself and ``others`` at a rung.
+
+    Returns ``(proceed, promoted, front, crowding)``: ``promoted`` is how many go on (0 when there are
+    fewer than ``eta`` trials: too few to decide, and the candidate proceeds), ``front`` the
+    candidate's 1-based non-dominated front, ``crowding`` its crowding distance when its front is the
+    one cut by the promotion boundary. See the module docstring for the ranking and its tie-break.
+    """
+    if eta < 2:
+        raise ValueError(f"eta must be >= 2, but got {eta!r}")
+    entries = [candidate, *others]
+    promoted = len(entries) // eta
+    if promoted == 0:
+        return True, 0, None, None
+    # Minimised objectives: 1 - AUC, log10 FLOPs (log: the axis the hypervolume uses; ranks do not
+    # change under it, crowding distances do).
+    points = np.array([[1.0 - e.val_auc, math.log10(max(e.flops, 1.0))] for e in entries])
+    ranks = moocore.pareto_rank(points)
+    mine = int(ranks[0])
+    taken = int(np.sum(ranks < mine))  # trials in better fronts
+    front = mine + 1  # moocore numbers fronts 0, 1, 2, ... without gaps
+    in_front = ranks == mine
+    if taken + int(in_front.sum()) <= promoted:
+        return True, promoted, front, None  # the candidate's whole front goes on
+    if taken >= promoted:
+        return False, promoted, front, None  # better fronts fill every place
+    slots = promoted - taken
+    distance = crowding_distances(points[in_front])
+    mine_distance = float(distance[0])  # the candidate is row 0, and the first of its front
+    cutoff = float(np.sort(distance)[::-1][slots - 1])
+    return mine_distance >= cutoff, promoted, front, mine_distance
+
+
+# --- learning curves ------------------------------------------------------------------------------
+
+
+def learning_curve(trial: Any) -> dict[str, list[float]]:
+    """The trial's per-epoch curve as lists by key (``CURVE_KEYS``), ready to plot; empty lists for a
+    trial that recorded none (it never trained, or predates curves).
+
+    ``trial`` is a ``FrozenTrial`` (``study.trials[n]``) or anything with ``user_attrs``::
+
+        curve = learning_curve(study.trials[17])
+        plt.plot(curve["epoch"], curve["val_auc"])
+    """
+    stored = trial.user_attrs.get(CURVE_ATTR) or {}
+    return {key: list(stored.get(key, [])) for key in CURVE_KEYS}
+
+
+def decisions(trial: Any) -> list[Decision]:
+    """The stopper's recorded decisions for ``trial``, by rung."""
+    return [Decision.from_json(d) for d in trial.user_attrs.get(DECISIONS_ATTR, [])]
+
+
+def format_learning_curve(trial: Any) -> str:
+    """A trial's learning curve and stopper decisions as text, for ``nas3d status --trial N``."""
+    attrs = trial.user_attrs
+    state = trial.state.name.lower()
+    lines = [f"trial {trial.number} ({state}): {attrs.get('arch', '?')}"]
+    if EARLY_STOPPED_ATTR in attrs or "failure_reason" in attrs:
+        lines.append(f"  {attrs.get('failure_reason', 'stopped early')}")
+    if trial.values is not None:
+        lines.append(f"  val_auc {trial.values[0]:.4f}, {trial.values[1] / 1e6:.1f} MFLOPs")
+    elif EARLY_STOPPED_VALUES_ATTR in attrs:
+        auc, flops = attrs[EARLY_STOPPED_VALUES_ATTR]
+        lines.append(f"  best val_auc {auc:.4f} before it stopped, {flops / 1e6:.1f} MFLOPs "
+                     "(not on the front)")
+    curve = learning_curve(trial)
+    if not curve["epoch"]:
+        lines.append("  no learning curve recorded")
+        return "\n".join(lines)
+    by_epoch = {d.epoch: d for d in decisions(trial)}
+    best_epoch = attrs.get("best_epoch")
+    header = ("epoch", "train_loss", "val_loss", "val_auc", "val_acc")
+    lines.append("  " + "  ".join(f"{h:>10}" for h in header))
+    for i, epoch in enumerate(curve["epoch"]):
+        cells = [f"{epoch:>10d}"] + [f"{curve[k][i]:>10.4f}" for k in header[1:]]
+        notes = []
+        if epoch == best_epoch:
+            notes.append("best")
+        if epoch in by_epoch:
+            notes.append(by_epoch[epoch].summary())
+        lines.append("  " + "  ".join(cells) + ("  " + "; ".join(notes) if notes else ""))
+    return "\n".join(lines)
+
+
+# --- the per-trial side: recording and deciding ---------------------------------------------------
+
+
+class EpochMonitor:
+    """The ``on_epoch`` callback of :func:`nas3d.train.train_trial` for one trial.
+
+    Records the learning curve after every epoch and, at a rung, asks the stopper whether to go on.
+    ``trial`` is a live ``optuna.Trial``: everything it writes goes to the study storage at once,
+    where the other workers read it.
+    """
+
+    def __init__(self, trial: Any, config: EarlyStoppingConfig, max_epochs: int, flops: float) -> None:
+        self.trial = trial
+        self.config = config
+        self.rungs = config.rungs(max_epochs)
+        self.flops = float(flops)
+        self.curve: dict[str, list[float]] = {key: [] for key in CURVE_KEYS}
+        self.decisions: list[Decision] = []
+        trial.set_user_attr(FLOPS_ATTR, int(flops))
+        # A re-queued trial arrives with the attrs of the attempt that was interrupted: start clean.
+        for key in (CURVE_ATTR, DECISIONS_ATTR):
+            if key in trial.user_attrs:
+                trial.set_user_attr(key, {} if key == CURVE_ATTR else [])
+
+    @property
+    def stopped(self) -> Decision | None:
+        """The decision that stopped the trial, if one did."""
+        return next((d for d in self.decisions if not d.proceed), None)
+
+    def __call__(self, record: EpochRecord, last: bool) -> bool:
+        for key in CURVE_KEYS:
+            self.curve[key].append(getattr(record, key))
+        # Written before the rung check reads the others: see "across workers" in the module docstring.
+        self.trial.set_user_attr(CURVE_ATTR, self.curve)
+        if last or record.epoch not in self.rungs:
+            return True
+        decision = self._decide(self.rungs.index(record.epoch), record.epoch)
+        self.decisions.append(decision)
+        self.trial.set_user_attr(DECISIONS_ATTR, [d.to_json() for d in self.decisions])
+        return decision.proceed
+
+    def _decide(self, rung: int, epoch: int) -> Decision:
+        from optuna.trial import TrialState
+
+        mine = RungEntry(self.trial.number, max(self.curve["val_auc"][:epoch]), self.flops)
+        states = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
+        others = []
+        for other in self.trial.study.get_trials(deepcopy=False, states=states):
+            if other.number == self.trial.number or "duplicate_of" in other.user_attrs:
+                continue
+            entry = rung_entry(other, epoch)
+            if entry is not None:
+                others.append(entry)
+        proceed, promoted, front, crowding = decide(mine, others, self.config.eta)
+        return Decision(rung, epoch, mine.val_auc, proceed, len(others) + 1, promoted, front, crowding,
+                        tuple(sorted(e.trial for e in others)))
+
+    def stop(self, result: TrainResult) -> None:
+        """Record the trial as stopped early and raise ``optuna.TrialPruned``.
+
+        PRUNED, not COMPLETE with partial values: ``study.best_trials`` (the dashboard's front),
+        status, export and every hypervolume then hold fully trained trials only, while TPE still
+        counts the architecture among its poor ("above") trials. The partial values are kept in
+        ``early_stopped_values``, as a duplicate keeps the values it copied.
+        """
+        import optuna
+
+        decision = self.stopped
+        assert decision is not None, "stop() without a stopping decision"
+        self.trial.set_user_attr(EARLY_STOPPED_ATTR, True)
+        self.trial.set_user_attr(EARLY_STOPPED_VALUES_ATTR, [result.val_auc, self.flops])
+        reason = (f"stopped early at epoch {decision.epoch} (rung {decision.rung}): not in the top "
+                  f"{decision.promoted} of {decision.at_rung} trials at that rung")
+        self.trial.set_user_attr("failure_reason", reason)
+        raise optuna.TrialPruned(reason)
+
+
+def rung_entry(trial: Any, epoch: int) -> RungEntry | None:
+    """``trial``'s rung value at ``epoch`` from its stored curve, or None if it has not reached it."""
+    attrs = trial.user_attrs
+    aucs = (attrs.get(CURVE_ATTR) or {}).get("val_auc", [])
+    if len(aucs) < epoch or FLOPS_ATTR not in attrs:
+        return None
+    return RungEntry(trial.number, max(aucs[:epoch]), float(attrs[FLOPS_ATTR]))
