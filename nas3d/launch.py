@@ -15,8 +15,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from nas3d.util import EXIT_USAGE
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -35,19 +39,57 @@ class Slot:
 
 def discover_gpus(gpus: str | None, *, cpu: bool = False) -> list[int] | None:
     """The GPU indices to run on: ``--gpus 0,1`` as given, else every visible GPU, else None (the
-    CPU). ``cpu`` forces the CPU."""
+    CPU). ``cpu`` forces the CPU. A one-line ``ValueError`` for indices that are malformed, repeated
+    or not on this machine, before any worker starts."""
     if cpu:
         return None
-    if gpus:
-        try:
-            return [int(g) for g in gpus.split(",") if g.strip()]
-        except ValueError:
-            raise ValueError(
-                f"--gpus expects comma-separated GPU indices such as 0,1, but got {gpus!r}"
-            ) from None
+    if gpus is None:
+        import torch
+
+        return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else None
+    try:
+        indices = [int(g) for g in gpus.split(",") if g.strip()]
+    except ValueError:
+        indices = []
+    if not indices or any(i < 0 for i in indices):
+        raise ValueError(f"--gpus expects comma-separated GPU indices such as 0,1, but got {gpus!r}")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"--gpus {gpus}: an index is repeated; use --workers-per-gpu for several "
+                         "workers on one GPU")
+    missing = [i for i in indices if i >= _gpu_count()]
+    if missing:
+        raise ValueError(f"--gpus {gpus}: {_no_gpu(missing[0])}; name the GPUs nvidia-smi lists, "
+                         "or use --cpu")
+    return indices
+
+
+def torch_device(name: str) -> torch.device:
+    """``--device`` as a torch device that exists here; a one-line ``ValueError`` otherwise."""
     import torch
 
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, but got {name!r}")
+    if device.type == "cuda" and (device.index or 0) >= _gpu_count():
+        raise ValueError(f"--device {name}: {_no_gpu(device.index or 0)}; use --device cpu or another GPU")
+    return device
+
+
+def _gpu_count() -> int:
+    """GPUs this process may use (after CUDA_VISIBLE_DEVICES); 0 without a CUDA driver."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _no_gpu(index: int) -> str:
+    count = _gpu_count()
+    if count == 0:
+        return "CUDA is not available here (no NVIDIA GPU or driver visible to torch)"
+    return f"there is no GPU {index}; this machine has {count} (0 to {count - 1})"
 
 
 def plan_slots(

@@ -50,7 +50,7 @@ def test_default_is_sqlite_under_nas3d_home(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("NAS3D_HOME", str(tmp_path / "home"))
     assert resolve_storage_url(None) == f"sqlite:///{tmp_path / 'home' / 'nas3d.db'}"
     assert resolve_storage_url("  ") == resolve_storage_url(None)
-    assert (tmp_path / "home").is_dir()
+    assert not (tmp_path / "home").exists()  # resolving a string writes nothing; opening does
 
 
 def test_default_home_is_storage_in_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
