@@ -155,7 +155,7 @@ def test_export_gives_a_checkpoint_that_reproduces_the_trials_val_metrics(
 
     data = load_splits(config.data, "cpu", for_search=True)
     model = checkpoint.build().to(memory_format=torch.channels_last_3d)
-    val_auc, val_acc, _ = evaluate(model, data.val, "cpu", config.train.batch_size, amp=config.train.amp,
+    val_auc, val_acc, _ = evaluate(model, data.val, "cpu", config.train.batch_size,
                                    channels_last=config.train.channels_last)
     assert (val_auc, val_acc) == (trial.values[0], trial.user_attrs["val_acc"])
 
