@@ -64,7 +64,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("study-changed-config", f"create-study --study {SMOKE} --data-root data --n-trials 7",
      "already exists with a different configuration"),
     # data
-    ("corrupt-synthetic-data", f"search {STUDY.replace('data', 'corrupt')}", "is not a readable MedMNIST npz"),
+    ("corrupt-synthetic-data", f"search --study {SMOKE} --data-root corrupt --name fresh", "is not a readable MedMNIST npz"),
     ("typo-data-root-download", "search --dataset adrenalmnist3d --data-root typo/medmnist", "could not download"),
     ("missing-dataset-no-download", "search --dataset nodulemnist3d --data-root typo --set data.download=false",
      "nodulemnist3d.npz not found in"),
