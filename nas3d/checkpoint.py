@@ -115,20 +115,21 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         )
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"{path} is not a nas3d checkpoint ({one_line(e, 200)})") from None
-    problem = _mismatch(checkpoint)
+    # Files of the first formats predate the cost and identity records: their weights are checked only.
+    problem = _mismatch(checkpoint, costs=found == FORMAT)
     if problem:
         raise ValueError(f"{path}: the recorded model ({recipe.describe()}) does not match the file: "
                          f"{problem}; refusing it (export or retrain it again)")
     return checkpoint
 
 
-def _mismatch(checkpoint: Checkpoint) -> str | None:
+def _mismatch(checkpoint: Checkpoint, *, costs: bool = True) -> str | None:
     """Why the weights, recorded costs or identity are not those of the recipe's model, or None.
 
     The model is rebuilt on the meta device (no memory, no compute) and the weights are loaded into it
     strictly: every key present, none extra, every shape equal. A recipe swapped for another with the
-    same weight shapes (relu_conv3 for mish_conv3) passes that, so the recorded identity and FLOPs
-    are compared as well.
+    same weight shapes (relu_conv3 for mish_conv3) passes that, so (``costs``) the recorded identity,
+    parameter count and FLOPs are compared as well.
     """
     from nas3d.costs import count_flops
 
@@ -146,6 +147,8 @@ def _mismatch(checkpoint: Checkpoint) -> str | None:
     with warnings.catch_warnings():  # copying into meta tensors is a no-op, which is all a check needs
         warnings.filterwarnings("ignore", "for .*: copying from a non-meta parameter", UserWarning)
         model.load_state_dict(given, strict=True)  # as Checkpoint.build does; raises on any other mismatch
+    if not costs:
+        return None
     for key, value in _identity(checkpoint.recipe).items():
         if key in metadata and metadata[key] != value:
             return f"it records {key} {metadata[key]!r}, the recorded model has {value!r}"
