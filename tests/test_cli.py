@@ -73,7 +73,8 @@ def test_bad_study_file_key_is_named(tmp_path: Path) -> None:
 def test_worker_for_unknown_study_says_how_to_create_it(tmp_path: Path) -> None:
     result = nas3d("worker", "--study-name", "nope", cwd=tmp_path)
     assert result.returncode == 2
-    assert "no study named 'nope'" in result.stderr and "create-study" in result.stderr
+    assert "no sqlite storage at" in result.stderr and "create-study" in result.stderr
+    assert not (tmp_path / "nas3d-home").exists()  # a worker reads the storage; it never creates one
 
 
 @pytest.mark.slow

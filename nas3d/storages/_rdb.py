@@ -108,7 +108,8 @@ class _RDBStorage(RDBStorage):
             _logger.warning("heartbeat of trial id %d skipped: %s", trial_id, _first_line(e))
 
 
-_FIX_STORAGE = "check --storage / $NAS3D_STORAGE (reading a storage never creates one)"
+_FIX_STORAGE = ("check --storage / $NAS3D_STORAGE, or create a study there first with `nas3d create-study` "
+                "(reading a storage never creates one)")
 
 
 def _check_exists(spec: StorageSpec) -> None:
