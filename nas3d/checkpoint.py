@@ -9,6 +9,7 @@ architectures and baselines share this one format; files written before it (``na
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,9 +70,17 @@ def save_checkpoint(
         "num_classes": num_classes,
         "input_size": input_size,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "metadata": {"nas3d_version": __version__, **(metadata or {})},
+        # identity and size of the model, checked against the recipe on every load
+        "metadata": {"nas3d_version": __version__, **_identity(ModelRecipe.of(recipe)),
+                     "params": sum(p.numel() for p in model.parameters()), **(metadata or {})},
     }
     return atomic_write(path, lambda file: torch.save(data, file))
+
+
+def _identity(recipe: ModelRecipe) -> dict[str, str]:
+    """What names the model: the architecture's hash (equal for isomorphic cells), or the registry name."""
+    arch = recipe.architecture
+    return {"arch_hash": arch.arch_hash()} if arch is not None else {"model_name": recipe.name}
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -96,7 +105,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             recipe = ModelRecipe(data["baseline"])
         else:
             raise ValueError(f"format {found!r}, expected {FORMAT!r}")
-        return Checkpoint(
+        checkpoint = Checkpoint(
             recipe=recipe,
             in_channels=data["in_channels"],
             num_classes=data["num_classes"],
@@ -106,3 +115,50 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         )
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"{path} is not a nas3d checkpoint ({one_line(e, 200)})") from None
+    # Files of the first formats predate the cost and identity records: their weights are checked only.
+    problem = _mismatch(checkpoint, costs=found == FORMAT)
+    if problem:
+        raise ValueError(f"{path}: the recorded model ({recipe.describe()}) does not match the file: "
+                         f"{problem}; refusing it (export or retrain it again)")
+    return checkpoint
+
+
+def _mismatch(checkpoint: Checkpoint, *, costs: bool = True) -> str | None:
+    """Why the weights, recorded costs or identity are not those of the recipe's model, or None.
+
+    The model is rebuilt on the meta device (no memory, no compute) and the weights are loaded into it
+    strictly: every key present, none extra, every shape equal. A recipe swapped for another with the
+    same weight shapes (relu_conv3 for mish_conv3) passes that, so (``costs``) the recorded identity,
+    parameter count and FLOPs are compared as well.
+    """
+    from nas3d.costs import count_flops
+
+    metadata = checkpoint.metadata
+    with torch.device("meta"):
+        model = checkpoint.recipe.build(checkpoint.in_channels, checkpoint.num_classes).eval()
+    expected, given = model.state_dict(), checkpoint.state_dict
+    missing, unexpected = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys())
+    shapes = [k for k in expected.keys() & given.keys() if tuple(expected[k].shape) != tuple(given[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                 for label, keys in (("missing weights", missing), ("unexpected weights", unexpected),
+                                     ("weights of another shape", sorted(shapes))) if keys]
+        return "; ".join(parts)
+    with warnings.catch_warnings():  # copying into meta tensors is a no-op, which is all a check needs
+        warnings.filterwarnings("ignore", "for .*: copying from a non-meta parameter", UserWarning)
+        model.load_state_dict(given, strict=True)  # as Checkpoint.build does; raises on any other mismatch
+    if not costs:
+        return None
+    for key, value in _identity(checkpoint.recipe).items():
+        if key in metadata and metadata[key] != value:
+            return f"it records {key} {metadata[key]!r}, the recorded model has {value!r}"
+    params = sum(p.numel() for p in model.parameters())
+    if "params" in metadata and metadata["params"] != params:
+        return f"it records {metadata['params']} parameters, the recorded model has {params}"
+    flops = (metadata.get("metrics") or {}).get("flops")
+    if flops is not None:
+        size = checkpoint.input_size
+        counted = count_flops(model, (1, checkpoint.in_channels, size, size, size))
+        if counted != flops:
+            return f"it records {flops} FLOPs, the recorded model has {counted} at {size}^3"
+    return None

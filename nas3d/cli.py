@@ -56,6 +56,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "--lr": dict(type=float, default=1e-3),
     "--patience": dict(type=int, help="stop after this many epochs without a lower val loss (default never)"),
     "--no-amp": dict(action="store_true", help="float32 on CUDA too (default: mixed precision on CUDA)"),
+    "--keep": dict(default="val_auc", help="test the epoch of best val_auc, or of best val_acc (the seed's)"),
 }
 _DEFINITION = ("--size", "--name", "--n-trials", "--max-epochs", "--data-root", "--sampler", "--warm-start",
                "--set")
@@ -99,13 +100,14 @@ def _create(args: argparse.Namespace) -> str:
     return config.study.name
 
 
-def _launch(args: argparse.Namespace, study_name: str) -> int:
+def _launch(args: argparse.Namespace, study_name: str | None = None) -> int:
     from nas3d.launch import discover_gpus, launch, plan_slots, worker_arguments
 
-    gpus = discover_gpus(args.gpus, cpu=args.cpu)
+    gpus = discover_gpus(args.gpus, cpu=args.cpu)  # devices and worker counts before a study is created
     slots = plan_slots(gpus=gpus, workers_per_gpu=args.workers_per_gpu, cpu_workers=args.workers)
     extra = worker_arguments(args.heartbeat_interval, args.grace_period, args.progress)
-    return launch(study_name, _storage(args).url, slots, extra)
+    args.study_name = study_name or _create(args)
+    return launch(args.study_name, _storage(args).url, slots, extra)
 
 
 class CreateStudy(Command):
@@ -124,9 +126,8 @@ class Search(Command):
     def run(self, args: argparse.Namespace) -> int:
         from nas3d.report import status_report
 
-        name = _create(args)
-        code = _launch(args, name)
-        print(status_report(_storage(args), name))
+        code = _launch(args)  # creates the study once the devices check out
+        print(status_report(_storage(args), args.study_name))
         return code
 
 
@@ -170,12 +171,10 @@ class Export(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from nas3d.report import exported_line
-        from nas3d.storages import artifact_store_for, make_storage
         from nas3d.study import export_checkpoint
 
-        spec = _storage(args)
-        trial, checkpoint = export_checkpoint(make_storage(spec), artifact_store_for(spec), args.study_name,
-                                              args.trial, args.out, overwrite=args.force)
+        trial, checkpoint = export_checkpoint(_storage(args), None, args.study_name, args.trial, args.out,
+                                              overwrite=args.force)
         print(exported_line(args.study_name, trial.number, args.out, checkpoint))
         return 0
 
@@ -185,8 +184,8 @@ class Retrain(Command):
     help = "final training by the paper's protocol (full train split, 200 epochs, five seeds), then test"
     exclusive, required_choice = (("--checkpoint", "--study-name", "--baseline"),), True
     flags = ("--storage", "--trial", "--dataset", "--size", "--data-root", "--epochs", "--seeds",
-             "--batch-size", "--lr", "--patience", "--no-amp", "--device", "--out", "--force", "--progress",
-             "--set")
+             "--batch-size", "--lr", "--patience", "--no-amp", "--keep", "--device", "--out", "--force",
+             "--progress", "--set")
     overrides = {
         "--checkpoint": dict(metavar="FILE", help="a checkpoint from `nas3d export` (its model only)"),
         "--study-name": dict(required=False, help="a study; with --trial"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -167,6 +168,12 @@ def load_study_config(path: str | Path) -> StudyConfig:
         raise ConfigError(f"{path}: study file not found") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read study file: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.object[e.start]:#04x} at offset "
+                          f"{e.start}); a study file is TOML, e.g. a copy of studies/smoke.toml") from None
+    if "\x00" in text:  # valid UTF-8 but binary: tomllib would name only a character, not the file's kind
+        raise ConfigError(f"{path}: a binary file (it holds NUL bytes), not a TOML study file; "
+                          "give a .toml such as studies/smoke.toml")
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -278,6 +285,10 @@ def _check_value(value: Any, hint: Any, source: str, table: str, key: str) -> An
     for h in _accepted(hint):
         ok, converted = _convert(value, h)
         if ok:
+            if not all(math.isfinite(v) for v in _floats(converted)):
+                # TOML reads nan and inf as floats; no setting means either, and a nan cap or rate
+                # would only surface as a failed trial later.
+                raise ConfigError(f"{source}: [{table}] {key}: must be a finite number, got {value!r}")
             return converted
     raise ConfigError(f"{source}: [{table}] {key}: expected {_type_name(hint)}, got {value!r}")
 
@@ -297,6 +308,11 @@ def _convert(value: Any, hint: Any) -> tuple[bool, Any]:
     if hint is float and isinstance(value, int | float):
         return True, float(value)
     return isinstance(value, hint), value
+
+
+def _floats(value: Any) -> list[float]:
+    items = value if isinstance(value, tuple) else (value,)
+    return [v for v in items if isinstance(v, float)]
 
 
 def _unknown(

@@ -256,6 +256,16 @@ def ensure_file(cfg: DataConfig) -> Path:
     return path
 
 
+def check_data(cfg: DataConfig) -> Path:
+    """:func:`ensure_file`, and for synthetic data (which has no md5 to check) a read of the whole
+    file as ``cfg`` says it is; the path. What a study checks before it is created: a damaged file
+    fails here, in one line, rather than in every worker's first trial."""
+    path = ensure_file(cfg)
+    if cfg.dataset == SYNTHETIC:  # a real file passed medmnist's md5 in ensure_file
+        read_arrays(cfg, path)
+    return path
+
+
 def read_arrays(
     cfg: DataConfig, path: Path, splits: tuple[str, ...] = SPLITS
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -332,8 +342,24 @@ def write_synthetic_npz(
 
 
 def _download(cfg: DataConfig, path: Path, url: str) -> None:
-    """Fetch the file through medmnist's own download (torchvision's ``download_url``, md5-checked)."""
+    """Fetch the file through medmnist's own download (torchvision's ``download_url``, md5-checked).
+
+    Folders it creates for the file are removed again when the download fails: a mistyped
+    ``--data-root`` leaves nothing behind."""
+    created = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _fetch(cfg, path, url)
+    except BaseException:
+        for folder in created:  # deepest first; only what we made, and only if still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _fetch(cfg: DataConfig, path: Path, url: str) -> None:
     dataset_class = getattr(medmnist, INFO[cfg.dataset]["python_class"])
     # torchvision's urlopen has no timeout: without one a black-holed network hangs a worker for minutes.
     previous = socket.getdefaulttimeout()

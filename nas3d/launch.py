@@ -15,8 +15,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from nas3d.train import gpu_count, no_gpu_message
 from nas3d.util import EXIT_USAGE
+
+if TYPE_CHECKING:
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -35,19 +40,28 @@ class Slot:
 
 def discover_gpus(gpus: str | None, *, cpu: bool = False) -> list[int] | None:
     """The GPU indices to run on: ``--gpus 0,1`` as given, else every visible GPU, else None (the
-    CPU). ``cpu`` forces the CPU."""
+    CPU). ``cpu`` forces the CPU. A one-line ``ValueError`` for indices that are malformed, repeated
+    or not on this machine, before any worker starts."""
     if cpu:
         return None
-    if gpus:
-        try:
-            return [int(g) for g in gpus.split(",") if g.strip()]
-        except ValueError:
-            raise ValueError(
-                f"--gpus expects comma-separated GPU indices such as 0,1, but got {gpus!r}"
-            ) from None
-    import torch
+    if gpus is None:
+        import torch
 
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else None
+        return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else None
+    try:
+        indices = [int(g) for g in gpus.split(",") if g.strip()]
+    except ValueError:
+        indices = []
+    if not indices or any(i < 0 for i in indices):
+        raise ValueError(f"--gpus expects comma-separated GPU indices such as 0,1, but got {gpus!r}")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"--gpus {gpus}: an index is repeated; use --workers-per-gpu for several "
+                         "workers on one GPU")
+    missing = [i for i in indices if i >= gpu_count()]
+    if missing:
+        raise ValueError(f"--gpus {gpus}: {no_gpu_message(missing[0])}; name the GPUs nvidia-smi lists, "
+                         "or use --cpu")
+    return indices
 
 
 def plan_slots(

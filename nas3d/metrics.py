@@ -11,6 +11,8 @@ no positive or no negative sample has an undefined AUC (nan).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from nas3d.util import unknown_option_message
@@ -31,6 +33,22 @@ def accuracy(labels: np.ndarray, scores: np.ndarray, task: str, threshold: float
     y, s = _prepare(labels, scores, task)
     predicted = (s > threshold).astype(np.int64) if task == "binary-class" else np.argmax(s, axis=-1)
     return float(np.mean(predicted == y))
+
+
+def evaluator_metrics(
+    flag: str, split: str, size: int, root: str | Path, labels: np.ndarray, scores: np.ndarray
+) -> tuple[float, float]:
+    """``(AUC, ACC)`` from ``medmnist.Evaluator(flag, split, size, root)`` itself, which reads the labels
+    from the real file; ``labels`` (ours, in the same order) must equal them, or the scores belong to
+    other samples."""
+    from medmnist import Evaluator
+
+    evaluator = Evaluator(flag, split, size=size, root=str(root))
+    if not np.array_equal(np.asarray(evaluator.labels).reshape(-1), np.asarray(labels).reshape(-1)):
+        raise ValueError(f"{flag} {split} labels differ from medmnist.Evaluator's (file {root}); "
+                         "the scores would be matched to the wrong samples")
+    result = evaluator.evaluate(np.asarray(scores))
+    return float(result.AUC), float(result.ACC)
 
 
 def _prepare(labels: np.ndarray, scores: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]:

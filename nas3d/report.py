@@ -28,9 +28,12 @@ __all__ = [
 def status_report(storage: Any, study_name: str | None = None) -> str:
     """:func:`format_status` of ``study_name``, or of every study in ``storage`` (a string or spec)."""
     from nas3d.storages import make_storage
+    from nas3d.study import study_id_of
 
-    backend = make_storage(storage)
-    names = [study_name] if study_name else [s.study_name for s in optuna.get_all_study_summaries(backend)]
+    backend = make_storage(storage, must_exist=True)  # reading never creates a storage
+    if study_name:
+        study_id_of(backend, study_name)  # a one-line StudyNotFound naming the studies there
+    names = [study_name] if study_name else optuna.get_all_study_names(backend)
     if not names:
         return f"no studies in {storage}"
     return "\n".join(format_status(optuna.load_study(study_name=name, storage=backend)) for name in names)

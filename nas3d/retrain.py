@@ -2,7 +2,9 @@
 
 The protocol (DESIGN.md §4): the full train split (no search subset), Adam lr 1e-3, batch 128,
 200 epochs, five seeds (0, 42, 143, 1234, 3074), the checkpoint of the epoch with the highest
-validation AUC, then test AUC/ACC with the MedMNIST metrics. Training is :func:`nas3d.train.train_trial`
+validation AUC (``keep="val_acc"``: the highest validation ACC, the seed code's choice), then test
+AUC/ACC in float32 with ``medmnist.Evaluator`` on the real test split (synthetic data: the same
+metrics by :mod:`nas3d.metrics`). Training is :func:`nas3d.train.train_trial`
 with a patience equal to the epoch budget, so nothing stops early unless a patience is asked for.
 Every run starts from a fresh initialisation seeded by its seed; a checkpoint given as the source
 contributes only its architecture, as in the paper.
@@ -33,9 +35,20 @@ from nas3d.baselines import BASELINES
 from nas3d.checkpoint import load_checkpoint, save_checkpoint
 from nas3d.costs import measure_costs
 from nas3d.data import DATASETS, SYNTHETIC, DataConfig, DeviceData, load_splits
+from nas3d.metrics import accuracy, auc, evaluator_metrics
 from nas3d.registry import ModelRecipe
-from nas3d.train import TrainConfig, TrainingFailure, autocast_dtype, device_name, evaluate, train_trial
-from nas3d.util import atomic_write, unknown_option_message
+from nas3d.train import (
+    KEEP_CHOICES,
+    NonFiniteLoss,
+    TrainConfig,
+    TrainingFailure,
+    autocast_dtype,
+    device_name,
+    predict,
+    torch_device,
+    train_trial,
+)
+from nas3d.util import atomic_write, check_choice, unknown_option_message
 
 if TYPE_CHECKING:  # the training path itself needs no optuna
     from optuna.trial import FrozenTrial
@@ -76,6 +89,8 @@ class RetrainConfig:
     patience: int | None = None  # None: train every epoch (the paper keeps the best-val checkpoint)
     amp: bool = True  # as TrainConfig.amp: mixed precision on CUDA; the CPU trains in float32
     channels_last: bool = True
+    keep: str = "val_auc"  # the epoch tested: best val_auc, or best val_acc (as TrainConfig.keep)
+    cudnn_benchmark: bool = True  # as TrainConfig.cudnn_benchmark
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seeds", tuple(self.seeds))
@@ -96,6 +111,7 @@ class RetrainConfig:
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
             raise ValueError(f"retrain patience must be an integer >= 1 or None (no early stop), "
                              f"but got {self.patience!r}")
+        check_choice("--keep", self.keep, KEEP_CHOICES)
 
     def train_config(self, seed: int) -> TrainConfig:
         """The :class:`TrainConfig` of one seed's run."""
@@ -107,6 +123,8 @@ class RetrainConfig:
             seed=seed,
             amp=self.amp,
             channels_last=self.channels_last,
+            cudnn_benchmark=self.cudnn_benchmark,
+            keep=self.keep,
         )
 
 
@@ -255,6 +273,7 @@ def plan_retrain(options: dict[str, Any], storage: Any) -> RetrainPlan:
     config = RetrainConfig(
         epochs=options["epochs"], seeds=parse_seeds(options["seeds"]), batch_size=options["batch_size"],
         lr=options["lr"], patience=options.get("patience"), amp=not options.get("no_amp", False),
+        keep=options.get("keep") or "val_auc",
     )
     device = torch_device(options.get("device") or "cpu")
     recorded = None
@@ -282,19 +301,6 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         raise ValueError(
             f"--seeds expects comma-separated integers such as 0,42,143, but got {text!r}"
         ) from None
-
-
-def torch_device(name: str) -> torch.device:
-    """``--device`` as a torch device that exists here; a one-line ``ValueError`` otherwise."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, but got {name!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, but got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return device
 
 
 @dataclass(frozen=True)
@@ -384,9 +390,12 @@ def retrain(
         # How test scores were computed, so a reloaded checkpoint reproduces them exactly.
         "evaluation": {
             "batch_size": config.batch_size,
-            "precision": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
+            "training_precision": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
+            "precision": "float32",  # scores are float32 softmax of float32 logits (nas3d.train.predict)
             "channels_last": config.channels_last,
-            "metrics": "MedMNIST Evaluator AUC/ACC (nas3d.metrics)",
+            "kept_epoch": f"best {config.keep}",
+            "metrics": ("nas3d.metrics (MedMNIST getAUC/getACC)" if data_config.dataset == SYNTHETIC
+                        else "medmnist.Evaluator on the test split"),
         },
         "costs": {**costs, "flops_convention": FLOPS_CONVENTION},
         "seeds": [],
@@ -427,12 +436,13 @@ def _run_seed(
     try:
         trained = train_trial(model, data, config.train_config(seed), device, progress=progress)
         try:
-            test_auc, test_acc, test_loss = evaluate(
-                model, data.test, device, config.batch_size,
-                amp=config.amp, channels_last=config.channels_last,
-            )
+            scores, test_loss = predict(model, data.test, device, config.batch_size,
+                                        channels_last=config.channels_last)
+            if not math.isfinite(test_loss):
+                raise NonFiniteLoss(f"loss is {test_loss}")
         except TrainingFailure as e:
             raise type(e)(f"test {e} with the best-val weights") from None
+        test_auc, test_acc = test_metrics(data_config, data.test, scores)
     except TrainingFailure as e:
         del model
         if device.type == "cuda":
@@ -465,6 +475,16 @@ def _run_seed(
         seconds=round(time.perf_counter() - start, 3),
         checkpoint=name,
     )
+
+
+def test_metrics(data_config: DataConfig, split: Any, scores: np.ndarray) -> tuple[float, float]:
+    """Test AUC and ACC of ``scores``: by ``medmnist.Evaluator`` itself on the real test split (same flag,
+    split and size), or by :mod:`nas3d.metrics` (the same functions) for synthetic data."""
+    labels = split.labels.cpu().numpy()
+    if data_config.dataset == SYNTHETIC:
+        return auc(labels, scores, split.task), accuracy(labels, scores, split.task)
+    return evaluator_metrics(data_config.dataset, "test", data_config.size, data_config.data_root, labels,
+                             scores)
 
 
 def summarise(seeds: Sequence[SeedResult]) -> dict[str, Any]:

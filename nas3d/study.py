@@ -24,15 +24,15 @@ from nas3d.architecture import InfeasibleArchitecture
 from nas3d.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from nas3d.config import StudyConfig
 from nas3d.costs import measure_costs
-from nas3d.data import DeviceData, ensure_file
+from nas3d.data import DeviceData, check_data
 from nas3d.early_stopping import EpochMonitor
 from nas3d.model import build_model
 from nas3d.samplers import make_sampler
 from nas3d.seeds import seed_architectures
 from nas3d.space import params_for, sample_architecture
-from nas3d.storages import StorageSpec, make_storage
+from nas3d.storages import StorageSpec, make_storage, resolve_storage
 from nas3d.train import device_name, train_trial
-from nas3d.util import atomic_path, one_line
+from nas3d.util import atomic_path, did_you_mean, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +85,10 @@ def create_study(config: StudyConfig, storage: optuna.storages.BaseStorage) -> o
 def prepare_study(config: StudyConfig, storage: str | StorageSpec | None) -> optuna.Study:
     """Check what the study needs (its data, its storage), then create it, or check the existing one.
 
-    The data is checked first, so a missing file never leaves an empty study behind, and nas3d never
-    falls back to other data.
+    The data is checked first (present, and readable as the configured dataset), so a missing or
+    corrupt file never leaves an empty study behind, and nas3d never falls back to other data.
     """
-    ensure_file(config.data)
+    check_data(config.data)
     return create_study(config, make_storage(storage))
 
 
@@ -119,13 +119,8 @@ def load_study(
     name: str, storage: optuna.storages.BaseStorage, *, worker_index: int = 0
 ) -> tuple[optuna.Study, StudyConfig]:
     """Load study ``name`` with its stored configuration and a sampler of its own for this worker."""
-    try:
-        study_id = storage.get_study_id_from_name(name)
-    except KeyError:
-        raise StudyNotFound(
-            f"no study named {name!r} in this storage; create it first with "
-            "`nas3d create-study --study FILE` (or run `nas3d search`)"
-        ) from None
+    study_id = study_id_of(storage, name, fix="create it first with `nas3d create-study --study FILE` "
+                                              "(or run `nas3d search`)")
     # Read only this study's attrs: summaries of every study would load every trial in the database.
     user_attrs = storage.get_study_user_attrs(study_id)
     if CONFIG_ATTR not in user_attrs:
@@ -143,6 +138,22 @@ def load_study(
         study_name=name, storage=storage, sampler=make_sampler(settings, space=config.space, ode=config.ode)
     )
     return study, config
+
+
+def study_id_of(storage: optuna.storages.BaseStorage, name: str, *, fix: str | None = None) -> int:
+    """The id of study ``name``; else :class:`StudyNotFound`, one line naming the closest name, the
+    studies there are and ``fix``."""
+    try:
+        return storage.get_study_id_from_name(name)
+    except KeyError:
+        pass
+    names = [s.study_name for s in storage.get_all_studies()]
+    close = did_you_mean(name, names)
+    there = (f"did you mean {close!r}? " if close else "") + (
+        f"it holds {', '.join(map(repr, names[:10]))}{' ...' if len(names) > 10 else ''}" if names
+        else "it holds no studies")
+    fix = fix or ("`nas3d status` lists them (is --storage / $NAS3D_STORAGE the one the workers used?)")
+    raise StudyNotFound(f"no study named {name!r} in this storage ({there}); {fix}")
 
 
 def record_constraints(trial: optuna.trial.Trial, values: Mapping[str, float]) -> None:
@@ -285,11 +296,7 @@ class TrialObjective:
 
 def load_trial(storage: optuna.storages.BaseStorage, study_name: str, number: int) -> FrozenTrial:
     """Trial ``number`` of study ``study_name``; one-line ``LookupError`` naming what exists."""
-    try:
-        study_id = storage.get_study_id_from_name(study_name)
-    except KeyError:
-        raise StudyNotFound(f"no study named {study_name!r} in this storage; `nas3d status` lists them "
-                            "(is --storage / $NAS3D_STORAGE the one the workers used?)") from None
+    study_id = study_id_of(storage, study_name)
     try:
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
     except KeyError:
@@ -314,7 +321,7 @@ def _no_checkpoint_reason(trial: FrozenTrial) -> str:
 
 
 def export_checkpoint(
-    storage: optuna.storages.BaseStorage,
+    storage: optuna.storages.BaseStorage | StorageSpec | str | None,
     artifact_store: Any,
     study_name: str,
     number: int,
@@ -324,13 +331,24 @@ def export_checkpoint(
 ) -> tuple[FrozenTrial, Checkpoint]:
     """Copy trial ``number``'s checkpoint out of the artifact store to ``out``; returns the trial and
     the checkpoint as loaded back. The file appears whole or not at all, and an existing ``out`` is
-    replaced only with ``overwrite`` and only by a file that loads."""
+    replaced only with ``overwrite`` and only by a file that loads and is that trial's architecture.
+
+    ``storage`` may be a storage string or spec, opened read-only (it must exist); ``artifact_store``
+    None means the one that goes with it."""
     from optuna.artifacts import download_artifact
     from optuna.artifacts.exceptions import ArtifactNotFound
 
     out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file path, e.g. {out / f'trial-{number}.pt'}")
     if out.exists() and not overwrite:
         raise ValueError(f"{out} exists; pass --force to overwrite it, or choose another --out")
+    if not isinstance(storage, optuna.storages.BaseStorage):
+        from nas3d.storages import artifact_store_for
+
+        spec = resolve_storage(storage)
+        storage = make_storage(spec, must_exist=True)
+        artifact_store = artifact_store if artifact_store is not None else artifact_store_for(spec)
     trial = load_trial(storage, study_name, number)
     artifact_id = trial.user_attrs.get("checkpoint_artifact")
     if artifact_id is None:
@@ -341,6 +359,7 @@ def export_checkpoint(
         with atomic_path(out) as partial:
             download_artifact(artifact_store=artifact_store, file_path=str(partial), artifact_id=artifact_id)
             checkpoint = load_checkpoint(partial)  # only a file that loads replaces ``out``
+            _check_identity(checkpoint, trial, study_name)
     except ArtifactNotFound:
         raise LookupError(
             f"trial {trial.number}'s checkpoint (artifact {artifact_id}) is not in the artifact store "
@@ -348,3 +367,15 @@ def export_checkpoint(
             "workers wrote to"
         ) from None
     return trial, checkpoint
+
+
+def _check_identity(checkpoint: Checkpoint, trial: FrozenTrial, study_name: str) -> None:
+    """Refuse a stored checkpoint that is not this trial's: another trial's file, or another architecture."""
+    recorded = (checkpoint.metadata.get("study"), checkpoint.metadata.get("trial"))
+    if recorded != (study_name, trial.number):
+        raise ValueError(f"the checkpoint stored for trial {trial.number} of study {study_name!r} records "
+                         f"study {recorded[0]!r} trial {recorded[1]!r}; the artifact store is mixed up")
+    arch = checkpoint.architecture
+    if arch is None or arch.arch_hash() != trial.user_attrs.get("arch_hash"):
+        raise ValueError(f"the checkpoint stored for trial {trial.number} of study {study_name!r} holds "
+                         f"{checkpoint.recipe.describe()}, not the trial's {trial.user_attrs.get('arch')}")

@@ -8,17 +8,21 @@ seed does, because it keeps moving where AUC plateaus.
 
 Batches are drawn by index from whole splits already on the device (:class:`nas3d.data.Split`), so
 the loop does no per-sample Python work and no host-to-device copies. It runs in channels_last_3d
-memory format; on CUDA under autocast (bf16 where supported, else fp16 with a gradient scaler) with
-cuDNN autotuning on. On the CPU it trains in float32, bit-reproducibly; bf16 there is an opt-in
-(``TrainConfig.cpu_bf16``). This module does not import optuna: failures
-are exceptions (:class:`TrainingFailure`) whose message is the reason the caller records.
+memory format; on CUDA under autocast (bf16 where the GPU computes it natively, else fp16 with a
+gradient scaler), with cuDNN autotuning as ``TrainConfig.cudnn_benchmark`` asks, for the run only.
+On the CPU it trains in float32, bit-reproducibly; bf16 there is an opt-in (``TrainConfig.cpu_bf16``).
+Validation and test scores are always computed in float32 (no autocast), as MedMNIST's evaluator
+sees them: bf16 logits would tie scores and move AUC in the third decimal. This module does not
+import optuna: failures are exceptions (:class:`TrainingFailure`) whose message is the reason the
+caller records.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +33,10 @@ from tqdm.auto import tqdm
 
 from nas3d.data import DeviceData, Split
 from nas3d.metrics import accuracy, auc
+from nas3d.util import check_choice
+
+#: The epoch a run keeps: by best validation AUC or best validation ACC (TrainConfig.keep).
+KEEP_CHOICES = ("val_auc", "val_acc")
 
 
 @dataclass(frozen=True)
@@ -53,13 +61,22 @@ class TrainConfig:
     # (bench/train_throughput.py, float32): the loop ran 1.78x-1.95x the channels-first seed loop on two
     # seed architectures (1.15x SynapseMNIST3D, 1.16x the small CNN), and 1.00x when channels-first.
     channels_last: bool = True
+    # torch.backends.cudnn.benchmark for the duration of a CUDA run (restored after): input shapes are
+    # fixed, so autotuned kernels pay off from the second epoch. A global flag, so it is asked for here
+    # rather than set behind the caller's back.
+    cudnn_benchmark: bool = True
+    # The epoch whose weights the run keeps and reports: the best validation AUC (the search objective,
+    # and MedMNIST's own benchmark code's choice) or the best validation ACC (the seed code's choice).
+    # Ties go to the lower validation loss.
+    keep: str = "val_auc"
 
     def __post_init__(self) -> None:
         for name in ("max_epochs", "patience", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, but got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ValueError(f"train.lr must be > 0, but got {self.lr!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"train.lr must be a finite number > 0, but got {self.lr!r}")
+        check_choice("train.keep", self.keep, KEEP_CHOICES)
 
 
 class TrainingFailure(RuntimeError):
@@ -85,7 +102,7 @@ class EpochRecord:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """Validation metrics of the best epoch (highest val AUC) and how the run went."""
+    """Validation metrics of the kept epoch (best by ``TrainConfig.keep``) and how the run went."""
 
     val_auc: float
     val_acc: float
@@ -127,7 +144,8 @@ def train_trial(
     if missing:
         raise ValueError(f"validation split has no sample of classes {sorted(missing)}: its AUC is undefined")
     try:
-        return _train(model, data, config, device, progress, on_epoch)
+        with cudnn_benchmark(config.cudnn_benchmark) if device.type == "cuda" else nullcontext():
+            return _train(model, data, config, device, progress, on_epoch)
     except torch.OutOfMemoryError as exc:
         reason = f"out of memory on {device} at batch size {config.batch_size}: {str(exc).splitlines()[0]}"
     # Outside the except block the exception and its traceback, which hold _train's frames and their
@@ -149,8 +167,6 @@ def _train(
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)  # batch order, independent of model init
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: autotuned kernels pay off from epoch 2
     amp_dtype = autocast_dtype(device, config.amp, cpu_bf16=config.cpu_bf16)
     channels_last = config.channels_last
     model.to(device)
@@ -184,15 +200,15 @@ def _train(
                 raise NonFiniteLoss(f"training loss became {train_loss} in epoch {epoch} (lr={config.lr})")
             try:
                 val_auc, val_acc, val_loss = evaluate(
-                    model, data.val, device, config.batch_size, amp=config.amp, cpu_bf16=config.cpu_bf16,
-                    channels_last=channels_last,
+                    model, data.val, device, config.batch_size, channels_last=channels_last
                 )
             except NonFiniteLoss as exc:
                 raise NonFiniteLoss(f"validation {exc} in epoch {epoch} (lr={config.lr})") from None
             record = EpochRecord(epoch, train_loss, val_loss, val_auc, val_acc)
             history.append(record)
-            # Ties in AUC (common once it saturates at 1.0) go to the lower validation loss.
-            if best is None or (val_auc, -val_loss) > (best.val_auc, -best.val_loss):
+            # Ties (common once AUC saturates at 1.0, and ACC moves in steps) go to the lower val loss.
+            if best is None or (getattr(record, config.keep), -val_loss) > (getattr(best, config.keep),
+                                                                          -best.val_loss):
                 best = record
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if val_loss < lowest_loss:
@@ -224,6 +240,33 @@ def _train(
     )
 
 
+def torch_device(name: str) -> torch.device:
+    """``--device`` as a torch device that exists here; a one-line ``ValueError`` otherwise."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, but got {name!r}")
+    if device.type == "cuda" and (device.index or 0) >= gpu_count():
+        raise ValueError(
+            f"--device {name}: {no_gpu_message(device.index or 0)}; use --device cpu or another GPU"
+        )
+    return device
+
+
+def gpu_count() -> int:
+    """GPUs this process may use (after CUDA_VISIBLE_DEVICES); 0 without a CUDA driver."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def no_gpu_message(index: int) -> str:
+    count = gpu_count()
+    if count == 0:
+        return "CUDA is not available here (no NVIDIA GPU or driver visible to torch)"
+    return f"there is no GPU {index}; this machine has {count} (0 to {count - 1})"
+
+
 def device_name(device: torch.device) -> str:
     """``device`` as trials and results record it: with the GPU's model name on CUDA."""
     if device.type == "cuda":
@@ -242,17 +285,41 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
+def cuda_has_native_bf16(device: torch.device | str) -> bool:
+    """Whether the GPU ``device`` computes bf16 natively (compute capability 8.0 and up).
+
+    torch's ``is_bf16_supported`` asks the *current* device, so it is asked inside that device's
+    context; ``including_emulation=False`` because emulated bf16 (e.g. on a V100 or T4) is slower than
+    fp16 with a gradient scaler. False where CUDA is not available.
+    """
+    if not torch.cuda.is_available():
+        return False
+    with torch.cuda.device(torch.device(device)):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def autocast_dtype(device: torch.device, enabled: bool, *, cpu_bf16: bool = False) -> torch.dtype | None:
     """The mixed-precision dtype to train in on ``device``, or None for float32.
 
-    CUDA (``enabled``): bf16 where the GPU supports it, else fp16 (which needs a gradient scaler).
-    CPU (``cpu_bf16``): bf16 where the CPU computes it natively, else float32.
+    CUDA (``enabled``): bf16 where that GPU computes it natively, else fp16 (which needs a gradient
+    scaler). CPU (``cpu_bf16``): bf16 where the CPU computes it natively, else float32.
     """
     if device.type == "cuda" and enabled:
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
     if device.type == "cpu" and cpu_bf16 and cpu_has_native_bf16():
         return torch.bfloat16
     return None
+
+
+@contextmanager
+def cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    """``torch.backends.cudnn.benchmark = enabled`` inside the block, the caller's setting after."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 def train_epoch(
@@ -295,24 +362,26 @@ def predict(
     device: torch.device | str,
     batch_size: int,
     *,
-    amp: bool = True,
-    cpu_bf16: bool = False,
     channels_last: bool = False,
 ) -> tuple[np.ndarray, float]:
     """Softmax scores ``(N, num_classes)`` for ``split`` (as the MedMNIST evaluator takes them) and the
-    mean cross-entropy loss."""
+    mean cross-entropy loss.
+
+    In float32 throughout, whatever precision the model trained in: autocast is turned off, so the
+    logits themselves are float32 (upcasting bf16 logits afterwards would keep their 8-bit mantissa
+    and tie scores).
+    """
     device = torch.device(device)
-    amp_dtype = autocast_dtype(device, amp, cpu_bf16=cpu_bf16)
     model.eval()
     probabilities = []
     total = torch.zeros((), device=device)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(device.type, enabled=False):
         for index in split.batches(batch_size):
             images, labels = split.batch(index)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last_3d)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(images).float()
+            logits = model(images)
+            assert logits.dtype == torch.float32, logits.dtype  # a model that casts by itself
             total += F.cross_entropy(logits, labels, reduction="sum")
             probabilities.append(torch.softmax(logits, dim=1))
     return torch.cat(probabilities).cpu().numpy(), total.item() / len(split)
@@ -324,17 +393,13 @@ def evaluate(
     device: torch.device | str,
     batch_size: int,
     *,
-    amp: bool = True,
-    cpu_bf16: bool = False,
     channels_last: bool = False,
 ) -> tuple[float, float, float]:
-    """``(auc, acc, loss)`` of ``model`` on ``split``, with the MedMNIST evaluator's AUC and ACC.
+    """``(auc, acc, loss)`` of ``model`` on ``split`` in float32, with the MedMNIST evaluator's AUC and ACC.
 
     Raises :class:`NonFiniteLoss` when the loss is nan or inf (the scores then are too).
     """
-    scores, loss = predict(
-        model, split, device, batch_size, amp=amp, cpu_bf16=cpu_bf16, channels_last=channels_last
-    )
+    scores, loss = predict(model, split, device, batch_size, channels_last=channels_last)
     if not math.isfinite(loss):
         raise NonFiniteLoss(f"loss is {loss}")
     labels = split.labels.cpu().numpy()

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from types import FrameType
 
 import optuna
-import torch
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import TrialState
 
@@ -36,6 +35,7 @@ from nas3d.storages import (
 )
 from nas3d.study import TrialObjective, load_study
 from nas3d.train import TrainingFailure
+from nas3d.train import torch_device as check_device
 
 logger = logging.getLogger(__name__)
 
@@ -100,13 +100,16 @@ def run_worker(
     grace_period: int | None = None,
     progress: bool = False,
 ) -> int:
-    """Run trials of ``study_name`` on ``device`` until its budget is spent; returns trials run here."""
+    """Run trials of ``study_name`` on ``device`` until its budget is spent; returns trials run here.
+
+    The device and the storage are checked first: a bad one is a one-line ``ValueError`` (or
+    ``StorageUnavailable``) before anything is opened or written."""
+    torch_device = check_device(device)
     storage_url = resolve_storage_url(storage)
     optuna_storage = make_storage(
-        storage_url, heartbeat_interval=heartbeat_interval, grace_period=grace_period
+        storage_url, heartbeat_interval=heartbeat_interval, grace_period=grace_period, must_exist=True
     )
     study, config = load_study(study_name, optuna_storage, worker_index=worker_index)
-    torch_device = torch.device(device)
     data = load_splits(config.data, torch_device, for_search=True)
     objective = TrialObjective(
         config, data, torch_device, artifact_store_for(storage_url), progress=progress

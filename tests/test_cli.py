@@ -141,7 +141,8 @@ def test_bad_study_file_key_is_named(tmp_path: Path) -> None:
 def test_worker_for_unknown_study_says_how_to_create_it(tmp_path: Path) -> None:
     result = nas3d("worker", "--study-name", "nope", cwd=tmp_path)
     assert result.returncode == 2
-    assert "no study named 'nope'" in result.stderr and "create-study" in result.stderr
+    assert "no sqlite storage at" in result.stderr and "create-study" in result.stderr
+    assert not (tmp_path / "nas3d-home").exists()  # a worker reads the storage; it never creates one
 
 
 @pytest.mark.slow
@@ -223,7 +224,7 @@ def test_export_gives_a_checkpoint_that_reproduces_the_trials_val_metrics(
 
     data = load_splits(config.data, "cpu", for_search=True)
     model = checkpoint.build().to(memory_format=torch.channels_last_3d)
-    val_auc, val_acc, _ = evaluate(model, data.val, "cpu", config.train.batch_size, amp=config.train.amp,
+    val_auc, val_acc, _ = evaluate(model, data.val, "cpu", config.train.batch_size,
                                    channels_last=config.train.channels_last)
     assert (val_auc, val_acc) == (trial.values[0], trial.user_attrs["val_acc"])
 

@@ -10,7 +10,7 @@ import torch
 from nas3d.data import DataConfig, load_splits
 from nas3d.model import build_model
 from nas3d.seeds import seed_architectures
-from nas3d.train import TrainConfig, TrialOutOfMemory, train_trial
+from nas3d.train import TrainConfig, TrialOutOfMemory, autocast_dtype, train_trial
 
 pytestmark = [
     pytest.mark.cuda,
@@ -51,3 +51,18 @@ def test_out_of_memory_is_a_trial_failure_and_frees_the_device(tmp_path: Path) -
     with pytest.raises(TrialOutOfMemory, match="out of memory"):
         train_trial(_Greedy(), data, TrainConfig(max_epochs=1), torch.device("cuda"))
     assert torch.cuda.memory_allocated() <= before + 2**20
+
+
+def test_amp_dtype_follows_each_gpus_native_bf16() -> None:
+    for index in range(torch.cuda.device_count()):
+        native = torch.cuda.get_device_capability(index)[0] >= 8
+        device = torch.device("cuda", index)
+        assert autocast_dtype(device, True) is (torch.bfloat16 if native else torch.float16)
+
+
+def test_cudnn_benchmark_is_restored_after_a_cuda_run(tmp_path: Path) -> None:
+    data = load_splits(synthetic(tmp_path, size=16), "cuda", for_search=True)
+    torch.backends.cudnn.benchmark = False
+    model = build_model(seed_architectures()["adrenalmnist3d"], 1, 2)
+    train_trial(model, data, TrainConfig(max_epochs=1, cudnn_benchmark=True), torch.device("cuda"))
+    assert torch.backends.cudnn.benchmark is False

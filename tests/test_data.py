@@ -131,7 +131,7 @@ def test_failed_download_is_bounded_and_one_line(
 ) -> None:
     monkeypatch.setitem(INFO["adrenalmnist3d"], "url", silent_server)
     monkeypatch.setattr(data_module, "DOWNLOAD_TIMEOUT_S", 0.5)
-    root = tmp_path / "fresh"  # does not exist yet: the download creates it
+    root = tmp_path / "fresh" / "er"  # does not exist yet: the download creates it, and removes it again
     cfg = DataConfig(dataset="adrenalmnist3d", root=str(root), download=True)
     start = time.perf_counter()
     with pytest.raises(DatasetUnavailable) as info:
@@ -140,7 +140,7 @@ def test_failed_download_is_bounded_and_one_line(
     message = str(info.value)
     assert "\n" not in message and "could not download adrenalmnist3d.npz" in message
     assert silent_server in message and "--data-root" in message
-    assert list(root.iterdir()) == []  # no partial file left under the real name
+    assert not (tmp_path / "fresh").exists()  # no partial file, nor the folders the download made
     assert socket.getdefaulttimeout() is None  # the process-wide timeout is restored
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,3 +68,32 @@ def test_rejects_bad_input() -> None:
         auc(labels, np.array([0.1, np.nan, 0.3]), "binary-class")
     with pytest.raises(ValueError, match="same length"):
         accuracy(labels, np.zeros((4, 2)), "multi-class")
+
+
+REAL_ROOT = Path(os.environ.get("NAS3D_MEDMNIST_ROOT", "/work/shared/data"))
+
+
+@pytest.mark.skipif(not (REAL_ROOT / "adrenalmnist3d.npz").is_file(),
+                    reason=f"needs adrenalmnist3d.npz in {REAL_ROOT} (set NAS3D_MEDMNIST_ROOT)")
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_equal_to_medmnist_evaluator_on_the_real_file(split: str) -> None:
+    from medmnist import Evaluator
+
+    from nas3d.data import DataConfig, load_splits
+    from nas3d.metrics import evaluator_metrics
+
+    config = DataConfig(dataset="adrenalmnist3d", size=28, root=str(REAL_ROOT), download=False)
+    data = load_splits(config, "cpu", for_search=False)  # md5-checked, read by medmnist's dataset class
+    labels = getattr(data, split).labels.numpy()
+    evaluator = Evaluator("adrenalmnist3d", split, size=28, root=str(REAL_ROOT))
+    rng = np.random.default_rng(0)
+    positive = np.clip(0.5 + 0.3 * (labels - 0.5) + rng.normal(0, 0.25, len(labels)), 0, 1)
+    for scores in (positive, np.round(positive, 2)):  # distinct scores, and many ties
+        probabilities = np.stack([1 - scores, scores], 1).astype(np.float32)
+        expected = evaluator.evaluate(probabilities)
+        assert auc(labels, probabilities, "binary-class") == pytest.approx(expected.AUC, abs=1e-12)
+        assert accuracy(labels, probabilities, "binary-class") == expected.ACC
+        ours = evaluator_metrics("adrenalmnist3d", split, 28, REAL_ROOT, labels, probabilities)
+        assert ours == tuple(expected)
+    with pytest.raises(ValueError, match="labels differ from medmnist.Evaluator's"):
+        evaluator_metrics("adrenalmnist3d", split, 28, REAL_ROOT, labels[::-1], probabilities)

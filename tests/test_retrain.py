@@ -78,7 +78,7 @@ def test_results_match_the_metrics_of_the_saved_best_checkpoints(tmp_path: Path)
         checkpoint = load_checkpoint(tmp_path / "out" / entry["checkpoint"])
         assert checkpoint.architecture == ARCH and checkpoint.metadata["seed"] == entry["seed"]
         model = checkpoint.build().to(memory_format=torch.channels_last_3d)
-        scores, _ = predict(model, data.test, "cpu", 16, amp=False, channels_last=True)
+        scores, _ = predict(model, data.test, "cpu", 16, channels_last=True)
         assert entry["test_auc"] == auc(labels, scores, "binary-class")
         assert entry["test_acc"] == accuracy(labels, scores, "binary-class")
         assert checkpoint.metadata["metrics"]["test_auc"] == entry["test_auc"]
@@ -137,7 +137,7 @@ def test_a_baseline_retrains_through_the_same_path(tmp_path: Path) -> None:
     model = load_checkpoint(tmp_path / "out" / "seed-0.pt").build()
     data = load_splits(data_config, "cpu", for_search=False)
     scores, _ = predict(model.to(memory_format=torch.channels_last_3d), data.test, "cpu", 16,
-                        amp=False, channels_last=True)
+                        channels_last=True)
     assert report.seeds[0].test_auc == auc(data.test.labels.numpy(), scores, "binary-class")
 
 

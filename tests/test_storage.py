@@ -50,7 +50,7 @@ def test_default_is_sqlite_under_nas3d_home(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("NAS3D_HOME", str(tmp_path / "home"))
     assert resolve_storage_url(None) == f"sqlite:///{tmp_path / 'home' / 'nas3d.db'}"
     assert resolve_storage_url("  ") == resolve_storage_url(None)
-    assert (tmp_path / "home").is_dir()
+    assert not (tmp_path / "home").exists()  # resolving a string writes nothing; opening does
 
 
 def test_default_home_is_storage_in_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,6 +90,47 @@ def test_unsupported_storage_is_one_line_value_error(bad: str) -> None:
         resolve_storage_url(bad)
     message = str(info.value)
     assert "\n" not in message and "sqlite:///" in message and "journal:" in message
+
+
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    [
+        ("sqlite://nas3d.db", "three slashes"),
+        ("sqlite://", "three slashes"),
+        ("sqlite:///:memory:", "three slashes"),
+        ("postgresql://u:secret@h:54x32/db", "is not a PostgreSQL URL"),
+        ("postgresql://u@h:5432", "has no database name"),
+        ("postgresql://u@:5432/db", "has no host"),
+        ("postgresql://u@h:70000/db", "outside 1-65535"),
+    ],
+)
+def test_malformed_urls_are_one_line_value_errors(bad: str, expected: str) -> None:
+    with pytest.raises(ValueError, match=expected) as info:
+        resolve_storage_url(bad)
+    assert "\n" not in str(info.value) and "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_must_exist_creates_nothing_where_there_is_no_storage(tmp_path: Path, kind: str) -> None:
+    missing = tmp_path / "typo" / "nas3d.db"
+    url = f"sqlite:///{missing}" if kind == "sqlite" else f"journal:{missing}"
+    with pytest.raises(StorageUnavailable, match=f"no {kind} storage at .*no folder"):
+        make_storage(url, must_exist=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_must_exist_refuses_a_database_optuna_never_used(storage_url: str) -> None:
+    # An empty PostgreSQL database (or SQLite file) stays empty: no Optuna tables are created in it.
+    if storage_url.startswith("sqlite"):
+        Path(storage_url.removeprefix("sqlite:///")).touch()
+    with pytest.raises(StorageUnavailable, match="holds no Optuna studies"):
+        make_storage(storage_url, must_exist=True)
+    engine = sqlalchemy.create_engine(storage_url)
+    with engine.connect() as conn:
+        assert sqlalchemy.inspect(conn).get_table_names() == []
+    engine.dispose()
+    _run_study(make_storage(storage_url), n_trials=1)  # once written, a reader opens it
+    assert optuna.get_all_study_names(make_storage(storage_url, must_exist=True))
 
 
 def test_password_not_echoed_in_error() -> None:

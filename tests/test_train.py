@@ -18,7 +18,10 @@ from nas3d.train import (
     TrialOutOfMemory,
     autocast_dtype,
     cpu_has_native_bf16,
+    cuda_has_native_bf16,
+    cudnn_benchmark,
     evaluate,
+    predict,
     train_trial,
 )
 
@@ -171,3 +174,53 @@ def test_config_is_validated() -> None:
         TrainConfig(patience=0)
     with pytest.raises(ValueError, match="train.lr"):
         TrainConfig(lr=0.0)
+
+
+def test_keep_val_acc_keeps_the_best_accuracy_epoch(data: DeviceData) -> None:
+    result = train_trial(tiny_cnn(data.num_classes), data, replace(FAST, keep="val_acc"), "cpu")
+    best = max(result.history, key=lambda r: (r.val_acc, -r.val_loss))  # ties: the lower loss
+    assert result.best_epoch == best.epoch
+    assert (result.val_acc, result.val_auc) == (best.val_acc, best.val_auc)
+    with pytest.raises(ValueError, match="train.keep must be one of val_auc, val_acc, got 'val_loss'"):
+        TrainConfig(keep="val_loss")
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), 0.0])
+def test_lr_must_be_finite_and_positive(lr: float) -> None:
+    with pytest.raises(ValueError, match="train.lr must be a finite number > 0"):
+        TrainConfig(lr=lr)
+
+
+def test_scores_are_float32_even_inside_a_bf16_autocast(data: DeviceData) -> None:
+    # A caller (or a training loop) under autocast must not get bf16 logits: the scores are what
+    # MedMNIST's evaluator ranks, and bf16 has 8 mantissa bits.
+    model = tiny_cnn(data.num_classes)
+    plain, loss = predict(model, data.val, "cpu", 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside, loss_inside = predict(model, data.val, "cpu", 16)
+        assert model(data.val.batch(slice(0, 4))[0]).dtype == torch.bfloat16  # autocast is really on
+    assert plain.dtype == np.float32 and np.array_equal(plain, inside) and loss == loss_inside
+
+
+def test_cuda_amp_is_bf16_only_where_the_gpu_has_it_natively() -> None:
+    # The real query, on this machine: with no GPU (or a pre-Ampere one) that is fp16 + GradScaler.
+    native = cuda_has_native_bf16(torch.device("cuda"))
+    if not torch.cuda.is_available():
+        assert native is False
+    assert autocast_dtype(torch.device("cuda"), True) is (torch.bfloat16 if native else torch.float16)
+    assert autocast_dtype(torch.device("cuda"), False) is None
+
+
+def test_cudnn_benchmark_is_set_for_the_run_only(data: DeviceData) -> None:
+    before = torch.backends.cudnn.benchmark
+    try:
+        for wanted in (True, False):
+            torch.backends.cudnn.benchmark = not wanted
+            with cudnn_benchmark(wanted):
+                assert torch.backends.cudnn.benchmark is wanted
+            assert torch.backends.cudnn.benchmark is (not wanted)
+        torch.backends.cudnn.benchmark = False
+        train_trial(tiny_cnn(data.num_classes), data, replace(FAST, max_epochs=1), "cpu")
+        assert torch.backends.cudnn.benchmark is False  # a CPU run leaves the global flag alone
+    finally:
+        torch.backends.cudnn.benchmark = before

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import sqlalchemy
 import sqlalchemy.exc
 from optuna.exceptions import ExperimentalWarning, StorageInternalError
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -69,14 +70,20 @@ def make_storage(
     heartbeat_interval: int = DEFAULT_HEARTBEAT_INTERVAL,
     grace_period: int | None = None,
     max_retry: int | None = DEFAULT_MAX_RETRY,
+    must_exist: bool = False,
 ) -> BaseStorage:
     """An Optuna storage for a storage string or spec (see ``nas3d.storages``), ready to use.
 
     ``grace_period`` defaults to 4 × ``heartbeat_interval``. ``max_retry`` bounds how often a
-    trial whose worker died is re-queued (None: no limit). Raises ``StorageUnavailable`` when the
-    database cannot be reached and ``ValueError`` for an unsupported string.
+    trial whose worker died is re-queued (None: no limit). ``must_exist``: for commands that only
+    read (status, export, workers): a storage that holds no Optuna data yet is an error, and nothing
+    is created (no folder, no file, no tables). Raises ``StorageUnavailable`` when the database
+    cannot be reached or (``must_exist``) is not there, and ``ValueError`` for an unsupported string.
     """
-    url = resolve_storage(storage).url
+    spec = resolve_storage(storage)
+    url = spec.url
+    if must_exist:
+        _check_exists(spec)
     if url.startswith("journal:"):
         path = Path(url[len("journal:") :])
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +93,8 @@ def make_storage(
     if sa_url.get_backend_name() == "sqlite":
         engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
         try:
-            _prepare_sqlite(sa_url)
+            if not must_exist:  # the file exists and is in WAL mode already: a reader changes nothing
+                _prepare_sqlite(sa_url)
         except (OSError, sqlite3.Error) as e:
             raise StorageUnavailable(_unavailable_message(sa_url, e)) from e
     else:
@@ -128,6 +136,40 @@ class _RDBStorage(RDBStorage):
             if not _is_transient(e):
                 raise
             _logger.warning("heartbeat of trial id %d skipped: %s", trial_id, _first_line(e))
+
+
+_FIX_STORAGE = ("check --storage / $NAS3D_STORAGE, or create a study there first with `nas3d create-study` "
+                "(reading a storage never creates one)")
+
+
+def _check_exists(spec: StorageSpec) -> None:
+    """Raise ``StorageUnavailable`` unless ``spec`` holds Optuna's data; creates nothing, even tables."""
+    path = spec.file
+    if path is not None:
+        if not path.is_file():
+            where = "no such file" if path.parent.is_dir() else f"no folder {path.parent}"
+            raise StorageUnavailable(f"no {spec.kind} storage at {path} ({where}); {_FIX_STORAGE}")
+        if spec.kind == "journal":
+            return
+    # Optuna's schema starts with the table "studies"; a database without it was never used by Optuna,
+    # and RDBStorage would create its tables there.
+    try:
+        engine = sqlalchemy.create_engine(spec.url, connect_args=_connect_args(spec))
+        try:
+            with engine.connect() as conn:
+                has_studies = sqlalchemy.inspect(conn).has_table("studies")
+        finally:
+            engine.dispose()
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        raise StorageUnavailable(_unavailable_message(make_url(spec.url), e)) from e
+    if not has_studies:
+        raise StorageUnavailable(f"{spec} holds no Optuna studies (no 'studies' table); {_FIX_STORAGE}")
+
+
+def _connect_args(spec: StorageSpec) -> dict[str, Any]:
+    if spec.kind == "sqlite":  # the file exists (checked above): connecting creates nothing
+        return {"timeout": SQLITE_BUSY_TIMEOUT_S}
+    return {"connect_timeout": PG_CONNECT_TIMEOUT_S}
 
 
 def _prepare_sqlite(url: URL) -> None:

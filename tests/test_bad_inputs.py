@@ -1,0 +1,154 @@
+"""Every bad input a user can give, through the real `nas3d` command in a subprocess.
+
+Each row of ``ROWS`` is one command line that must fail with exit code 2 and one line on stderr that
+names the problem (``expected`` is part of that line), and must write nothing: the workspace (the
+storage folder with its database and artifacts, the data roots, the current folder) holds the same
+files and folders, with the same sizes and modification times, before and after. The next case is
+one line in ``ROWS``.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = str(REPO / "studies" / "smoke.toml")
+STUDY = f"--study {SMOKE} --data-root data --name fresh"  # a new study from the smoke file, data present
+UNREACHABLE_PG = "postgresql://postgres:secret@127.0.0.1:1/nas3d"
+
+# (id, the command line after `nas3d`, a part of the one-line message). Paths are relative to the
+# workspace (see `workspace`): storage/ (NAS3D_HOME, holding study "smoke": trial 0 complete with a
+# checkpoint, trial 1 failed), data/ (the smoke data), corrupt/ (a damaged smoke data file), outdir/
+# (a folder), existing.pt (a file), bad-utf8.toml, binary.toml, bad-key.toml, swapped.pt (a checkpoint
+# whose recipe was swapped for another architecture with the same weight shapes).
+ROWS: list[tuple[str, str, str]] = [
+    # devices and worker counts
+    ("launch-missing-gpu", "launch --study-name smoke --gpus 64", "--gpus 64: "),
+    ("launch-repeated-gpu", "launch --study-name smoke --gpus 0,0", "an index is repeated"),
+    ("search-gpus-abc", f"search {STUDY} --gpus abc", "--gpus expects comma-separated GPU indices"),
+    ("search-zero-workers", f"search {STUDY} --cpu --workers 0", "--workers must be >= 1"),
+    ("worker-missing-gpu", "worker --study-name smoke --device cuda:63", "--device cuda:63: "),
+    ("worker-tpu", "worker --study-name smoke --device tpu", "--device must be cpu, cuda or cuda:N"),
+    ("retrain-tpu", "retrain --baseline resnet18 --dataset synthetic --device tpu", "--device must be cpu"),
+    # storage strings and storages that are not there
+    ("sqlite-two-slashes", "status --storage sqlite://nas3d.db", "three slashes"),
+    ("sqlite-two-slashes-search", f"search {STUDY} --storage sqlite://nas3d.db", "three slashes"),
+    ("garbled-postgres-port", "status --storage postgresql://u@127.0.0.1:54x32/db", "is not a PostgreSQL URL"),
+    ("postgres-no-database", "status --storage postgresql://u@127.0.0.1:5432", "has no database name"),
+    ("unreachable-postgres", f"status --storage {UNREACHABLE_PG}", "cannot connect to PostgreSQL at 127.0.0.1:1"),
+    ("status-typo-sqlite", "status --storage sqlite:///typo/dir/nas3d.db", "no sqlite storage at"),
+    ("status-typo-journal", "status --storage journal:typo/j.log", "no journal storage at"),
+    ("export-typo-sqlite", "export --storage sqlite:///typo/dir/nas3d.db --study-name smoke --trial 0 --out t.pt",
+     "no sqlite storage at"),
+    ("worker-typo-sqlite", "worker --storage sqlite:///typo/nas3d.db --study-name smoke", "no sqlite storage at"),
+    # studies and trials that are not there
+    ("status-unknown-study", "status --study-name smok", "no study named 'smok' in this storage (did you mean"),
+    ("worker-unknown-study", "worker --study-name nope", "no study named 'nope'"),
+    ("export-unknown-trial", "export --study-name smoke --trial 7 --out t.pt", "has no trial 7"),
+    ("export-failed-trial", "export --study-name smoke --trial 1 --out t.pt", "no checkpoint: it failed ("),
+    ("export-out-is-folder", "export --study-name smoke --trial 0 --out outdir --force", "is a folder"),
+    ("export-out-exists", "export --study-name smoke --trial 0 --out existing.pt", "exists; pass --force"),
+    # study files and values
+    ("set-nan", f"create-study {STUDY} --set constraints.max_flops=nan", "must be a finite number"),
+    ("set-inf", f"create-study {STUDY} --set train.lr=inf", "must be a finite number"),
+    ("study-not-utf8", "create-study --study bad-utf8.toml", "bad-utf8.toml: not a UTF-8 text file"),
+    ("study-binary", "create-study --study binary.toml", "binary.toml: a binary file"),
+    ("study-unknown-key", "create-study --study bad-key.toml", "'max_epoch' in [train]; did you mean 'max_epochs'"),
+    ("study-changed-config", f"create-study --study {SMOKE} --data-root data --n-trials 7",
+     "already exists with a different configuration"),
+    # data
+    ("corrupt-synthetic-data", f"search --study {SMOKE} --data-root corrupt --name fresh", "is not a readable MedMNIST npz"),
+    ("typo-data-root-download", "search --dataset adrenalmnist3d --data-root typo/medmnist", "could not download"),
+    ("missing-dataset-no-download", "search --dataset nodulemnist3d --data-root typo --set data.download=false",
+     "nodulemnist3d.npz not found in"),
+    # retrain
+    ("retrain-needs-dataset", "retrain --baseline resnet18", "--baseline needs --dataset"),
+    ("retrain-bad-seeds", "retrain --baseline resnet18 --dataset synthetic --seeds 0,x", "--seeds expects"),
+    ("retrain-zero-epochs", "retrain --baseline resnet18 --dataset synthetic --epochs 0", "epochs must be"),
+    ("retrain-unknown-baseline", "retrain --baseline resnet34 --dataset synthetic", "unknown baseline 'resnet34'"),
+    ("retrain-set-not-data", "retrain --baseline resnet18 --dataset synthetic --set train.lr=1", "--set expects data."),
+    ("retrain-keep", "retrain --baseline resnet18 --dataset synthetic --keep val_loss", "--keep must be one of"),
+    ("retrain-trial-needs-study", "retrain --study-name smoke", "--study-name needs --trial N"),
+    ("retrain-missing-checkpoint", "retrain --checkpoint missing.pt", "checkpoint missing.pt not found"),
+    ("retrain-swapped-checkpoint", "retrain --checkpoint swapped.pt --dataset synthetic",
+     "does not match the file: it records arch_hash"),
+]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder as a user's: storage/ with study "smoke" (trial 0 complete, trial 1 failed), its data,
+    and the bad files the rows point at."""
+    from optuna.trial import TrialState
+
+    from nas3d.architecture import Architecture
+    from nas3d.checkpoint import save_checkpoint
+    from nas3d.config import load_study_config
+    from nas3d.data import load_splits
+    from nas3d.model import build_model
+    from nas3d.storages import artifact_store_for, make_storage
+    from nas3d.study import TrialObjective, create_study, load_study
+
+    ws = tmp_path_factory.mktemp("workspace")
+    url = f"sqlite:///{ws / 'storage' / 'nas3d.db'}"
+    config = load_study_config(SMOKE).with_overrides({"data.root": str(ws / "data")})
+    storage = make_storage(url)
+    create_study(config, storage)
+    study, config = load_study("smoke", storage)
+    study.enqueue_trial({"stacks": 1})
+    objective = TrialObjective(config, load_splits(config.data, "cpu", for_search=True), "cpu",
+                               artifact_store_for(url))
+    study.optimize(objective, n_trials=1)
+    failed = study.ask()
+    failed.set_user_attr("failure_reason", "NonFiniteLoss: training loss became nan in epoch 1")
+    study.tell(failed, state=TrialState.FAIL)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    storage.engine.dispose()  # nothing of this process holds the database open while the rows run
+
+    (ws / "corrupt").mkdir()
+    (ws / "corrupt" / config.data.file_name).write_bytes(b"PK\x03\x04 not really a zip file")
+    (ws / "outdir").mkdir()
+    (ws / "existing.pt").write_bytes(b"keep me")
+    (ws / "bad-utf8.toml").write_bytes(b'[study]\nname = "caf\xe9"\n')
+    (ws / "binary.toml").write_bytes(b"\x00\x01\x02\x03binary\x00")
+    (ws / "bad-key.toml").write_text(Path(SMOKE).read_text().replace("max_epochs", "max_epoch"))
+    relu = Architecture(("relu_conv3",), ((0, 1), (1, 2)), 1, 1, 8)
+    save_checkpoint(ws / "swapped.pt", build_model(relu), relu, in_channels=1, num_classes=2, input_size=12,
+                    metadata={"dataset": "synthetic"})
+    raw = torch.load(ws / "swapped.pt", weights_only=True)
+    mish = Architecture(("mish_conv3",), ((0, 1), (1, 2)), 1, 1, 8)  # the same weight shapes and FLOPs
+    raw["model"]["args"]["architecture"] = mish.to_dict()
+    torch.save(raw, ws / "swapped.pt")
+    return ws
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int] | None]:
+    """Every file (size, mtime) and folder (None) under ``root``."""
+    return {
+        str(path.relative_to(root)): None if path.is_dir() else (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in sorted(root.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize(("command", "expected"), [row[1:] for row in ROWS], ids=[row[0] for row in ROWS])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(workspace: Path, command: str, expected: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NAS3D_")}
+    closed_port = "http://127.0.0.1:9"  # downloads fail at once, with or without a network
+    env.update(NAS3D_HOME=str(workspace / "storage"), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+               https_proxy=closed_port, HTTPS_PROXY=closed_port, http_proxy=closed_port, HTTP_PROXY=closed_port)
+    before = snapshot(workspace)
+    result = subprocess.run([sys.executable, "-m", "nas3d", *shlex.split(command)], cwd=workspace, env=env,
+                            capture_output=True, text=True, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("nas3d: error: "), result.stderr
+    assert expected in lines[0]
+    assert "secret" not in lines[0]  # passwords are never echoed
+    assert snapshot(workspace) == before
