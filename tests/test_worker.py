@@ -116,16 +116,18 @@ def test_sigterm_leaves_no_running_trial_and_requeues_it(tmp_path: Path) -> None
     assert budget_state(study).used == 2 and len(trials) == 3
 
 
-def test_duplicates_are_free_but_bounded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_duplicates_are_free_and_a_streak_of_them_stops_the_study(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     storage_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    config = smoke_config(tmp_path, **{"study.n_trials": 2, "study.name": "dups"})
+    config = smoke_config(tmp_path, **{"study.n_trials": 3, "study.name": "dups"})
     study = create_study(config, make_storage(storage_url))
     arch = Architecture(("relu_conv3",), ((0, 1), (1, 2)), stacks=1, cells_per_stack=1, initial_filters=8)
     for _ in range(4):
         study.enqueue_trial(params_for(arch, config.space))
-    # one trained, then two duplicates use up the allowance (as many as the budget)
-    assert run_worker("dups", storage_url) == 3
+    # one trained, then three duplicates in a row: free, but a streak of three ends the study
+    assert run_worker("dups", storage_url, max_free_streak=3) == 4
     state = budget_state(study)
-    assert (state.duplicates, state.waiting) == (2, 1)
-    assert [t.user_attrs.get("duplicate_of") for t in study.trials] == [None, 0, 0, None]
-    assert "proposed 2 duplicates" in caplog.text
+    assert (state.used, state.duplicates, state.free_streak, state.waiting) == (1, 3, 3, 0)
+    assert [t.user_attrs.get("duplicate_of") for t in study.trials] == [None, 0, 0, 0]
+    assert "the last 3 trials were all duplicates" in caplog.text
