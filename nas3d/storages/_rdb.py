@@ -140,7 +140,11 @@ class _RDBStorage(RDBStorage):
             if not _is_transient(e):
                 raise
             self.last_outage = time.monotonic()
+            self._beat_skipped = True
             _logger.warning("heartbeat of trial id %d skipped: %s", trial_id, _first_line(e))
+        else:
+            if getattr(self, "_beat_skipped", False):  # recovered (see _with_retries)
+                self.last_outage, self._beat_skipped = time.monotonic(), False
 
     def record_heartbeat_now(self, trial_id: int) -> None:
         """A heartbeat retried like any other call (a worker's first beat for a trial must land)."""
@@ -190,7 +194,10 @@ class _RDBStorage(RDBStorage):
             deadline, attempt = time.monotonic() + self.retry_window, 0
             while True:
                 try:
-                    return call()
+                    result = call()
+                    if attempt:  # recovered: other workers' trials need a beat or two to look alive
+                        self.last_outage = time.monotonic()
+                    return result
                 except Exception as e:
                     if not _is_transient(e):
                         raise
