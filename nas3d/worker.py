@@ -79,6 +79,8 @@ class WorkerStorageLost(SystemExit):
     def __init__(self, message: str) -> None:
         super().__init__(EXIT_STORAGE)
         self.message = message
+        # SystemExit prints nothing: say why in the log, in one line.
+        logger.error("worker exits (status %d, to be restarted): %s", EXIT_STORAGE, message)
 
     def __str__(self) -> str:
         return self.message

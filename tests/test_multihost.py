@@ -152,7 +152,7 @@ def test_two_hosts_share_one_postgresql_study_and_one_s3_store(
     postgres_server: str, s3_server: dict[str, str], s3_bucket: str, tmp_path: Path
 ) -> None:
     with _temporary_database(postgres_server, "nas3d_hosts") as url:
-        config = smoke_config(tmp_path, **{"study.n_trials": 4, "study.name": "hosts"})
+        config = smoke_config(tmp_path, **{"study.n_trials": 2, "study.name": "hosts"})
         study = create_study(config, make_storage(url), artifacts=f"s3://{s3_bucket}/nas3d/hosts")
         hosts = [tmp_path / "host-a", tmp_path / "host-b"]
         envs = []
@@ -172,7 +172,7 @@ def test_two_hosts_share_one_postgresql_study_and_one_s3_store(
         ]
         for w in workers:
             finish(w)
-        assert_each_architecture_trained_once(study, 4)
+        assert_each_architecture_trained_once(study, 2)
         for trial in trained(study):
             exported = []
             for host, env in zip(hosts, envs, strict=True):
