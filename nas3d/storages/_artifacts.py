@@ -219,7 +219,10 @@ class StorageArtifactStores:
                 f"studies in {self._spec} record different artifact stores ({', '.join(self.locations())}); "
                 "open the one of your study with nas3d.storages.study_artifact_store"
             )
-        return recorded[0][1]
+        location, store = recorded[0]
+        if not location.startswith(S3_SCHEME):
+            Path(location).mkdir(parents=True, exist_ok=True)
+        return store
 
     def write(self, artifact_id: str, content_body: BinaryIO) -> None:
         self._only().write(artifact_id, content_body)
