@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from nas3d.architecture import Architecture
 from nas3d.space import params_for
 from nas3d.storages import make_storage
-from nas3d.study import create_study
+from nas3d.study import NOT_TRAINED_ATTR, create_study
 from nas3d.worker import budget_state, run_worker
 from tests.test_study import smoke_config
 
@@ -49,7 +49,7 @@ def counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Trials that use budget: all but failed trials that were queued again, and duplicates."""
     trials = study.get_trials()
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
-    return [t for t in trials if t.number not in retried and "duplicate_of" not in t.user_attrs]
+    return [t for t in trials if t.number not in retried and NOT_TRAINED_ATTR not in t.user_attrs]
 
 
 def test_two_workers_finish_exactly_the_budget(storage_url: str, tmp_path: Path) -> None:
@@ -90,6 +90,8 @@ def test_killed_worker_trial_is_retried_and_budget_stays_exact(storage_url: str,
     finish(start_worker(storage_url, "crash"))
     trials = study.get_trials()
     assert trials[killed.number].state == TrialState.FAIL
+    reason = trials[killed.number].user_attrs["failure_reason"]
+    assert reason.startswith("stale heartbeat: no heartbeat for over 3 s")
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     assert retries[0].params == killed.params

@@ -229,9 +229,12 @@ def _retried(name: str) -> Callable[..., Any]:
 
 
 # Every storage call a worker makes, reads included: a worker that cannot read the study cannot go on
-# either. create_new_trial is not idempotent (a retry after a lost reply can leave an orphan RUNNING
-# trial); the worker fails such orphans under the study lock (nas3d.worker).
+# either. The private ones are what Optuna's _CachedStorage (which wraps every RDBStorage a Study
+# uses) calls on it instead of the public ones. create_new_trial is not idempotent (a retry after a
+# lost reply can leave an orphan RUNNING trial); the worker fails such orphans under the study lock
+# (nas3d.worker).
 for _name in (
+    "_create_new_trial", "_get_trials", "_get_best_trial_id", "_set_trial_param",
     "create_new_trial", "set_trial_param", "set_trial_intermediate_value", "set_trial_user_attr",
     "set_trial_system_attr", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
     "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
