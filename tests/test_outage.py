@@ -45,7 +45,7 @@ def test_workers_ride_out_20_s_and_60_s_database_outages(
             stderr=subprocess.STDOUT,
         )
     try:
-        wait_for(lambda: "lost the database; starting it again" in log.read_text(), timeout=120)
+        wait_for(lambda: "lost the database; starting it again" in log.read_text(), timeout=300)
         postgres_cluster.start()
 
         seen = -1
@@ -53,7 +53,7 @@ def test_workers_ride_out_20_s_and_60_s_database_outages(
             # Down while a trial that started after the previous outage trains.
             wait_for(lambda seen=seen: any(
                 t.number > seen and t.state == TrialState.RUNNING and "device" in t.user_attrs
-                for t in study.get_trials(deepcopy=False)), timeout=180)
+                for t in study.get_trials(deepcopy=False)), timeout=300)
             assert_no_training_lost(study.get_trials())  # the previous outage lost nothing either
             seen = max(t.number for t in study.get_trials(deepcopy=False))
             postgres_cluster.stop()
