@@ -30,7 +30,12 @@ from nas3d.model import build_model
 from nas3d.samplers import make_sampler
 from nas3d.seeds import seed_architectures
 from nas3d.space import params_for, sample_architecture
-from nas3d.storages import ARTIFACTS_ATTR, prepare_artifact_location, resolve_artifact_location
+from nas3d.storages import (
+    ARTIFACTS_ATTR,
+    StorageUnavailable,
+    prepare_artifact_location,
+    resolve_artifact_location,
+)
 from nas3d.train import device_name, train_trial
 
 if TYPE_CHECKING:
@@ -234,8 +239,8 @@ class TrialObjective:
         self._claimed = False
         try:
             return self._evaluate(trial)
-        except optuna.TrialPruned:
-            raise
+        except (optuna.TrialPruned, StorageUnavailable):
+            raise  # a lost database: writing the reason would only wait out the retry window again
         except Exception as e:
             # Whatever broke, the trial says why (Optuna keeps only a log line otherwise). Best effort:
             # the trial may already be finished (failed as stale by another worker).
