@@ -21,15 +21,16 @@ exactly 1 + K trials. Only training is replaced: ``nas3d.study.train_trial`` ret
 at once. Storage is never mocked. Per trial, timers wrapped around the real calls give:
 
     lock     the study lock (file lock for SQLite, advisory lock for PostgreSQL)
-    stale    optuna.storages.fail_stale_trials (the worker's call and the one inside study.optimize)
+    stale    optuna.storages.fail_stale_trials (the worker's call)
     budget   nas3d.worker.budget_state
     ask      study.ask(): trial creation (or popping a queued trial) and the sampler's before_trial
     suggest  nas3d.space.sample_architecture: one param write per choice, and the sampling itself.
              Optuna 5 computes a trial's relative (multivariate) params lazily, on its first
              suggest, so TPE's main work (one Parzen fit per parameter group over all trials) is here
     dup      TrialObjective._earlier_evaluation (duplicate lookup)
-    rest     everything else of the loop and the objective: set_user_attr calls, the constraint
-             write, study.tell, heartbeat thread start/stop
+    rest     everything else of the loop and the objective: the orphan check, the worker mark and
+             first heartbeat, set_user_attr calls, the constraint write, study.tell, heartbeat
+             thread start
     db+smp   sum of the above: the storage + sampler overhead the target is about
     sampler  of db+smp, the time inside the sampler's own methods (infer_relative_search_space,
              sample_relative, sample_independent, before_trial, after_trial; spread over ask,
@@ -235,7 +236,7 @@ def _create(
 
 
 def _standin_train_trial(model: torch.nn.Module, data: DeviceData, config: TrainConfig, device: Any,
-                         *, progress: bool = False) -> TrainResult:
+                         *, progress: bool = False, should_stop: Any = None) -> TrainResult:
     """Stands in for ``train_trial``: no training, a made-up result."""
     return TrainResult(val_auc=0.9, val_acc=0.8, val_loss=0.5, best_epoch=10, epochs_run=15,
                        train_seconds=0.0, samples_per_second=0.0, history=())
@@ -252,7 +253,7 @@ def _patched(target: Any, name: str, value: Any) -> Iterator[None]:
 
 
 class _IterationRecorder:
-    """Splits the worker loop's phase times into one record per trial (lock acquire → optimize end)."""
+    """Splits the worker loop's phase times into one record per trial (lock acquire → run_trial end)."""
 
     def __init__(self) -> None:
         self.timer = PhaseTimer()
@@ -278,7 +279,7 @@ def instrumented_worker(recorder: _IterationRecorder) -> Iterator[None]:
     """Wrap the real calls of ``run_worker`` in timers; replace only ``train_trial``."""
     timer = recorder.timer
     real_lock = nas3d.worker.study_lock
-    real_optimize = optuna.Study.optimize
+    real_run_trial = nas3d.worker.run_trial
 
     def study_lock(*args: Any, **kwargs: Any) -> Any:
         lock = real_lock(*args, **kwargs)
@@ -301,9 +302,9 @@ def instrumented_worker(recorder: _IterationRecorder) -> Iterator[None]:
             setattr(sampler, method, timer.wrap("sampler", getattr(sampler, method)))
         return study, config
 
-    def optimize(self: optuna.Study, *args: Any, **kwargs: Any) -> None:
+    def run_trial(*args: Any, **kwargs: Any) -> None:
         try:
-            real_optimize(self, *args, **kwargs)
+            real_run_trial(*args, **kwargs)
         finally:
             recorder.end()
 
@@ -313,7 +314,7 @@ def instrumented_worker(recorder: _IterationRecorder) -> Iterator[None]:
             (nas3d.worker, "load_study", load_study),
             (nas3d.worker, "budget_state", timer.wrap("budget", nas3d.worker.budget_state)),
             (optuna.storages, "fail_stale_trials", timer.wrap("stale", optuna.storages.fail_stale_trials)),
-            (optuna.Study, "optimize", optimize),
+            (nas3d.worker, "run_trial", run_trial),
             (optuna.Study, "ask", timer.wrap("ask", optuna.Study.ask)),
             (nas3d.study, "sample_architecture", timer.wrap("suggest", nas3d.study.sample_architecture)),
             (nas3d.study, "measure_costs", timer.wrap("costs", nas3d.study.measure_costs)),

@@ -2,8 +2,14 @@
 
 Each worker is a separate ``nas3d worker`` process (its own CUDA context, its own heartbeat). GPU
 workers see only their GPU (``CUDA_VISIBLE_DEVICES``), so ``cuda`` inside a worker is that GPU.
-A worker that crashes is restarted (a few times per slot); SIGINT/SIGTERM are passed on to every
-worker, which finishes or re-queues its trial and exits.
+
+* A worker that exits for storage reasons (:data:`nas3d.util.EXIT_STORAGE`: the database stayed
+  unreachable past its retry window, or at start-up) is started again with backoff for as long as
+  the storage retry window lasts. One that crashes otherwise is restarted a few times per slot. One
+  that rejected its input (exit 2) is not restarted: that cannot help.
+* SIGINT/SIGTERM are passed on to every worker, which stops its trial between two batches, queues it
+  again and exits. A worker still running ``kill_grace`` seconds later gets SIGKILL, and the trial
+  it left RUNNING is failed and queued again here, so nothing stays RUNNING.
 """
 
 from __future__ import annotations
@@ -11,21 +17,22 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from nas3d.storages import storage_retry_window
 from nas3d.train import gpu_count, no_gpu_message
-from nas3d.util import EXIT_USAGE
-
-if TYPE_CHECKING:
-    pass
+from nas3d.util import EXIT_STORAGE, EXIT_USAGE
 
 logger = logging.getLogger(__name__)
 
 MAX_RESTARTS_PER_SLOT = 3
+#: Seconds a stopping worker gets to queue its trial again before SIGKILL (compose allows 60).
+DEFAULT_KILL_GRACE_S = 30.0
+_MAX_BACKOFF_S = 30.0
 
 
 @dataclass
@@ -36,6 +43,11 @@ class Slot:
     process: subprocess.Popen | None = None
     restarts: int = 0
     handled: bool = False  # this process's exit has been dealt with
+    restart_at: float | None = None  # monotonic time of a pending restart after a storage exit
+    storage_exits: int = 0  # consecutive storage exits
+    storage_since: float | None = None  # monotonic time of the first of them
+    killed_pids: tuple[int, ...] = ()
+    started_at: float = 0.0
 
 
 def discover_gpus(gpus: str | None, *, cpu: bool = False) -> list[int] | None:
@@ -92,14 +104,29 @@ def worker_arguments(heartbeat_interval: int, grace_period: int | None, progress
     return [*extra, "--progress"] if progress else extra
 
 
-def launch(study_name: str, storage_url: str, slots: list[Slot], worker_args: list[str] = ()) -> int:
-    """Run one worker per slot until all finish; returns 0 when every worker ended cleanly."""
-    stopping = False
+def launch(
+    study_name: str,
+    storage_url: str,
+    slots: list[Slot],
+    worker_args: list[str] = (),
+    *,
+    kill_grace: float = DEFAULT_KILL_GRACE_S,
+    retry_window: float | None = None,
+) -> int:
+    """Run one worker per slot until all finish; returns 0 when every worker ended cleanly.
+
+    ``retry_window`` (default :func:`nas3d.storages.storage_retry_window`): how long a slot whose
+    worker keeps exiting for storage reasons is restarted.
+    """
+    window = storage_retry_window(retry_window)
+    stopping: float | None = None  # monotonic time of the first stop signal
 
     def forward(signum: int, _frame) -> None:
         nonlocal stopping
-        stopping = True
+        if stopping is None:
+            stopping = time.monotonic()
         for slot in slots:
+            slot.restart_at = None
             if slot.process and slot.process.poll() is None:
                 slot.process.send_signal(signum)
 
@@ -107,15 +134,25 @@ def launch(study_name: str, storage_url: str, slots: list[Slot], worker_args: li
     try:
         for slot in slots:
             _start(slot, study_name, storage_url, list(worker_args))
-        while not all(slot.handled for slot in slots):
+        while not all(slot.handled and slot.restart_at is None for slot in slots):
             time.sleep(0.2)
+            now = time.monotonic()
+            if stopping is not None and now - stopping > kill_grace:
+                _kill_remaining(slots, kill_grace)
             for slot in slots:
+                if slot.restart_at is not None and now >= slot.restart_at and stopping is None:
+                    slot.restart_at = None
+                    _start(slot, study_name, storage_url, list(worker_args))
                 code = slot.process.poll() if slot.process else None
                 if code is None or slot.handled:
                     continue
                 slot.handled = True
-                if code in (0, EXIT_USAGE) or stopping:
+                if code in (0, EXIT_USAGE) or stopping is not None:
                     continue
+                if code == EXIT_STORAGE:
+                    _schedule_storage_restart(slot, now, window)
+                    continue
+                slot.storage_exits, slot.storage_since = 0, None
                 if slot.restarts < MAX_RESTARTS_PER_SLOT:
                     slot.restarts += 1
                     logger.warning(
@@ -128,8 +165,66 @@ def launch(study_name: str, storage_url: str, slots: list[Slot], worker_args: li
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    killed = [pid for slot in slots for pid in slot.killed_pids]
+    if killed:
+        requeue_killed(study_name, storage_url, killed, retry_window=window)
     codes = [s.process.returncode for s in slots if s.process]
     return 0 if all(c == 0 for c in codes) else 1
+
+
+def _schedule_storage_restart(slot: Slot, now: float, window: float) -> None:
+    if now - slot.started_at > 60:  # it had been working: a new outage, with a window of its own
+        slot.storage_exits, slot.storage_since = 0, None
+    if slot.storage_since is None:
+        slot.storage_since = now
+    slot.storage_exits += 1
+    delay = min(_MAX_BACKOFF_S, 2.0**slot.storage_exits)
+    if now + delay - slot.storage_since > window:
+        logger.error("worker %d could not reach the database for %.0f s; giving up on this slot",
+                     slot.index, now - slot.storage_since)
+        return
+    logger.warning("worker %d lost the database; starting it again in %.0f s", slot.index, delay)
+    slot.restart_at = now + delay
+
+
+def _kill_remaining(slots: list[Slot], grace: float) -> None:
+    for slot in slots:
+        process = slot.process
+        if process and process.poll() is None:
+            logger.warning("worker %d still running %.0f s after the stop signal; killing it",
+                           slot.index, grace)
+            process.kill()
+            process.wait()
+            slot.killed_pids = (*slot.killed_pids, process.pid)
+
+
+def requeue_killed(study_name: str, storage_url: str, pids: list[int], *, retry_window: float = 0.0) -> int:
+    """Fail and queue again the trials that workers ``pids`` of this host left RUNNING when killed.
+
+    Their heartbeat would fail them after the grace period too, but only while some worker runs.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    from nas3d.storages import make_storage
+    from nas3d.worker import WORKER_ATTR, requeue
+
+    storage = make_storage(storage_url, retry_window=retry_window)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    host, done = socket.gethostname(), 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        marker = trial.system_attrs.get(WORKER_ATTR) or {}
+        if marker.get("host") != host or marker.get("pid") not in pids:
+            continue
+        reason = "killed: its worker did not stop within the grace period after the stop signal; re-queued"
+        try:
+            study._storage.set_trial_user_attr(trial._trial_id, "failure_reason", reason)
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        requeue(study, study._storage.get_trial(trial._trial_id))
+        done += 1
+    return done
 
 
 def _start(slot: Slot, study_name: str, storage_url: str, worker_args: list[str]) -> None:
@@ -144,3 +239,4 @@ def _start(slot: Slot, study_name: str, storage_url: str, worker_args: list[str]
     logger.info("starting worker %d on %s", slot.index, slot.device)
     slot.process = subprocess.Popen(command, env=slot.env)
     slot.handled = False
+    slot.started_at = time.monotonic()

@@ -6,18 +6,19 @@ configuration lives in the study's user attrs, so a worker needs only the study'
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import optuna
 import torch
-from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.artifacts import upload_artifact
 from optuna.trial import FrozenTrial, TrialState
 
 from nas3d.architecture import InfeasibleArchitecture
@@ -30,9 +31,20 @@ from nas3d.model import build_model
 from nas3d.samplers import make_sampler
 from nas3d.seeds import seed_architectures
 from nas3d.space import params_for, sample_architecture
-from nas3d.storages import StorageSpec, make_storage, resolve_storage
+from nas3d.storages import (
+    ARTIFACTS_ATTR,
+    StorageSpec,
+    StorageUnavailable,
+    make_storage,
+    prepare_artifact_location,
+    resolve_artifact_location,
+    resolve_storage,
+)
 from nas3d.train import device_name, train_trial
 from nas3d.util import atomic_path, did_you_mean, one_line
+
+if TYPE_CHECKING:
+    from optuna.artifacts._protocol import ArtifactStore
 
 logger = logging.getLogger(__name__)
 
@@ -41,18 +53,31 @@ DIRECTIONS = ("maximize", "minimize")
 CONFIG_ATTR = "nas3d_config"
 # Copied from an earlier trial onto a duplicate of its architecture.
 RESULT_ATTRS = ("val_acc", "params", "thop_macs", "train_seconds", "epochs", "best_epoch", "device")
+#: Set on a trial that was decided without training (and so costs no budget): "duplicate",
+#: "over_constraints", "infeasible" or "error" (it failed before its training began).
+NOT_TRAINED_ATTR = "not_trained"
+WORKERS_ATTR = "nas3d:workers"  # study system attr: how many worker numbers were handed out
 
 
 class StudyNotFound(LookupError):
     """No study of that name in the storage."""
 
 
-def create_study(config: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
+def create_study(
+    config: StudyConfig, storage: optuna.storages.BaseStorage, *, artifacts: str | None = None
+) -> optuna.Study:
     """Create the study ``config`` describes, or return it if it exists with the same configuration.
 
-    Raises ``ValueError`` when a study of that name exists with a different configuration: workers
-    of one study must all train the same way.
+    ``artifacts`` (``--artifacts``): the study's artifact store, a folder or ``s3://bucket/prefix``
+    (default: ``$NAS3D_ARTIFACTS``, else beside a SQLite file, else ``<home>/artifacts``). It is
+    recorded in the study, checked reachable, and used by every worker and command of the study.
+    Raises ``ValueError`` when a study of that name exists with a different configuration or artifact
+    store (workers of one study must all train the same way and write to one place), for a relative
+    folder given to a PostgreSQL study, and when the store cannot be reached.
     """
+    location = resolve_artifact_location(artifacts, getattr(storage, "url", None))
+    if artifacts is not None or _existing_location(storage, config.study.name) is None:
+        prepare_artifact_location(location)  # before the study exists: a bad store creates nothing
     study = optuna.create_study(
         study_name=config.study.name,
         storage=storage,
@@ -72,7 +97,16 @@ def create_study(config: StudyConfig, storage: optuna.storages.BaseStorage) -> o
                 f"({_first_difference(existing, wanted)}); give the new one another name "
                 "(study.name / --name) or drop the change"
             )
+        recorded = study.user_attrs.get(ARTIFACTS_ATTR)
+        if recorded is None:  # created before stores were recorded: record the one it used
+            study.set_user_attr(ARTIFACTS_ATTR, location)
+        elif artifacts is not None and recorded != location:
+            raise ValueError(
+                f"study {config.study.name!r} already exists with its artifacts in {recorded}, not "
+                f"{location}; drop --artifacts, or give the new study another name (--name)"
+            )
         return study
+    study.set_user_attr(ARTIFACTS_ATTR, location)
     study.set_user_attr(CONFIG_ATTR, wanted)
     with warnings.catch_warnings():  # experimental since Optuna 3.2, and what the dashboard reads
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -82,14 +116,25 @@ def create_study(config: StudyConfig, storage: optuna.storages.BaseStorage) -> o
     return study
 
 
-def prepare_study(config: StudyConfig, storage: str | StorageSpec | None) -> optuna.Study:
-    """Check what the study needs (its data, its storage), then create it, or check the existing one.
+def prepare_study(
+    config: StudyConfig, storage: str | StorageSpec | None, *, artifacts: str | None = None
+) -> optuna.Study:
+    """Check what the study needs (its data, its storage), then create it (recording ``artifacts``,
+    see :func:`create_study`), or check the existing one.
 
     The data is checked first (present, and readable as the configured dataset), so a missing or
     corrupt file never leaves an empty study behind, and nas3d never falls back to other data.
     """
     check_data(config.data)
-    return create_study(config, make_storage(storage))
+    return create_study(config, make_storage(storage), artifacts=artifacts)
+
+
+def _existing_location(storage: optuna.storages.BaseStorage, name: str) -> str | None:
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
+        return None
+    return storage.get_study_user_attrs(study_id).get(ARTIFACTS_ATTR)
 
 
 def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -116,9 +161,14 @@ def enqueue_seed_architectures(study: optuna.Study, config: StudyConfig) -> int:
 
 
 def load_study(
-    name: str, storage: optuna.storages.BaseStorage, *, worker_index: int = 0
+    name: str, storage: optuna.storages.BaseStorage, *, worker_number: int | None = None
 ) -> tuple[optuna.Study, StudyConfig]:
-    """Load study ``name`` with its stored configuration and a sampler of its own for this worker."""
+    """Load study ``name`` with its stored configuration.
+
+    ``worker_number`` (a number no other worker of the study has, from
+    :func:`allocate_worker_number`) seeds this worker's own sampler: workers with one seed would
+    propose the same architectures in lockstep, and a restarted worker would replay its first life.
+    """
     study_id = study_id_of(storage, name, fix="create it first with `nas3d create-study --study FILE` "
                                               "(or run `nas3d search`)")
     # Read only this study's attrs: summaries of every study would load every trial in the database.
@@ -127,12 +177,8 @@ def load_study(
         raise ValueError(f"study {name!r} was not created by nas3d (no {CONFIG_ATTR!r} user attr)")
     config = StudyConfig.from_dict(user_attrs[CONFIG_ATTR], source=f"study {name!r}")
     settings = config.study
-    if settings.sampler_seed is not None:
-        # Workers with one seed would propose the same first architectures in lockstep, and a worker
-        # restarted after a crash would replay the proposals of its first life: each worker's seed
-        # also depends on its index and on how many trials the study held when it started.
-        entropy = [settings.sampler_seed, worker_index, len(storage.get_all_trials(study_id, deepcopy=False))]
-        seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+    if settings.sampler_seed is not None and worker_number is not None:
+        seed = int(np.random.SeedSequence([settings.sampler_seed, worker_number]).generate_state(1)[0])
         settings = dataclasses.replace(settings, sampler_seed=seed)
     study = optuna.load_study(
         study_name=name, storage=storage, sampler=make_sampler(settings, space=config.space, ode=config.ode)
@@ -156,6 +202,17 @@ def study_id_of(storage: optuna.storages.BaseStorage, name: str, *, fix: str | N
     raise StudyNotFound(f"no study named {name!r} in this storage ({there}); {fix}")
 
 
+def allocate_worker_number(study: optuna.Study) -> int:
+    """The next worker number of ``study`` (0, 1, 2, ... over the study's life, never reused).
+
+    Call it holding the study lock: the read and the write must not interleave with another worker's.
+    """
+    storage, study_id = study._storage, study._study_id
+    number = int(storage.get_study_system_attrs(study_id).get(WORKERS_ATTR, 0))
+    storage.set_study_system_attr(study_id, WORKERS_ATTR, number + 1)
+    return number
+
+
 def record_constraints(trial: optuna.trial.Trial, values: Mapping[str, float]) -> None:
     """Record constraint values (feasible iff all <= 0) where both samplers and the dashboard see them.
 
@@ -177,8 +234,15 @@ class TrialObjective:
     """Sample, deduplicate, cost, train and record one trial; returns ``(val_auc, flops)``.
 
     Failures are never disguised as scores: an infeasible or over-budget architecture, or a duplicate of
-    one already evaluated, is PRUNED without training and a training failure (out of memory,
-    non-finite loss) FAILS, each with ``failure_reason`` set.
+    one already evaluated (or being evaluated), is PRUNED without training and marked
+    ``not_trained``; a training failure (out of memory, non-finite loss, any exception) FAILS; each
+    with ``failure_reason`` set.
+
+    ``on_claimed`` is called once the trial's architecture is decided: its hash is recorded and the
+    duplicate and constraint checks are done, so a worker holding the study lock from ``ask`` to
+    there lets no other worker claim the same architecture. ``should_stop`` is polled between
+    training batches (a worker's stop signal); when it returns true training raises
+    :class:`nas3d.train.TrainingStopped`.
     """
 
     def __init__(
@@ -186,34 +250,57 @@ class TrialObjective:
         config: StudyConfig,
         data: DeviceData,
         device: torch.device | str,
-        artifact_store: FileSystemArtifactStore | None = None,
+        artifact_store: ArtifactStore | None = None,
         *,
         progress: bool = False,
+        on_claimed: Callable[[], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
         self.config = config
         self.data = data
         self.device = torch.device(device)
         self.artifact_store = artifact_store
         self.progress = progress
+        self.on_claimed = on_claimed
+        self.should_stop = should_stop
         self.trainings = 0  # how many trials this objective actually trained
         self.epochs_trained = 0  # epochs those trainings ran, stopped ones included
+        self._claimed = False
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
+        self._claimed = False
         try:
             return self._evaluate(trial)
-        except optuna.TrialPruned:
-            raise
+        except (optuna.TrialPruned, StorageUnavailable):
+            raise  # a lost database: writing the reason would only wait out the retry window again
         except Exception as e:
-            # Whatever broke, the trial says why (Optuna keeps only a log line otherwise).
-            trial.set_user_attr("failure_reason", f"{type(e).__name__}: {e}")
+            # Whatever broke, the trial says why (Optuna keeps only a log line otherwise). Best effort:
+            # the trial may already be finished (failed as stale by another worker).
+            with contextlib.suppress(Exception):
+                trial.set_user_attr("failure_reason", f"{type(e).__name__}: {e}")
+                if not self._claimed:  # it never reached training: it costs no budget
+                    trial.set_user_attr(NOT_TRAINED_ATTR, "error")
             raise
+        finally:
+            self._claim()
+
+    def _claim(self) -> None:
+        if not self._claimed:
+            self._claimed = True
+            if self.on_claimed is not None:
+                self.on_claimed()
+
+    def _not_trained(self, trial: optuna.Trial, kind: str, reason: str) -> optuna.TrialPruned:
+        trial.set_user_attr(NOT_TRAINED_ATTR, kind)
+        trial.set_user_attr("failure_reason", reason)
+        self._claim()
+        return optuna.TrialPruned(reason)
 
     def _evaluate(self, trial: optuna.Trial) -> tuple[float, float]:
         try:
             arch = sample_architecture(trial, self.config.space)
         except InfeasibleArchitecture as e:
-            trial.set_user_attr("failure_reason", f"infeasible: {e.reason}")
-            raise optuna.TrialPruned(f"infeasible architecture: {e.reason}") from None
+            raise self._not_trained(trial, "infeasible", f"infeasible: {e.reason}") from None
         arch_hash = arch.arch_hash()
         trial.set_user_attr("arch", arch.short_str())
         trial.set_user_attr("arch_json", arch.to_json())
@@ -225,13 +312,18 @@ class TrialObjective:
             # good trial would count as fresh evidence for it, and TPE would propose it again and
             # again (bench/storage_overhead.py saw 376 duplicates per 8 new architectures that way).
             trial.set_user_attr("duplicate_of", earlier.number)
-            trial.set_user_attr("duplicate_values", earlier.values)
-            for key in RESULT_ATTRS:
-                if key in earlier.user_attrs:
-                    trial.set_user_attr(key, earlier.user_attrs[key])
-            reason = f"duplicate of trial {earlier.number} (the same architecture); not trained again"
-            trial.set_user_attr("failure_reason", reason)
-            raise optuna.TrialPruned(reason)
+            if earlier.state == TrialState.COMPLETE:
+                trial.set_user_attr("duplicate_values", earlier.values)
+                for key in RESULT_ATTRS:
+                    if key in earlier.user_attrs:
+                        trial.set_user_attr(key, earlier.user_attrs[key])
+                reason = f"duplicate of trial {earlier.number} (the same architecture); not trained again"
+            else:
+                # Waiting for it would idle this device for a whole training run; its result (or, if
+                # its worker dies, its retry's) is the one this architecture gets.
+                reason = (f"duplicate of trial {earlier.number}, which is training the same architecture; "
+                          "not trained again")
+            raise self._not_trained(trial, "duplicate", reason)
 
         data = self.data
         costs = measure_costs(arch, data.in_channels, data.num_classes, data.size)
@@ -247,16 +339,18 @@ class TrialObjective:
                 reason = "over budget: " + ", ".join(
                     f"{k} {getattr(costs, k):.4g} > max_{k} {getattr(limits, 'max_' + k):.4g}" for k in broken
                 )
-                trial.set_user_attr("failure_reason", reason)
-                raise optuna.TrialPruned(reason)
+                raise self._not_trained(trial, "over_constraints", reason)
+        self._claim()
 
+        # Seed before the model is built: its initial weights come from the global generator, so a
+        # trial and its retry (or the same architecture in another worker) start from the same weights.
+        torch.manual_seed(self.config.train.seed)
         model = build_model(arch, data.in_channels, data.num_classes).to(self.device)
         self.trainings += 1
         # Records the learning curve every epoch and runs the [early_stopping] stopper at its rungs.
         monitor = EpochMonitor(trial, self.config.early_stopping, self.config.train.max_epochs, costs.flops)
-        result = train_trial(
-            model, data, self.config.train, self.device, progress=self.progress, on_epoch=monitor
-        )
+        result = train_trial(model, data, self.config.train, self.device, progress=self.progress,
+                             on_epoch=monitor, should_stop=self.should_stop)
         self.epochs_trained += result.epochs_run
         trial.set_user_attr("val_acc", result.val_acc)
         trial.set_user_attr("train_seconds", round(result.train_seconds, 3))
@@ -269,10 +363,20 @@ class TrialObjective:
         return result.val_auc, float(costs.flops)
 
     def _earlier_evaluation(self, trial: optuna.Trial, arch_hash: str) -> FrozenTrial | None:
-        for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if other.user_attrs.get("arch_hash") == arch_hash and other.number != trial.number:
-                return other
-        return None
+        """The trial that trained (COMPLETE) or is training (RUNNING) this architecture, if any.
+
+        RUNNING trials count because concurrent workers would otherwise train one architecture at the
+        same time; the worker holds the study lock from ``ask`` to the claim, so every RUNNING trial
+        it sees has its hash and its verdict recorded already.
+        """
+        states = (TrialState.COMPLETE, TrialState.RUNNING)
+        matches = [
+            other for other in trial.study.get_trials(deepcopy=False, states=states)
+            if other.user_attrs.get("arch_hash") == arch_hash and other.number != trial.number
+            and NOT_TRAINED_ATTR not in other.user_attrs and "duplicate_of" not in other.user_attrs
+        ]
+        matches.sort(key=lambda t: (t.state != TrialState.COMPLETE, t.number))
+        return matches[0] if matches else None
 
     def _store_checkpoint(
         self, trial: optuna.Trial, model: torch.nn.Module, val_auc: float, val_acc: float, flops: int

@@ -83,6 +83,10 @@ class TrainingFailure(RuntimeError):
     """A trial that could not be trained; ``str(exc)`` is the one-line reason to record."""
 
 
+class TrainingStopped(Exception):
+    """``should_stop`` asked training to stop (a worker's stop signal); not a failure of the model."""
+
+
 class TrialOutOfMemory(TrainingFailure):
     """The device ran out of memory; the architecture may still be good at a smaller batch."""
 
@@ -129,8 +133,12 @@ def train_trial(
     *,
     progress: bool = False,
     on_epoch: EpochCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data.train``, validating on ``data.val`` each epoch, and return the best epoch.
+
+    ``should_stop`` is polled between batches; when it returns true, :class:`TrainingStopped` is
+    raised there (so a stop request never lands in the middle of a step or of the caller's bookkeeping).
 
     The model is moved to ``device`` and left holding the best epoch's weights. The global torch seed
     and the batch order are set from ``config.seed``: on CPU the same model and data give identical
@@ -145,7 +153,7 @@ def train_trial(
         raise ValueError(f"validation split has no sample of classes {sorted(missing)}: its AUC is undefined")
     try:
         with cudnn_benchmark(config.cudnn_benchmark) if device.type == "cuda" else nullcontext():
-            return _train(model, data, config, device, progress, on_epoch)
+            return _train(model, data, config, device, progress, on_epoch, should_stop)
     except torch.OutOfMemoryError as exc:
         reason = f"out of memory on {device} at batch size {config.batch_size}: {str(exc).splitlines()[0]}"
     # Outside the except block the exception and its traceback, which hold _train's frames and their
@@ -163,6 +171,7 @@ def _train(
     device: torch.device,
     progress: bool,
     on_epoch: EpochCallback | None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     start = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -194,6 +203,7 @@ def _train(
                 generator=generator,
                 amp_dtype=amp_dtype,
                 channels_last=channels_last,
+                should_stop=should_stop,
             )
             train_time += time.perf_counter() - tick  # train_epoch ends in a sync (.item()), so this is real
             if not math.isfinite(train_loss):
@@ -332,8 +342,11 @@ def train_epoch(
     generator: torch.Generator,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> float:
     """One pass over ``split`` in the order ``generator`` shuffles; returns the mean training loss.
+
+    ``should_stop`` is polled before each batch; :class:`TrainingStopped` is raised when it is true.
 
     The loss is summed on the device and read once at the end, so CUDA never waits on the host
     mid-epoch; a nan shows up in the returned mean.
@@ -342,6 +355,8 @@ def train_epoch(
     device = split.labels.device
     total = torch.zeros((), device=device)
     for index in split.batches(batch_size, generator):
+        if should_stop is not None and should_stop():
+            raise TrainingStopped("stop requested")
         images, labels = split.batch(index)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last_3d)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import IO
 
 __all__ = [
+    "EXIT_STORAGE",
     "EXIT_USAGE",
     "atomic_path",
     "atomic_write",
@@ -22,6 +23,9 @@ __all__ = [
 
 #: Exit status of a command or worker that rejected its input: the supervisor does not restart it.
 EXIT_USAGE = 2
+#: Exit status of a worker that lost its database past the retry window (EX_TEMPFAIL): the supervisor
+#: restarts it with backoff.
+EXIT_STORAGE = 75
 
 
 def one_line(text: object, limit: int | None = None) -> str:

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import os
 import signal
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import make_url
 
+from nas3d.testing import servers
 from nas3d.testing.storages import (
     PG_ENV,
+    PostgresCluster,
     PostgresUnavailable,
     connect,
     psycopg_url,
@@ -104,3 +107,39 @@ def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
     server = request.getfixturevalue("postgres_server") if request.param == "postgresql" else None
     with scratch_storage(request.param, tmp_path, server, name_prefix="nas3d_test_t_") as url:
         yield url
+
+
+@pytest.fixture
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A PostgreSQL cluster of this test's own, which the test may stop and start (outage tests)."""
+    try:
+        cluster = PostgresCluster()
+    except PostgresUnavailable as e:
+        _unavailable(f"cannot start a throwaway PostgreSQL cluster for this test ({e})")
+        return
+    try:
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[dict[str, str]]:
+    """A real S3 store (SeaweedFS) for this session; yields the AWS environment that reaches it."""
+    try:
+        with servers.s3_server() as env:
+            yield env
+    except servers.ServerUnavailable as e:
+        _unavailable(str(e))
+
+
+@pytest.fixture
+def s3_bucket(s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket on the session's S3 store, with this process's AWS environment pointing there."""
+    import boto3
+
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    name = f"nas3d-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name

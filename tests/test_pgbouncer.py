@@ -15,8 +15,8 @@ from nas3d.storages import make_storage, study_lock
 from nas3d.storages._rdb import pg_connect_args
 from nas3d.study import create_study
 from nas3d.testing.servers import ServerUnavailable, pgbouncer
+from nas3d.testing.storages import temporary_database
 from nas3d.worker import budget_state
-from tests.conftest import _temporary_database
 from tests.test_storage import _check_lock_excludes_other_workers
 from tests.test_study import smoke_config
 from tests.test_worker import finish, start_worker
@@ -31,7 +31,7 @@ POOL_SIZE = 2
 @pytest.fixture
 def bouncer_url(postgres_server: str) -> Iterator[str]:
     """A fresh database, reached through a PgBouncer in transaction mode started for this test."""
-    with _temporary_database(postgres_server, "nas3d_test_pgb") as direct:
+    with temporary_database(postgres_server, "nas3d_test_pgb") as direct:
         try:
             server = pgbouncer(direct, pool_mode="transaction", pool_size=POOL_SIZE)
             url = server.__enter__()

@@ -105,6 +105,11 @@ def test_groups_match_optuna_after_trials_arrive_out_of_order(trials: list) -> N
     assert len(groups[1]) > before  # the later trials brought new groups
 
 
+def test_a_patch_release_is_another_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(optuna, "__version__", "5.0.1")  # private code may change in a patch release
+    assert not shortcuts_available()
+
+
 def test_other_optuna_versions_get_plain_tpe(trials: list, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(optuna, "__version__", "99.0.0")
     assert not shortcuts_available()

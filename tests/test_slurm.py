@@ -21,8 +21,8 @@ from optuna.trial import TrialState
 from nas3d.storages import make_storage
 from nas3d.study import create_study
 from nas3d.testing.servers import ServerUnavailable, slurm_cluster
+from nas3d.testing.storages import temporary_database
 from nas3d.worker import budget_state
-from tests.conftest import _temporary_database
 from tests.test_study import smoke_config
 from tests.test_worker import counted, long_trials_study, wait_for
 
@@ -50,7 +50,7 @@ def slurm() -> Iterator[dict[str, str]]:
 
 @pytest.fixture
 def pg_url(postgres_server: str) -> Iterator[str]:
-    with _temporary_database(postgres_server, "nas3d_test_slurm") as url:
+    with temporary_database(postgres_server, "nas3d_test_slurm") as url:
         yield url
 
 

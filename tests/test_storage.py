@@ -20,6 +20,7 @@ from nas3d.storages import (
     DEFAULT_HEARTBEAT_INTERVAL,
     StorageUnavailable,
     artifact_store_for,
+    default_artifact_location,
     make_storage,
     resolve_storage_url,
     retry_transient,
@@ -283,15 +284,14 @@ def test_retry_transient_gives_up_and_passes_other_errors(monkeypatch: pytest.Mo
 # --- artifacts and constraints ---------------------------------------------------------------------
 
 
-def test_artifact_store_locations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert artifact_store_for(None)._base_path == tmp_path / "nas3d-home" / "artifacts"
-    assert (
-        artifact_store_for(f"sqlite:///{tmp_path / 'db' / 'x.db'}")._base_path
-        == tmp_path / "db" / "artifacts"
-    )
-    assert artifact_store_for("postgresql://u@h/db")._base_path == tmp_path / "nas3d-home" / "artifacts"
+def test_default_artifact_locations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert default_artifact_location(None) == str(tmp_path / "nas3d-home" / "artifacts")
+    beside = default_artifact_location(f"sqlite:///{tmp_path / 'db' / 'x.db'}")
+    assert beside == str(tmp_path / "db" / "artifacts")
+    assert default_artifact_location("postgresql://u@h/db") == str(tmp_path / "nas3d-home" / "artifacts")
     assert artifact_store_for(None, path=tmp_path / "art")._base_path == tmp_path / "art"
     monkeypatch.setenv("NAS3D_ARTIFACTS", str(tmp_path / "env-art"))
+    assert default_artifact_location("postgresql://u@h/db") == str(tmp_path / "env-art")
     assert artifact_store_for(None)._base_path == tmp_path / "env-art"
     assert (tmp_path / "env-art").is_dir()
 

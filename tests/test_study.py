@@ -16,7 +16,7 @@ from nas3d.data import load_splits
 from nas3d.seeds import seed_architectures
 from nas3d.space import params_for, sample_architecture
 from nas3d.storages import artifact_store_for, make_storage
-from nas3d.study import TrialObjective, create_study, load_study
+from nas3d.study import TrialObjective, allocate_worker_number, create_study, load_study
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,28 +130,29 @@ def test_existing_study_with_another_config_is_refused(tmp_path: Path) -> None:
         create_study(smoke_config(tmp_path, **{"train.max_epochs": 3}), storage)
 
 
-def test_worker_seeds_differ_by_index_and_by_restart_but_repeat_otherwise(tmp_path: Path) -> None:
+def test_worker_numbers_are_unique_and_seed_distinct_reproducible_samplers(tmp_path: Path) -> None:
     config = smoke_config(tmp_path, **{"study.sampler": "random", "space.initial_filters": "[8, 16, 32]",
                                        "space.stacks": "[1, 2]", "space.cells_per_stack": "[1, 2]"})
     storage = make_storage(f"sqlite:///{tmp_path / 'db.sqlite'}")
     create_study(config, storage)
 
-    def first_proposal(worker_index: int) -> dict:
-        study, loaded = load_study(config.study.name, storage, worker_index=worker_index)
+    def first_proposal(study_storage: optuna.storages.BaseStorage) -> tuple[int, dict]:
+        study, _ = load_study(config.study.name, study_storage)
+        number = allocate_worker_number(study)  # what each worker does under the study lock
+        study, loaded = load_study(config.study.name, study_storage, worker_number=number)
         trial = study.ask()
         params = dict(sample_architecture(trial, loaded.space).to_dict())
-        study.tell(trial, state=TrialState.FAIL)  # leaves the next load one more trial
-        return params
+        study.tell(trial, state=TrialState.FAIL)
+        return number, params
 
-    fresh = first_proposal(0)
-    restarted = first_proposal(0)  # the same worker again, one trial later: must not replay
-    other = first_proposal(1)
-    assert len({json.dumps(p, sort_keys=True) for p in (fresh, restarted, other)}) == 3
-    # reproducible: the same index at the same point of the same study proposes the same
+    # two workers started together, and a restarted one: three numbers, three different proposals
+    proposals = [first_proposal(storage) for _ in range(3)]
+    assert [n for n, _ in proposals] == [0, 1, 2]
+    assert len({json.dumps(p, sort_keys=True) for _, p in proposals}) == 3
+    # reproducible: the first worker of a fresh study proposes what the first worker proposed here
     twin_storage = make_storage(f"sqlite:///{tmp_path / 'twin.sqlite'}")
     create_study(config, twin_storage)
-    twin, loaded = load_study(config.study.name, twin_storage, worker_index=0)
-    assert sample_architecture(twin.ask(), loaded.space).to_dict() == fresh
+    assert first_proposal(twin_storage) == proposals[0]
 
 
 def test_a_study_from_before_a_new_setting_still_matches_its_file(tmp_path: Path) -> None:

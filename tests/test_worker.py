@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from nas3d.architecture import Architecture
 from nas3d.space import params_for
 from nas3d.storages import make_storage
-from nas3d.study import create_study
+from nas3d.study import NOT_TRAINED_ATTR, create_study
 from nas3d.worker import budget_state, run_worker
 from tests.test_study import smoke_config
 
@@ -49,7 +49,7 @@ def counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Trials that use budget: all but failed trials that were queued again, and duplicates."""
     trials = study.get_trials()
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
-    return [t for t in trials if t.number not in retried and "duplicate_of" not in t.user_attrs]
+    return [t for t in trials if t.number not in retried and NOT_TRAINED_ATTR not in t.user_attrs]
 
 
 def test_two_workers_finish_exactly_the_budget(storage_url: str, tmp_path: Path) -> None:
@@ -90,6 +90,8 @@ def test_killed_worker_trial_is_retried_and_budget_stays_exact(storage_url: str,
     finish(start_worker(storage_url, "crash"))
     trials = study.get_trials()
     assert trials[killed.number].state == TrialState.FAIL
+    reason = trials[killed.number].user_attrs["failure_reason"]
+    assert reason.startswith("stale heartbeat: no heartbeat for over 3 s")
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     assert retries[0].params == killed.params
@@ -116,16 +118,18 @@ def test_sigterm_leaves_no_running_trial_and_requeues_it(tmp_path: Path) -> None
     assert budget_state(study).used == 2 and len(trials) == 3
 
 
-def test_duplicates_are_free_but_bounded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_duplicates_are_free_and_a_streak_of_them_stops_the_study(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     storage_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    config = smoke_config(tmp_path, **{"study.n_trials": 2, "study.name": "dups"})
+    config = smoke_config(tmp_path, **{"study.n_trials": 3, "study.name": "dups"})
     study = create_study(config, make_storage(storage_url))
     arch = Architecture(("relu_conv3",), ((0, 1), (1, 2)), stacks=1, cells_per_stack=1, initial_filters=8)
     for _ in range(4):
         study.enqueue_trial(params_for(arch, config.space))
-    # one trained, then two duplicates use up the allowance (as many as the budget)
-    assert run_worker("dups", storage_url) == 3
+    # one trained, then three duplicates in a row: free, but a streak of three ends the study
+    assert run_worker("dups", storage_url, max_free_streak=3) == 4
     state = budget_state(study)
-    assert (state.duplicates, state.waiting) == (2, 1)
-    assert [t.user_attrs.get("duplicate_of") for t in study.trials] == [None, 0, 0, None]
-    assert "proposed 2 duplicates" in caplog.text
+    assert (state.used, state.duplicates, state.free_streak, state.waiting) == (1, 3, 3, 0)
+    assert [t.user_attrs.get("duplicate_of") for t in study.trials] == [None, 0, 0, 0]
+    assert "the last 3 trials were all duplicates" in caplog.text

@@ -11,7 +11,7 @@ of it, but it also repeats two things that do not depend on the group:
 
 :class:`SharedSplitTPESampler` splits once per trial and decomposes incrementally. Both are exact:
 for the same seed and the same trials it proposes the same parameters as ``TPESampler`` (tested in
-``tests/test_samplers.py``). It relies on private parts of Optuna's TPE that Optuna 5.0 has; for any
+``tests/test_samplers.py``). It relies on private parts of Optuna's TPE that Optuna 5.0.0 has; for any
 other Optuna version it behaves exactly as ``TPESampler`` does. Measured effect:
 ``bench/storage_overhead.py`` (README, "Storage and sampler overhead").
 """
@@ -27,21 +27,21 @@ from optuna.samplers import TPESampler
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
-try:  # private: present in the Optuna versions listed in _TESTED_OPTUNA
+try:  # private: present in the Optuna releases listed in _TESTED_OPTUNA
     from optuna.samplers._tpe import sampler as _tpe
     from optuna.search_space.group_decomposed import _GroupDecomposedSearchSpace
 except ImportError:  # pragma: no cover - another Optuna layout: fall back to plain TPESampler
     _tpe = None
     _GroupDecomposedSearchSpace = None
 
-#: Optuna releases (major.minor) whose TPE internals the shortcuts were checked against.
-_TESTED_OPTUNA = ("5.0",)
+#: Optuna releases (exact versions: a patch release may change private code too) whose TPE internals
+#: the shortcuts were checked against; pyproject.toml pins optuna to them.
+_TESTED_OPTUNA = ("5.0.0",)
 
 
 def shortcuts_available() -> bool:
     """Whether this Optuna is one the shortcuts were checked against (else: plain TPESampler)."""
-    version = ".".join(optuna.__version__.split(".")[:2])
-    return _tpe is not None and version in _TESTED_OPTUNA
+    return _tpe is not None and optuna.__version__ in _TESTED_OPTUNA
 
 
 class _IncrementalGroupDecomposition(_GroupDecomposedSearchSpace or object):  # type: ignore[misc]

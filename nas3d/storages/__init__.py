@@ -13,19 +13,40 @@ Accepted storage strings (``--storage`` flag, else env ``NAS3D_STORAGE``, else t
 
 Crash recovery (RDB only): the worker's heartbeat thread writes every ``heartbeat_interval`` seconds;
 the next ``study.optimize`` on any worker fails trials silent for ``grace_period`` seconds and
-re-queues them (``RetryHeartbeatStaleTrialCallback``). The heartbeat thread runs only inside
-``Study.optimize``, not with ask/tell.
+re-queues them (``RetryHeartbeatStaleTrialCallback``); such a trial gets a ``failure_reason``.
+nas3d workers run their own heartbeat thread around ask/tell (``nas3d.worker``).
+
+Outages: a worker's storage retries every call through transient database errors for
+``$NAS3D_STORAGE_RETRY_WINDOW`` seconds (default 600). Artifacts: one store per study, recorded in
+it (``nas3d.storages._artifacts``).
 """
 
-from nas3d.storages._artifacts import artifact_store_for
+from nas3d.storages._artifacts import (
+    ARTIFACTS_ATTR,
+    ArtifactStoreUnavailable,
+    S3ArtifactStore,
+    StorageArtifactStores,
+    artifact_store_for,
+    check_artifact_store,
+    default_artifact_location,
+    open_artifact_store,
+    prepare_artifact_location,
+    resolve_artifact_location,
+    study_artifact_location,
+    study_artifact_store,
+)
 from nas3d.storages._locks import StudyLock, study_lock
 from nas3d.storages._rdb import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_MAX_RETRY,
+    DEFAULT_RETRY_WINDOW_S,
+    RETRY_WINDOW_ENV,
+    StorageMissing,
     StorageUnavailable,
     make_storage,
     retry_transient,
+    storage_retry_window,
 )
 from nas3d.storages._spec import (
     ACCEPTED_FORMS,
@@ -38,10 +59,25 @@ from nas3d.storages._spec import (
 
 __all__ = [
     "ACCEPTED_FORMS",
+    "ARTIFACTS_ATTR",
+    "ArtifactStoreUnavailable",
+    "DEFAULT_RETRY_WINDOW_S",
+    "RETRY_WINDOW_ENV",
+    "S3ArtifactStore",
+    "StorageArtifactStores",
+    "check_artifact_store",
+    "default_artifact_location",
+    "open_artifact_store",
+    "prepare_artifact_location",
+    "resolve_artifact_location",
+    "storage_retry_window",
+    "study_artifact_location",
+    "study_artifact_store",
     "DEFAULT_GRACE_PERIOD",
     "DEFAULT_HEARTBEAT_INTERVAL",
     "DEFAULT_MAX_RETRY",
     "StorageSpec",
+    "StorageMissing",
     "StorageUnavailable",
     "StudyLock",
     "artifact_store_for",

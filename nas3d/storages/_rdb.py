@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
+import os
 import random
 import sqlite3
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -13,9 +17,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy
 import sqlalchemy.exc
-from optuna.exceptions import ExperimentalWarning, StorageInternalError
+from optuna.exceptions import ExperimentalWarning, StorageInternalError, UpdateFinishedTrialError
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from nas3d.storages._spec import StorageSpec, resolve_storage
@@ -32,6 +37,11 @@ DEFAULT_GRACE_PERIOD = 4 * DEFAULT_HEARTBEAT_INTERVAL
 DEFAULT_MAX_RETRY = 2  # a trial that keeps killing its worker (e.g. host OOM) is not retried forever
 SQLITE_BUSY_TIMEOUT_S = 60  # several workers on one host queue on SQLite's single writer lock
 PG_CONNECT_TIMEOUT_S = 10  # a blackholed host fails in seconds, not after the TCP default of minutes
+#: How long a worker's storage calls keep retrying through a database outage (seconds); overridden by
+#: ``$NAS3D_STORAGE_RETRY_WINDOW``. Long enough for a PostgreSQL restart, failover or upgrade.
+DEFAULT_RETRY_WINDOW_S = 600.0
+RETRY_WINDOW_ENV = "NAS3D_STORAGE_RETRY_WINDOW"
+_MAX_RETRY_DELAY_S = 10.0  # backoff cap: a recovered database is noticed within seconds
 
 PREPARE_THRESHOLD_PARAM = "prepare_threshold"
 
@@ -64,6 +74,10 @@ class StorageUnavailable(RuntimeError):
     """The storage's database cannot be reached; the message is one line with the fix."""
 
 
+class StorageMissing(StorageUnavailable):
+    """A storage that should exist does not (no file, or no Optuna tables): bad input, not an outage."""
+
+
 def make_storage(
     storage: str | StorageSpec | None = None,
     *,
@@ -71,14 +85,18 @@ def make_storage(
     grace_period: int | None = None,
     max_retry: int | None = DEFAULT_MAX_RETRY,
     must_exist: bool = False,
+    retry_window: float = 0.0,
 ) -> BaseStorage:
     """An Optuna storage for a storage string or spec (see ``nas3d.storages``), ready to use.
 
     ``grace_period`` defaults to 4 × ``heartbeat_interval``. ``max_retry`` bounds how often a
     trial whose worker died is re-queued (None: no limit). ``must_exist``: for commands that only
-    read (status, export, workers): a storage that holds no Optuna data yet is an error, and nothing
-    is created (no folder, no file, no tables). Raises ``StorageUnavailable`` when the database
-    cannot be reached or (``must_exist``) is not there, and ``ValueError`` for an unsupported string.
+    read (status, export, workers): a storage that holds no Optuna data yet is an error
+    (``StorageMissing``), and nothing is created (no folder, no file, no tables). ``retry_window``
+    (RDB only): for how many seconds each storage call retries, with backoff, through a transient
+    database error (0: not at all; workers pass :func:`storage_retry_window`). Raises
+    ``StorageUnavailable`` when the database cannot be reached and ``ValueError`` for an unsupported
+    string.
     """
     spec = resolve_storage(storage)
     url = spec.url
@@ -110,7 +128,7 @@ def make_storage(
         # knowingly, so the warning would only be noise in every worker's log.
         warnings.simplefilter("ignore", ExperimentalWarning)
         try:
-            return _RDBStorage(
+            storage = _RDBStorage(
                 url,
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=heartbeat_interval,
@@ -119,23 +137,155 @@ def make_storage(
             )
         except sqlalchemy.exc.OperationalError as e:
             raise StorageUnavailable(_unavailable_message(sa_url, e)) from e
+    storage.retry_window = float(retry_window)
+    return storage
+
+
+def storage_retry_window(explicit: float | None = None) -> float:
+    """A worker's storage retry window in seconds: ``explicit``, else ``$NAS3D_STORAGE_RETRY_WINDOW``,
+    else :data:`DEFAULT_RETRY_WINDOW_S`."""
+    if explicit is not None:
+        value: object = explicit
+    else:
+        value = os.environ.get(RETRY_WINDOW_ENV, "").strip() or DEFAULT_RETRY_WINDOW_S
+    try:
+        window = float(value)  # type: ignore[arg-type]
+    except ValueError:
+        window = math.nan
+    if not window >= 0:
+        raise ValueError(f"{RETRY_WINDOW_ENV} must be a number of seconds >= 0, but got {value!r}")
+    return window
 
 
 class _RDBStorage(RDBStorage):
-    """RDBStorage whose heartbeat survives a transient database error.
+    """RDBStorage that rides out a database outage.
 
-    Optuna's heartbeat thread dies on the first exception, after which the live trial looks dead
-    and another worker fails and re-runs it. Skipping one beat is harmless: the grace period
-    covers several.
+    * Every storage call (ask, tell, attrs, reads) retries transient errors with backoff for
+      ``retry_window`` seconds (0 by default: commands fail fast; workers set a window). Optuna itself
+      retries only trial creation on deadlocks, and its ``tell`` crashes on a lost connection
+      (``UnboundLocalError: updated_state``, optuna 5.0).
+    * A heartbeat is skipped, not retried, on a transient error: the beat thread tries again next
+      interval, and the grace period covers several. (Optuna's heartbeat thread dies on the first
+      exception, after which the live trial looks dead.)
+    * ``last_outage`` is the ``time.monotonic()`` of the last transient error this process saw, so a
+      worker can hold off failing "stale" trials until their workers had time to beat again.
+    * A trial failed for a stale heartbeat gets a ``failure_reason``.
     """
+
+    retry_window: float = 0.0
+    last_outage: float = -math.inf
+    _retrying = threading.local()  # set while a retried call runs: nested storage calls do not retry
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:
-            super().record_heartbeat(trial_id)
+            RDBStorage.record_heartbeat(self, trial_id)
         except Exception as e:
             if not _is_transient(e):
                 raise
+            self.last_outage = time.monotonic()
+            self._beat_skipped = True
             _logger.warning("heartbeat of trial id %d skipped: %s", trial_id, _first_line(e))
+        else:
+            if getattr(self, "_beat_skipped", False):  # recovered (see _with_retries)
+                self.last_outage, self._beat_skipped = time.monotonic(), False
+
+    def record_heartbeat_now(self, trial_id: int) -> None:
+        """A heartbeat retried like any other call (a worker's first beat for a trial must land)."""
+        self._with_retries("record_heartbeat", lambda: RDBStorage.record_heartbeat(self, trial_id))
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
+        failed_once = False
+
+        def call() -> bool:
+            nonlocal failed_once
+            try:
+                return RDBStorage.set_trial_state_values(self, trial_id, state, values)
+            except UpdateFinishedTrialError:
+                # A retry after a lost reply: the first attempt may have committed. Finishing a trial
+                # twice in the same state is then not an error.
+                if failed_once and state.is_finished() and self.get_trial(trial_id).state == state:
+                    return True
+                raise
+            except Exception as e:
+                failed_once = failed_once or _is_transient(e)
+                raise
+
+        return self._with_retries("set_trial_state_values", call)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = self._with_retries(
+            "_get_stale_trial_ids", lambda: RDBStorage._get_stale_trial_ids(self, study_id)
+        )
+        reason = (
+            f"stale heartbeat: no heartbeat for over {self.grace_period} s (its worker was killed, hung, "
+            "or lost the database)"
+        )
+        kept = []
+        for trial_id in stale:
+            try:  # before it is failed: a finished trial's attrs are read-only
+                self.set_trial_user_attr(trial_id, "failure_reason", reason)
+            except UpdateFinishedTrialError:
+                continue  # it finished meanwhile: not stale after all
+            kept.append(trial_id)
+        return kept
+
+    def _with_retries(self, what: str, call: Callable[[], T]) -> T:
+        if self.retry_window <= 0 or getattr(self._retrying, "active", False):
+            return call()
+        self._retrying.active = True
+        try:
+            deadline, attempt = time.monotonic() + self.retry_window, 0
+            while True:
+                try:
+                    result = call()
+                    if attempt:  # recovered: other workers' trials need a beat or two to look alive
+                        self.last_outage = time.monotonic()
+                    return result
+                except Exception as e:
+                    if not _is_transient(e):
+                        raise
+                    self.last_outage = now = time.monotonic()
+                    attempt += 1
+                    delay = min(_MAX_RETRY_DELAY_S, 0.5 * 2**attempt) * (0.5 + random.random() / 2)
+                    if now + delay > deadline:
+                        raise StorageUnavailable(
+                            f"the database stayed unreachable for {self.retry_window:.0f} s "
+                            f"({what}: {_first_line(e)}); check that it is running"
+                        ) from e
+                    _logger.warning(
+                        "storage %s failed (%s); retry %d in %.1f s (giving up after %.0f s more)",
+                        what, _first_line(e), attempt, delay, deadline - now,
+                    )
+                    time.sleep(delay)
+        finally:
+            self._retrying.active = False
+
+
+def _retried(name: str) -> Callable[..., Any]:
+    method = getattr(RDBStorage, name)
+
+    @functools.wraps(method)
+    def wrapper(self: _RDBStorage, *args: Any, **kwargs: Any) -> Any:
+        return self._with_retries(name, lambda: method(self, *args, **kwargs))
+
+    return wrapper
+
+
+# Every storage call a worker makes, reads included: a worker that cannot read the study cannot go on
+# either. The private ones are what Optuna's _CachedStorage (which wraps every RDBStorage a Study
+# uses) calls on it instead of the public ones. create_new_trial is not idempotent (a retry after a
+# lost reply can leave an orphan RUNNING trial); the worker fails such orphans under the study lock
+# (nas3d.worker).
+for _name in (
+    "_create_new_trial", "_get_trials", "_get_best_trial_id", "_set_trial_param",
+    "create_new_trial", "set_trial_param", "set_trial_intermediate_value", "set_trial_user_attr",
+    "set_trial_system_attr", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
+    "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
+    "get_all_studies", "get_trial_id_from_study_id_trial_number", "get_trial_number_from_id",
+    "get_trial_param", "get_trial", "get_all_trials", "get_n_trials", "get_best_trial",
+    "get_trial_params", "get_trial_user_attrs", "get_trial_system_attrs",
+):
+    setattr(_RDBStorage, _name, _retried(_name))
 
 
 _FIX_STORAGE = ("check --storage / $NAS3D_STORAGE, or create a study there first with `nas3d create-study` "
@@ -148,7 +298,7 @@ def _check_exists(spec: StorageSpec) -> None:
     if path is not None:
         if not path.is_file():
             where = "no such file" if path.parent.is_dir() else f"no folder {path.parent}"
-            raise StorageUnavailable(f"no {spec.kind} storage at {path} ({where}); {_FIX_STORAGE}")
+            raise StorageMissing(f"no {spec.kind} storage at {path} ({where}); {_FIX_STORAGE}")
         if spec.kind == "journal":
             return
     # Optuna's schema starts with the table "studies"; a database without it was never used by Optuna,
@@ -163,7 +313,7 @@ def _check_exists(spec: StorageSpec) -> None:
     except sqlalchemy.exc.SQLAlchemyError as e:
         raise StorageUnavailable(_unavailable_message(make_url(spec.url), e)) from e
     if not has_studies:
-        raise StorageUnavailable(f"{spec} holds no Optuna studies (no 'studies' table); {_FIX_STORAGE}")
+        raise StorageMissing(f"{spec} holds no Optuna studies (no 'studies' table); {_FIX_STORAGE}")
 
 
 def _connect_args(spec: StorageSpec) -> dict[str, Any]:

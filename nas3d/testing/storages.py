@@ -114,49 +114,71 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextmanager
-def throwaway_server() -> Iterator[ThrowawayServer]:
-    """A PostgreSQL server in a temp dir on a free port, trust auth, stopped and deleted on exit.
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster (initdb in a temp dir, a free port, trust auth, fsync off) that
+    its owner may stop and start, e.g. to simulate an outage; never the shared server.
 
     Raises :class:`PostgresUnavailable` when ``initdb``/``pg_ctl`` are missing or fail.
     """
-    initdb, pg_ctl = _tool("initdb"), _tool("pg_ctl")
-    as_user: list[str] = []
-    tmp = Path(tempfile.mkdtemp(prefix="nas3d-pg-"))
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        try:
-            pg_user = pwd.getpwnam("postgres")
-        except KeyError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise PostgresUnavailable(
-                "running as root and there is no 'postgres' OS user to run initdb"
-            ) from None
-        as_user = [_tool("runuser"), "-u", "postgres", "--"]
-        os.chown(tmp, pg_user.pw_uid, pg_user.pw_gid)
-    data, port = tmp / "data", _free_port()
 
-    def run(*args: str) -> None:
+    def __init__(self) -> None:
+        initdb, self._pg_ctl = _tool("initdb"), _tool("pg_ctl")
+        self._as_user: list[str] = []
+        self.dir = Path(tempfile.mkdtemp(prefix="nas3d-pg-"))
+        if os.geteuid() == 0:  # initdb refuses to run as root
+            try:
+                pg_user = pwd.getpwnam("postgres")
+            except KeyError:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                raise PostgresUnavailable(
+                    "running as root and there is no 'postgres' OS user to run initdb"
+                ) from None
+            self._as_user = [_tool("runuser"), "-u", "postgres", "--"]
+            os.chown(self.dir, pg_user.pw_uid, pg_user.pw_gid)
+        self.data, self.port = self.dir / "data", _free_port()
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
+                "-c full_page_writes=off")
+        # -l: without a log file the server inherits our stdout and pipes never reach EOF
+        self._ctl = [self._pg_ctl, "-D", str(self.data), "-l", str(self.dir / "log"), "-o", opts, "-w",
+                     "-t", "30"]
         try:
-            subprocess.run([*as_user, *args], check=True, capture_output=True, text=True, timeout=60)
+            # fsync off: the data is thrown away, and durability would only slow every test down
+            self._run(initdb, "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
+                      "--no-sync")
+            self.start()
+        except PostgresUnavailable:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+
+    def _run(self, *args: str) -> None:
+        try:
+            subprocess.run([*self._as_user, *args], check=True, capture_output=True, text=True, timeout=60)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
             detail = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
             raise PostgresUnavailable(f"{Path(args[0]).name} failed: {detail[-1] if detail else e}") from None
 
+    def start(self) -> None:
+        self._run(*self._ctl, "start")
+
+    def stop(self) -> None:
+        """Stop it the way a crash or failover looks to clients: connections cut at once."""
+        self._run(*self._ctl, "-m", "immediate", "stop")
+
+    def restart(self) -> None:
+        self._run(*self._ctl, "-m", "fast", "restart")
+
+    def remove(self) -> None:
+        subprocess.run([*self._as_user, self._pg_ctl, "-D", str(self.data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextmanager
+def throwaway_server() -> Iterator[ThrowawayServer]:
+    """A :class:`PostgresCluster` for a session: its admin URL and restart, removed on exit."""
+    cluster = PostgresCluster()
     try:
-        # fsync off: the data is thrown away, and durability would only slow every test down
-        run(initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
-        opts = f"-p {port} -k {tmp} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
-        # -l: without a log file the server inherits our stdout and pipes never reach EOF
-        ctl = [pg_ctl, "-D", str(data), "-l", str(tmp / "log"), "-o", opts, "-w", "-t", "30"]
-        run(*ctl, "start")
-    except PostgresUnavailable:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        yield ThrowawayServer(
-            url=f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres",
-            restart=lambda: run(*ctl, "-m", "fast", "restart"),
-        )
+        yield ThrowawayServer(url=cluster.url, restart=cluster.restart)
     finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        cluster.remove()
