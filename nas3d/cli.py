@@ -1,8 +1,6 @@
 """The ``nas3d`` command: a table of subcommands, each parsing its arguments and calling one library function.
 
-Results go to stdout, logs to stderr; a user error is one line on stderr and exit code 2
-(the traceback only with ``--debug``).
-"""
+Results on stdout, logs on stderr; a user error is one line on stderr and exit 2 (traceback with --debug)."""
 
 from __future__ import annotations
 
@@ -56,6 +54,13 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "--lr": dict(type=float, default=1e-3),
     "--patience": dict(type=int, help="stop after this many epochs without a lower val loss (default never)"),
     "--no-amp": dict(action="store_true", help="float32 on CUDA too (default: mixed precision on CUDA)"),
+    "--host": dict(default="127.0.0.1", help="address to bind (default loopback: admin endpoints lack auth)"),
+    "--port": dict(type=int, default=8080),
+    "--refresh": dict(type=float, default=30.0, metavar="S", help="seconds between redraws of the front"),
+    "--retrain-results": dict(action="append", default=[], metavar="DIR", help="`nas3d retrain` output "
+                              "folders, or folders of them (default: <storage home>/retrain)"),
+    "runs": dict(nargs="+", metavar="DIR", help="folders written by `nas3d retrain`"),
+    "--picture": dict(action="store_true", help="also write the architecture picture (.svg) beside it"),
 }
 _DEFINITION = ("--size", "--name", "--n-trials", "--max-epochs", "--data-root", "--sampler", "--warm-start",
                "--set")
@@ -64,8 +69,8 @@ _LAUNCH = ("--gpus", "--workers-per-gpu", "--workers", "--cpu", *_WORKER)
 
 
 class Command:
-    """One subcommand: the flags it takes (names in ``_FLAGS``, with per-command changes in
-    ``overrides``), ``exclusive`` groups of which one may be given, and ``run``, its one job."""
+    """One subcommand: its flags (``_FLAGS`` names; ``overrides`` per command), ``exclusive`` groups and
+    ``run``, its one job, which returns an exit code or text to print (exit code 0)."""
 
     name: str
     help: str
@@ -82,7 +87,7 @@ class Command:
         for flag in self.flags:
             parser.add_argument(flag, **{**_FLAGS[flag], **self.overrides.get(flag, {})})
 
-    def run(self, args: argparse.Namespace) -> int: ...
+    def run(self, args: argparse.Namespace) -> int | str: ...
 
 
 def _storage(args: argparse.Namespace) -> StorageSpec:
@@ -92,7 +97,6 @@ def _storage(args: argparse.Namespace) -> StorageSpec:
 def _create(args: argparse.Namespace) -> str:
     from nas3d.config import resolve_study_config
     from nas3d.study import prepare_study
-
     config = resolve_study_config(args.study, args.dataset, vars(args), args.set)
     prepare_study(config, _storage(args))
     print(f"study {config.study.name!r} ready in {_storage(args)} (budget {config.study.n_trials} trials)")
@@ -101,9 +105,8 @@ def _create(args: argparse.Namespace) -> str:
 
 def _launch(args: argparse.Namespace, study_name: str) -> int:
     from nas3d.launch import discover_gpus, launch, plan_slots, worker_arguments
-
-    gpus = discover_gpus(args.gpus, cpu=args.cpu)
-    slots = plan_slots(gpus=gpus, workers_per_gpu=args.workers_per_gpu, cpu_workers=args.workers)
+    slots = plan_slots(gpus=discover_gpus(args.gpus, cpu=args.cpu), workers_per_gpu=args.workers_per_gpu,
+                       cpu_workers=args.workers)
     extra = worker_arguments(args.heartbeat_interval, args.grace_period, args.progress)
     return launch(study_name, _storage(args).url, slots, extra)
 
@@ -111,8 +114,7 @@ def _launch(args: argparse.Namespace, study_name: str) -> int:
 class CreateStudy(Command):
     name, help = "create-study", "create a study (or check an existing one) from a study file"
     flags, exclusive = ("--storage", *_DEFINITION), (("--study", "--dataset"),)
-
-    def run(self, args: argparse.Namespace) -> int:
+    def run(self, args: argparse.Namespace) -> int | str:
         _create(args)
         return 0
 
@@ -120,12 +122,9 @@ class CreateStudy(Command):
 class Search(Command):
     name, help = "search", "create a study, run workers until its budget is spent, summarise"
     flags, exclusive = ("--storage", *_DEFINITION, *_LAUNCH), (("--study", "--dataset"),)
-
-    def run(self, args: argparse.Namespace) -> int:
+    def run(self, args: argparse.Namespace) -> int | str:
         from nas3d.report import status_report
-
-        name = _create(args)
-        code = _launch(args, name)
+        code = _launch(args, name := _create(args))
         print(status_report(_storage(args), name))
         return code
 
@@ -133,10 +132,8 @@ class Search(Command):
 class Worker(Command):
     name, help = "worker", "run trials of a study on one device until its budget is spent"
     flags = ("--storage", "--study-name", "--device", "--worker-index", *_WORKER)
-
-    def run(self, args: argparse.Namespace) -> int:
+    def run(self, args: argparse.Namespace) -> int | str:
         from nas3d.worker import run_worker
-
         ran = run_worker(args.study_name, _storage(args), device=args.device, worker_index=args.worker_index,
                          heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
                          progress=args.progress)
@@ -147,91 +144,80 @@ class Worker(Command):
 class Launch(Command):
     name, help = "launch", "start and supervise workers for a study"
     flags = ("--storage", "--study-name", *_LAUNCH)
-
-    def run(self, args: argparse.Namespace) -> int:
+    def run(self, args: argparse.Namespace) -> int | str:
         return _launch(args, args.study_name)
 
 
 class Status(Command):
-    name, help = "status", "trial counts by state and the Pareto front"
-    flags, overrides = ("--storage", "--study-name"), {"--study-name": dict(required=False,
-                                                                             help="default: every study")}
-
-    def run(self, args: argparse.Namespace) -> int:
+    name, help = "status", "trial counts by state, the hypervolume and the Pareto front; or one trial"
+    flags = ("--storage", "--study-name", "--trial")
+    overrides = {"--study-name": dict(required=False, help="default: every study"),
+                 "--trial": dict(required=False, help="show this trial: attrs, learning curve, artifacts")}
+    def run(self, args: argparse.Namespace) -> int | str:
         from nas3d.report import status_report
+        return status_report(_storage(args), args.study_name, args.trial)
 
-        print(status_report(_storage(args), args.study_name))
-        return 0
+
+class Dashboard(Command):
+    name = "dashboard"
+    help = "optuna-dashboard with artifacts and a log-FLOPs front; its admin endpoints have NO authentication"
+    flags = ("--storage", "--study-name", "--host", "--port", "--refresh", "--retrain-results")
+    overrides = {"--study-name": dict(required=False, help="the study to open (default: all, refresh each)")}
+    def run(self, args: argparse.Namespace) -> int | str:
+        from nas3d.dashboard import serve_dashboard
+        return serve_dashboard(_storage(args), args.study_name, host=args.host, port=args.port,
+                               refresh_seconds=args.refresh, retrain_paths=args.retrain_results)
+
+
+class Report(Command):
+    name, help = "report", "pareto.png, pareto.html and a paper-style report.md for one or more studies"
+    flags = ("--storage", "--study-name", "--out", "--retrain-results")
+    overrides = {"--study-name": dict(action="append", help="a study; repeat for several (one per dataset)"),
+                 "--out": dict(required=True, metavar="DIR", help="folder to write into")}
+    def run(self, args: argparse.Namespace) -> int | str:
+        from nas3d.report import write_report
+        return write_report(_storage(args), args.study_name, args.out, args.retrain_results)
 
 
 class Export(Command):
     name, help = "export", "copy a trial's checkpoint out of the study's artifact store"
-    flags = ("--storage", "--study-name", "--trial", "--out", "--force")
-
-    def run(self, args: argparse.Namespace) -> int:
-        from nas3d.report import exported_line
-        from nas3d.storages import artifact_store_for, make_storage
-        from nas3d.study import export_checkpoint
-
-        spec = _storage(args)
-        trial, checkpoint = export_checkpoint(make_storage(spec), artifact_store_for(spec), args.study_name,
-                                              args.trial, args.out, overwrite=args.force)
-        print(exported_line(args.study_name, trial.number, args.out, checkpoint))
-        return 0
+    flags = ("--storage", "--study-name", "--trial", "--out", "--force", "--picture")
+    def run(self, args: argparse.Namespace) -> int | str:
+        from nas3d.report import export_trial
+        return export_trial(_storage(args), args.study_name, args.trial, args.out, args.force, args.picture)
 
 
 class Retrain(Command):
-    name = "retrain"
-    help = "final training by the paper's protocol (full train split, 200 epochs, five seeds), then test"
+    name, help = "retrain", "final training by the paper's protocol (200 epochs, five seeds), then test"
     exclusive, required_choice = (("--checkpoint", "--study-name", "--baseline"),), True
     flags = ("--storage", "--trial", "--dataset", "--size", "--data-root", "--epochs", "--seeds",
              "--batch-size", "--lr", "--patience", "--no-amp", "--device", "--out", "--force", "--progress",
              "--set")
-    overrides = {
-        "--checkpoint": dict(metavar="FILE", help="a checkpoint from `nas3d export` (its model only)"),
-        "--study-name": dict(required=False, help="a study; with --trial"),
-        "--trial": dict(required=False),
-        "--out": dict(required=False, help="output folder (default: <storage home>/retrain/<name>)"),
-    }
-
+    overrides = {"--checkpoint": dict(metavar="FILE", help="a checkpoint from `nas3d export` (model only)"),
+                 "--study-name": dict(required=False, help="a study; with --trial"),
+                 "--trial": dict(required=False),
+                 "--out": dict(required=False, help="output folder (default: <storage home>/retrain/<name>)")}
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         from nas3d.baselines import BASELINES
-
-        baseline = dict(help=f"a ResNet baseline: {', '.join(BASELINES)}")
-        self.overrides = {**self.overrides, "--baseline": baseline}
+        self.overrides = self.overrides | {"--baseline": {"help": "ResNet baseline: " + ", ".join(BASELINES)}}
         super().add_arguments(parser)
 
-    def run(self, args: argparse.Namespace) -> int:
-        from nas3d.report import retrain_failures, retrain_header, retrain_summary, seed_row
-        from nas3d.retrain import plan_retrain, retrain
-
-        plan = plan_retrain(vars(args), _storage(args))
-        print(retrain_header(plan))
-        report = retrain(plan.source, plan.data, plan.config, plan.device, plan.out, overwrite=args.force,
-                         progress=args.progress, on_seed=lambda seed: print(seed_row(seed), flush=True))
-        print(retrain_summary(report))
-        if report.failed:
-            print(retrain_failures(report), file=sys.stderr)
-            return 1
-        return 0
+    def run(self, args: argparse.Namespace) -> int | str:
+        from nas3d.report import run_retrain
+        return run_retrain(vars(args), _storage(args))
 
 
 class Compare(Command):
     name, help = "compare", "retrain results side by side with the published MedMNIST numbers"
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("runs", nargs="+", metavar="DIR", help="folders written by `nas3d retrain`")
-
-    def run(self, args: argparse.Namespace) -> int:
+    flags = ("runs",)
+    def run(self, args: argparse.Namespace) -> int | str:
         from nas3d.report import format_comparison
         from nas3d.retrain import load_results
-
-        print(format_comparison([(path, load_results(path)) for path in args.runs]))
-        return 0
+        return format_comparison([(path, load_results(path)) for path in args.runs])
 
 
 _COMMANDS: tuple[Command, ...] = (CreateStudy(), Worker(), Launch(), Status(), Search(), Export(), Retrain(),
-                                  Compare())
+                                  Compare(), Dashboard(), Report())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,16 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)
     try:
-        return args.handler(args)
+        result = args.handler(args)
+        return (print(result) or 0) if isinstance(result, str) else result
     except KeyboardInterrupt:
         return 130
     except (ValueError, LookupError, StorageUnavailable, FileNotFoundError) as e:
         if args.debug:
             raise
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"nas3d: error: {message}", file=sys.stderr)
+        print(f"nas3d: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return EXIT_USAGE
-
-
-if __name__ == "__main__":
-    sys.exit(main())
