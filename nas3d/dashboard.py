@@ -13,7 +13,6 @@ authentication**: it binds 127.0.0.1 unless told otherwise.
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -86,9 +85,11 @@ def front_figure(fronts: Sequence[StudyFront]) -> go.Figure:
                 continue
             seen_refs.add(key)
             if ref.val_auc is None:  # FLOPs only: a dotted vertical line, labelled on hover and at its top
+                top = 1.0 - 0.03 * (len(seen_refs) % 2)  # alternate label heights: neighbours do not overlap
                 fig.add_trace(go.Scatter(
-                    x=[ref.flops, ref.flops], y=[auc_low, 1.0], mode="lines+text", text=["", ref.label],
-                    textposition="top center", textfont=dict(size=9, color="#555"), name=ref.label,
+                    x=[ref.flops, ref.flops], y=[auc_low, top], mode="lines+text",
+                    text=["", ref.label.removeprefix("seed study: ")], textposition="top center",
+                    textfont=dict(size=9, color="#555"), name=ref.label,
                     line=dict(dash="dot", color="#888", width=1), showlegend=False,
                     hovertemplate=f"{ref.label}<br>FLOPs {ref.flops:,.0f}<extra></extra>",
                 ))
@@ -102,10 +103,12 @@ def front_figure(fronts: Sequence[StudyFront]) -> go.Figure:
                 ))
     titles = ", ".join(f"{f.study_name} (HV {f.hypervolume:.3f})" if f.hypervolume is not None
                        else f.study_name for f in fronts)
+    if any(r.val_auc is None for f in fronts for r in f.references):
+        titles += " · dotted: seed study architectures"
     fig.update_layout(title=f"Pareto front: {titles}", template="plotly_white", hovermode="closest",
                       legend=dict(orientation="h", yanchor="top", y=-0.15), margin=dict(t=60))
     fig.update_xaxes(type="log", title="FLOPs (log scale, batch of one)")
-    fig.update_yaxes(title="validation AUC")
+    fig.update_yaxes(title="validation AUC", range=[auc_low - 0.02, 1.04])
     return fig
 
 
@@ -262,7 +265,7 @@ def serve_dashboard(storage: Any, study_name: str | None = None, *, host: str = 
     refresher.start()
     shown_host = f"[{host}]" if ":" in host else host
     say(f"optuna-dashboard for {spec} at http://{shown_host}:{server.server_port}{path}  (Ctrl-C stops it)")
-    print(f"nas3d: warning: {NO_AUTH_WARNING}", file=sys.stderr)
+    logger.warning(NO_AUTH_WARNING)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -175,7 +175,8 @@ def test_browser_shows_the_pareto_front_and_the_log_flops_figure(dashboard, tmp_
         WebDriverWait(browser, 60).until(lambda b: "Pareto Front" in b.find_element(By.TAG_NAME, "body").text)
         text = browser.find_element(By.TAG_NAME, "body").text
         # the saved figure, rendered by plotly.js: its log x axis and its title
-        figure = WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "nas3d-pareto-front"))
+        figure_id = "user-defined-plot:nas3d-pareto-front"  # where optuna-dashboard renders a saved figure
+        figure = WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, figure_id))
         WebDriverWait(browser, 60).until(lambda b: figure.find_elements(By.CSS_SELECTOR, ".main-svg .xtitle"))
         browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", figure)
         time.sleep(1)  # let the scroll settle before the screenshot
@@ -292,6 +293,31 @@ def test_report_writes_png_html_and_a_table_equal_to_the_storage(search, tmp_pat
     assert volumes[0][3] == str(len(fully_trained(study.trials)))
     assert float(volumes[0][5]) == pytest.approx(hypervolume, abs=5e-5)
 
+    # one study: its report's figure has the seed study's architectures for reference
+    one = ["report", "--storage", storage_url, "--study-name", "smoke", "--out", str(tmp_path / "one")]
+    assert main(one) == 0
+    assert "seed study: organmnist3d" in (tmp_path / "one" / "pareto.html").read_text()
+    _screenshot_report(tmp_path / "one", tmp_path)
+
+
+def _screenshot_report(out: Path, tmp_path: Path) -> None:
+    """pareto.html as a browser renders it, for the README (where Chromium is at hand)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        return
+    browser = _browser()
+    try:
+        browser.get((out / "pareto.html").as_uri())
+        WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".main-svg .xtitle"))
+        assert browser.find_element(By.CSS_SELECTOR, ".xtitle").text.startswith("FLOPs (log scale")
+        browser.save_screenshot(str(tmp_path / "report.png"))
+        DOCS.mkdir(exist_ok=True)
+        shutil.copy(tmp_path / "report.png", DOCS / "report.png")
+    finally:
+        browser.quit()
+
 
 def test_status_prints_the_hypervolume_and_each_pareto_architecture(search, capsys) -> None:
     from nas3d.cli import main
@@ -325,14 +351,12 @@ def test_status_of_one_trial_shows_attrs_curve_reason_and_artifacts(search, caps
     out = capsys.readouterr().out
     assert f"reason: {pruned.user_attrs['failure_reason']}" in out and "artifacts: none" in out
 
-    # a recorded learning curve (a copy of the study, so the shared one stays as trained)
-    optuna.copy_study(from_study_name="smoke", from_storage=storage_url, to_storage=storage_url,
-                      to_study_name="smoke-curve")
-    copy = optuna.load_study(study_name="smoke-curve", storage=storage_url)
+    # a recorded learning curve (on a trial of its own study, so the shared one stays as trained)
     curve = [{"epoch": 1, "val_auc": 0.61, "val_loss": 0.69}, {"epoch": 2, "val_auc": 0.72, "val_loss": 0.65}]
-    copy._storage.set_trial_user_attr(copy.trials[done.number]._trial_id, "learning_curve", curve)
-    assert main(["status", "--storage", storage_url, "--study-name", "smoke-curve", "--trial",
-                 str(done.number)]) == 0
+    other = optuna.create_study(study_name="smoke-curve", storage=storage_url,
+                                directions=["maximize", "minimize"])
+    other.add_trial(optuna.trial.create_trial(values=[0.72, 1e6], user_attrs={"learning_curve": curve}))
+    assert main(["status", "--storage", storage_url, "--study-name", "smoke-curve", "--trial", "0"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"epoch\s+val_auc\s+val_loss\n\s+1\s+0\.6100\s+0\.6900\n\s+2\s+0\.7200\s+0\.6500", out)
 
