@@ -56,7 +56,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "--no-amp": dict(action="store_true", help="float32 on CUDA too (default: mixed precision on CUDA)"),
     "--host": dict(default="127.0.0.1", help="address to bind (default loopback: admin endpoints lack auth)"),
     "--port": dict(type=int, default=8080),
-    "--refresh": dict(type=float, default=30.0, metavar="S", help="seconds between redraws of the front"),
+    "--refresh": dict(type=float, default=30.0, metavar="S", help="look for finished trials every S seconds"),
     "--retrain-results": dict(action="append", default=[], metavar="DIR", help="`nas3d retrain` output "
                               "folders, or folders of them (default: <storage home>/retrain)"),
     "runs": dict(nargs="+", metavar="DIR", help="folders written by `nas3d retrain`"),
