@@ -1,8 +1,6 @@
 """The ``nas3d`` command: a table of subcommands, each parsing its arguments and calling one library function.
 
-Results go to stdout, logs to stderr; a user error is one line on stderr and exit code 2
-(the traceback only with ``--debug``).
-"""
+Results on stdout, logs on stderr; a user error is one line on stderr and exit 2 (traceback with --debug)."""
 
 from __future__ import annotations
 
@@ -17,15 +15,11 @@ import optuna
 from nas3d.storages import DEFAULT_HEARTBEAT_INTERVAL, StorageSpec, StorageUnavailable, resolve_storage
 from nas3d.util import EXIT_USAGE
 
-logger = logging.getLogger("nas3d")
-
 #: Every flag, declared once; a command lists the ones it takes. (flag, argparse keywords)
 _FLAGS: dict[str, dict[str, Any]] = {
-    "--storage": dict(help="storage URL (sqlite:///..., postgresql://..., journal:PATH); default "
-                      "$NAS3D_STORAGE, else SQLite under ./storage"),
+    "--storage": dict(help="sqlite:///FILE, postgresql://..., journal:FILE (default $NAS3D_STORAGE)"),
     "--study": dict(metavar="FILE", help="study file (TOML), e.g. studies/smoke.toml"),
-    "--dataset": dict(help="a MedMNIST3D flag or 'synthetic' (search: the seed study's defaults for it; "
-                      "retrain: default the recorded one, required with --baseline)"),
+    "--dataset": dict(help="a MedMNIST3D flag or 'synthetic' (retrain: default the recorded one)"),
     "--size": dict(type=int, help="volume size, 28 or 64 (default: the file's or the recorded one, else 28)"),
     "--name": dict(help="study name (overrides the file)"),
     "--n-trials": dict(type=int, help="trial budget across all workers"),
@@ -33,12 +27,9 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "--data-root": dict(help="folder holding the MedMNIST npz files"),
     "--sampler": dict(help="tpe, nsga2, random or ode (its settings: --set ode.population=N, ode.F, ...)"),
     "--warm-start": dict(choices=("none", "seed"), help="enqueue the seed architectures first"),
-    "--set": dict(action="append", default=[], metavar="TABLE.KEY=VALUE",
-                  help="override a study-file value, e.g. --set train.patience=3 (retrain: data.* only)"),
-    "--heartbeat-interval": dict(type=int, default=DEFAULT_HEARTBEAT_INTERVAL,
-                                 help="seconds between a running trial's heartbeats (crash detection)"),
-    "--grace-period": dict(type=int, help="seconds without heartbeat before a trial counts as dead "
-                           "(default 4 beats)"),
+    "--set": dict(action="append", default=[], metavar="TABLE.KEY=VALUE", help="override a study-file value"),
+    "--heartbeat-interval": dict(type=int, default=DEFAULT_HEARTBEAT_INTERVAL, help="seconds between beats"),
+    "--grace-period": dict(type=int, help="seconds without a beat before a trial is dead (default 4 beats)"),
     "--progress": dict(action="store_true", help="show a progress bar per trial or seed"),
     "--gpus": dict(help="comma-separated GPU indices, e.g. 0,1,2,3 (default: all visible)"),
     "--workers-per-gpu": dict(type=int, default=1),
@@ -57,16 +48,22 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "--patience": dict(type=int, help="stop after this many epochs without a lower val loss (default never)"),
     "--no-amp": dict(action="store_true", help="float32 on CUDA too (default: mixed precision on CUDA)"),
     "--keep": dict(default="val_auc", help="test the epoch of best val_auc, or of best val_acc (the seed's)"),
+    "--host": dict(default="127.0.0.1", help="address to bind (default loopback: admin endpoints lack auth)"),
+    "--port": dict(type=int, default=8080),
+    "--refresh": dict(type=float, default=30.0, metavar="S", help="look for finished trials every S seconds"),
+    "--retrain-results": dict(action="append", default=[], metavar="DIR", help="`nas3d retrain` folders"),
+    "runs": dict(nargs="+", metavar="DIR", help="folders written by `nas3d retrain`"),
+    "--picture": dict(action="store_true", help="also write the architecture picture (.svg) beside it"),
+    "--artifacts": dict(metavar="LOCATION", help="the study's artifact store: a folder or s3://bucket/prefix"),
 }
 _DEFINITION = ("--size", "--name", "--n-trials", "--max-epochs", "--data-root", "--sampler", "--warm-start",
-               "--set")
+               "--set", "--artifacts")
 _WORKER = ("--heartbeat-interval", "--grace-period", "--progress")
 _LAUNCH = ("--gpus", "--workers-per-gpu", "--workers", "--cpu", *_WORKER)
 
 
 class Command:
-    """One subcommand: the flags it takes (names in ``_FLAGS``, with per-command changes in
-    ``overrides``), ``exclusive`` groups of which one may be given, and ``run``, its one job."""
+    """A subcommand: ``_FLAGS`` it takes, ``run`` (its one job) returns an exit code or text to print."""
 
     name: str
     help: str
@@ -83,7 +80,7 @@ class Command:
         for flag in self.flags:
             parser.add_argument(flag, **{**_FLAGS[flag], **self.overrides.get(flag, {})})
 
-    def run(self, args: argparse.Namespace) -> int: ...
+    def run(self, args: argparse.Namespace) -> int | str: ...
 
 
 def _storage(args: argparse.Namespace) -> StorageSpec:
@@ -93,16 +90,14 @@ def _storage(args: argparse.Namespace) -> StorageSpec:
 def _create(args: argparse.Namespace) -> str:
     from nas3d.config import resolve_study_config
     from nas3d.study import prepare_study
-
     config = resolve_study_config(args.study, args.dataset, vars(args), args.set)
-    prepare_study(config, _storage(args))
+    prepare_study(config, _storage(args), artifacts=args.artifacts)
     print(f"study {config.study.name!r} ready in {_storage(args)} (budget {config.study.n_trials} trials)")
     return config.study.name
 
 
 def _launch(args: argparse.Namespace, study_name: str | None = None) -> int:
     from nas3d.launch import discover_gpus, launch, plan_slots, worker_arguments
-
     gpus = discover_gpus(args.gpus, cpu=args.cpu)  # devices and worker counts before a study is created
     slots = plan_slots(gpus=gpus, workers_per_gpu=args.workers_per_gpu, cpu_workers=args.workers)
     extra = worker_arguments(args.heartbeat_interval, args.grace_period, args.progress)
@@ -113,8 +108,7 @@ def _launch(args: argparse.Namespace, study_name: str | None = None) -> int:
 class CreateStudy(Command):
     name, help = "create-study", "create a study (or check an existing one) from a study file"
     flags, exclusive = ("--storage", *_DEFINITION), (("--study", "--dataset"),)
-
-    def run(self, args: argparse.Namespace) -> int:
+    def run(self, args: argparse.Namespace) -> int | str:
         _create(args)
         return 0
 
@@ -122,10 +116,8 @@ class CreateStudy(Command):
 class Search(Command):
     name, help = "search", "create a study, run workers until its budget is spent, summarise"
     flags, exclusive = ("--storage", *_DEFINITION, *_LAUNCH), (("--study", "--dataset"),)
-
-    def run(self, args: argparse.Namespace) -> int:
+    def run(self, args: argparse.Namespace) -> int | str:
         from nas3d.report import status_report
-
         code = _launch(args)  # creates the study once the devices check out
         print(status_report(_storage(args), args.study_name))
         return code
@@ -134,103 +126,97 @@ class Search(Command):
 class Worker(Command):
     name, help = "worker", "run trials of a study on one device until its budget is spent"
     flags = ("--storage", "--study-name", "--device", "--worker-index", *_WORKER)
-
-    def run(self, args: argparse.Namespace) -> int:
+    def run(self, args: argparse.Namespace) -> int | str:
         from nas3d.worker import run_worker
-
         ran = run_worker(args.study_name, _storage(args), device=args.device, worker_index=args.worker_index,
                          heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
                          progress=args.progress)
-        logger.info("worker %d ran %d trials", args.worker_index, ran)
-        return 0
+        return logging.getLogger("nas3d").info("worker %d ran %d trials", args.worker_index, ran) or 0
 
 
 class Launch(Command):
     name, help = "launch", "start and supervise workers for a study"
     flags = ("--storage", "--study-name", *_LAUNCH)
-
-    def run(self, args: argparse.Namespace) -> int:
+    def run(self, args: argparse.Namespace) -> int | str:
         return _launch(args, args.study_name)
 
 
 class Status(Command):
-    name, help = "status", "trial counts by state and the Pareto front"
-    flags, overrides = ("--storage", "--study-name"), {"--study-name": dict(required=False,
-                                                                             help="default: every study")}
-
-    def run(self, args: argparse.Namespace) -> int:
+    name, help = "status", "trial counts by state, the hypervolume and the Pareto front; or one trial"
+    flags = ("--storage", "--study-name", "--trial")
+    overrides = {"--study-name": dict(required=False, help="default: every study"),
+                 "--trial": dict(required=False, help="show this trial: attrs, learning curve, artifacts")}
+    def run(self, args: argparse.Namespace) -> int | str:
         from nas3d.report import status_report
+        return status_report(_storage(args), args.study_name, args.trial)
 
-        print(status_report(_storage(args), args.study_name))
-        return 0
+
+class Dashboard(Command):
+    name = "dashboard"
+    help = "optuna-dashboard with artifacts and a log-FLOPs front; its admin endpoints have NO authentication"
+    flags = ("--storage", "--study-name", "--host", "--port", "--refresh", "--retrain-results")
+    overrides = {"--study-name": dict(required=False, help="the study to open (default: all, refresh each)")}
+    def run(self, args: argparse.Namespace) -> int | str:
+        from nas3d.dashboard import serve_dashboard
+        return serve_dashboard(_storage(args), args.study_name, host=args.host, port=args.port,
+                               refresh_seconds=args.refresh, retrain_paths=args.retrain_results)
+
+
+class Report(Command):
+    name, help = "report", "pareto.png, pareto.html and a paper-style report.md for one or more studies"
+    flags = ("--storage", "--study-name", "--out", "--retrain-results")
+    overrides = {"--study-name": dict(action="append", help="a study; repeat for several (one per dataset)"),
+                 "--out": dict(required=True, metavar="DIR", help="folder to write into")}
+    def run(self, args: argparse.Namespace) -> int | str:
+        from nas3d.report import write_report
+        return write_report(_storage(args), args.study_name, args.out, args.retrain_results)
 
 
 class Export(Command):
     name, help = "export", "copy a trial's checkpoint out of the study's artifact store"
-    flags = ("--storage", "--study-name", "--trial", "--out", "--force")
-
-    def run(self, args: argparse.Namespace) -> int:
-        from nas3d.report import exported_line
-        from nas3d.study import export_checkpoint
-
-        trial, checkpoint = export_checkpoint(_storage(args), None, args.study_name, args.trial, args.out,
-                                              overwrite=args.force)
-        print(exported_line(args.study_name, trial.number, args.out, checkpoint))
-        return 0
+    flags = ("--storage", "--study-name", "--trial", "--out", "--force", "--picture")
+    def run(self, args: argparse.Namespace) -> int | str:
+        from nas3d.report import export_trial
+        return export_trial(_storage(args), args.study_name, args.trial, args.out, args.force, args.picture)
 
 
 class Retrain(Command):
-    name = "retrain"
-    help = "final training by the paper's protocol (full train split, 200 epochs, five seeds), then test"
+    name, help = "retrain", "final training by the paper's protocol (200 epochs, five seeds), then test"
     exclusive, required_choice = (("--checkpoint", "--study-name", "--baseline"),), True
     flags = ("--storage", "--trial", "--dataset", "--size", "--data-root", "--epochs", "--seeds",
              "--batch-size", "--lr", "--patience", "--no-amp", "--keep", "--device", "--out", "--force",
              "--progress", "--set")
-    overrides = {
-        "--checkpoint": dict(metavar="FILE", help="a checkpoint from `nas3d export` (its model only)"),
-        "--study-name": dict(required=False, help="a study; with --trial"),
-        "--trial": dict(required=False),
-        "--out": dict(required=False, help="output folder (default: <storage home>/retrain/<name>)"),
-    }
-
+    overrides = {"--checkpoint": dict(metavar="FILE", help="a checkpoint from `nas3d export` (model only)"),
+                 "--study-name": dict(required=False, help="with --trial"), "--trial": dict(required=False),
+                 "--out": dict(required=False, help="output folder (default: <storage home>/retrain/<name>)")}
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         from nas3d.baselines import BASELINES
-
-        baseline = dict(help=f"a ResNet baseline: {', '.join(BASELINES)}")
-        self.overrides = {**self.overrides, "--baseline": baseline}
+        self.overrides = self.overrides | {"--baseline": {"help": "ResNet baseline: " + ", ".join(BASELINES)}}
         super().add_arguments(parser)
 
-    def run(self, args: argparse.Namespace) -> int:
+    def run(self, args: argparse.Namespace) -> int | str:
         from nas3d.report import retrain_failures, retrain_header, retrain_summary, seed_row
         from nas3d.retrain import plan_retrain, retrain
-
         plan = plan_retrain(vars(args), _storage(args))
-        print(retrain_header(plan))
+        print(retrain_header(plan))  # then each seed's row as soon as it is known
         report = retrain(plan.source, plan.data, plan.config, plan.device, plan.out, overwrite=args.force,
                          progress=args.progress, on_seed=lambda seed: print(seed_row(seed), flush=True))
-        print(retrain_summary(report))
         if report.failed:
             print(retrain_failures(report), file=sys.stderr)
-            return 1
-        return 0
+        return (print(retrain_summary(report)) or 0) + bool(report.failed)
 
 
 class Compare(Command):
     name, help = "compare", "retrain results side by side with the published MedMNIST numbers"
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("runs", nargs="+", metavar="DIR", help="folders written by `nas3d retrain`")
-
-    def run(self, args: argparse.Namespace) -> int:
+    flags = ("runs",)
+    def run(self, args: argparse.Namespace) -> int | str:
         from nas3d.report import format_comparison
         from nas3d.retrain import load_results
-
-        print(format_comparison([(path, load_results(path)) for path in args.runs]))
-        return 0
+        return format_comparison([(path, load_results(path)) for path in args.runs])
 
 
 _COMMANDS: tuple[Command, ...] = (CreateStudy(), Worker(), Launch(), Status(), Search(), Export(), Retrain(),
-                                  Compare())
+                                  Compare(), Dashboard(), Report())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,16 +237,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)
     try:
-        return args.handler(args)
+        result = args.handler(args)
+        return (print(result) or 0) if isinstance(result, str) else result
     except KeyboardInterrupt:
         return 130
     except (ValueError, LookupError, StorageUnavailable, FileNotFoundError) as e:
         if args.debug:
             raise
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"nas3d: error: {message}", file=sys.stderr)
+        print(f"nas3d: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return EXIT_USAGE
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,21 +1,38 @@
-"""What nas3d shows people: status tables, retrain rows and the comparison with published numbers.
+"""What nas3d shows people: status tables, one trial, retrain rows, the comparison with published numbers,
+Pareto fronts (shared by the dashboard's figure and note) and ``nas3d report``.
 
-Every function here returns text; only the CLI prints it.
+Every function here returns text, except :func:`run_retrain`, which prints each seed's row as it ends.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages import BaseStorage
 
 __all__ = [
+    "REPORT_FILES",
     "SEED_HEADER",
+    "FrontPoint",
+    "Reference",
+    "StudyFront",
+    "collect_retrain_results",
+    "export_trial",
     "exported_line",
     "format_comparison",
     "format_status",
+    "front_markdown",
+    "pareto_points",
+    "report_markdown",
+    "study_front",
+    "trial_report",
+    "write_report",
     "mean_line",
     "retrain_failures",
     "retrain_header",
@@ -25,14 +42,19 @@ __all__ = [
 ]
 
 
-def status_report(storage: Any, study_name: str | None = None) -> str:
-    """:func:`format_status` of ``study_name``, or of every study in ``storage`` (a string or spec)."""
+def status_report(storage: Any, study_name: str | None = None, trial: int | None = None) -> str:
+    """:func:`format_status` of ``study_name``, or of every study in ``storage`` (a string or spec);
+    with ``trial``, :func:`trial_report` of that trial of ``study_name``."""
     from nas3d.storages import make_storage
     from nas3d.study import study_id_of
 
+    if trial is not None and not study_name:
+        raise ValueError("--trial goes with --study-name: which study's trial?")
     backend = make_storage(storage, must_exist=True)  # reading never creates a storage
     if study_name:
         study_id_of(backend, study_name)  # a one-line StudyNotFound naming the studies there
+    if trial is not None:
+        return trial_report(backend, study_name, trial)
     names = [study_name] if study_name else optuna.get_all_study_names(backend)
     if not names:
         return f"no studies in {storage}"
@@ -44,6 +66,20 @@ def exported_line(study_name: str, number: int, out: Any, checkpoint: Any) -> st
     metrics = checkpoint.metadata.get("metrics", {})
     return (f"exported trial {number} of study {study_name!r} to {out}: {checkpoint.recipe.describe()}, "
             f"val_auc {metrics.get('val_auc', float('nan')):.4f}, {metrics.get('flops', 0) / 1e6:.1f} MFLOPs")
+
+
+def export_trial(storage: Any, study_name: str, number: int, out: str | Path, overwrite: bool = False,
+                 picture: bool = False) -> str:
+    """``nas3d export``: :func:`nas3d.study.export_checkpoint` from ``storage`` (string or spec) and its
+    artifact store; returns what to tell the user."""
+    from nas3d.study import export_checkpoint
+
+    # The storage is opened read-only (it must exist) with the artifact store that goes with it.
+    trial, checkpoint = export_checkpoint(storage, None, study_name, number, out, overwrite=overwrite,
+                                          picture=picture)
+    drawn = picture and checkpoint.architecture is not None
+    picture_note = f"; picture {Path(out).with_suffix('.svg')}" if drawn else ""
+    return exported_line(study_name, trial.number, out, checkpoint) + picture_note
 
 
 def retrain_header(plan: Any) -> str:
@@ -78,15 +114,17 @@ def format_status(study: optuna.Study) -> str:
     duplicates = sum("duplicate_of" in t.user_attrs for t in trials)
     if duplicates:
         lines[0] += f"; {duplicates} duplicates not retrained"
-    front = sorted(study.best_trials, key=lambda t: -t.values[0])
-    if front:
+    # The front and hypervolume of fully trained trials (nas3d.pareto), as the dashboard note shows it.
+    front = study_front(study, seed_references="none")
+    if front.hypervolume is not None:
+        lines.append(f"  hypervolume {front.hypervolume:.4f} (val AUC x log10 FLOPs, DESIGN §9) over "
+                     f"{len(front.points)} fully trained trials; Pareto front:")
+    if front.front:
         header = ("trial", "val_auc", "val_acc", "MFLOPs", "params")
         lines.append("  " + "  ".join(f"{h:>9}" for h in header) + "  architecture")
-        for t in front:
-            attrs = t.user_attrs
-            cells = (t.number, f"{t.values[0]:.4f}", f"{attrs.get('val_acc', float('nan')):.4f}",
-                     f"{t.values[1] / 1e6:.1f}", attrs.get("params", "-"))
-            lines.append("  " + "  ".join(f"{c:>9}" for c in cells) + f"  {attrs.get('arch', '')}")
+        for p in front.front:
+            cells = (p.number, f"{p.val_auc:.4f}", _fmt(p.val_acc), f"{p.flops / 1e6:.1f}", p.params or "-")
+            lines.append("  " + "  ".join(f"{c:>9}" for c in cells) + f"  {p.arch}")
     failed = [
         t for t in trials
         if t.state.name in ("FAIL", "PRUNED") and "duplicate_of" not in t.user_attrs
@@ -217,3 +255,350 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
         ("  " + "  ".join(f"{x:<{w}}" for x, w in zip(r, widths, strict=True))).rstrip()
         for r in (header, *rows)
     ]
+
+
+# -- fronts: what the dashboard figure, its note, `nas3d report` and `nas3d status` share -------------
+
+
+@dataclass(frozen=True)
+class FrontPoint:
+    """One fully trained trial as the front shows it."""
+
+    number: int
+    val_auc: float
+    flops: float
+    val_acc: float | None
+    params: int | None
+    arch: str
+    pareto: bool
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A point to compare against: a seed architecture (``val_auc`` None: the seed published no
+    validation AUC, so it marks FLOPs only) or a retrained baseline (its mean val AUC)."""
+
+    label: str
+    flops: float
+    val_auc: float | None = None
+    val_auc_std: float | None = None
+
+
+@dataclass(frozen=True)
+class StudyFront:
+    """A study's fully trained trials, its Pareto front among them, its hypervolume and references."""
+
+    study_name: str
+    study_id: int
+    data: Any  # nas3d.data.DataConfig, or None for a study nas3d did not create
+    points: tuple[FrontPoint, ...]
+    hypervolume: float | None
+    references: tuple[Reference, ...] = ()
+
+    @property
+    def front(self) -> list[FrontPoint]:
+        """The Pareto trials, by descending val AUC."""
+        return sorted((p for p in self.points if p.pareto), key=lambda p: (-p.val_auc, p.flops))
+
+    @property
+    def dataset(self) -> str:
+        return self.data.dataset if self.data is not None else "?"
+
+
+def study_data_config(study: optuna.Study) -> Any:
+    """The DataConfig of a nas3d study (from its stored configuration), or None for another study."""
+    from nas3d.config import StudyConfig
+    from nas3d.study import CONFIG_ATTR
+
+    stored = study.user_attrs.get(CONFIG_ATTR)
+    if stored is None:
+        return None
+    return StudyConfig.from_dict(stored, source=f"study {study.study_name!r}").data
+
+
+def pareto_points(trials: Sequence[Any]) -> list[FrontPoint]:
+    """The fully trained trials (``nas3d.pareto.fully_trained``, as the hypervolume counts them), each
+    marked whether it is on their Pareto front (max val AUC, min FLOPs; ties both kept)."""
+    import moocore
+    import numpy as np
+
+    from nas3d.pareto import fully_trained
+
+    done = fully_trained(trials)
+    if not done:
+        return []
+    values = np.array([[t.values[0], t.values[1]] for t in done], dtype=float)
+    on_front = moocore.is_nondominated(values, maximise=[True, False], keep_weakly=True)
+    return [
+        FrontPoint(number=t.number, val_auc=float(t.values[0]), flops=float(t.values[1]),
+                   val_acc=t.user_attrs.get("val_acc"), params=t.user_attrs.get("params"),
+                   arch=t.user_attrs.get("arch", ""), pareto=bool(keep))
+        for t, keep in zip(done, on_front, strict=True)
+    ]
+
+
+def study_front(study: optuna.Study, retrain_runs: Sequence[dict[str, Any]] = (),
+                seed_references: str = "all") -> StudyFront:
+    """:class:`StudyFront` of ``study``. References: the seed study's architectures at this study's
+    input shape (``seed_references`` "all", "same-dataset" or "none") and the retrained baselines among
+    ``retrain_runs`` (results.json documents) on the same dataset and size."""
+    from nas3d.pareto import study_hypervolume
+
+    data = study_data_config(study)
+    trials = study.get_trials(deepcopy=False)
+    hypervolume = study_hypervolume(trials, data) if data is not None else None
+    references: list[Reference] = []
+    if data is not None and seed_references != "none":
+        references += _seed_references(data, same_dataset_only=seed_references == "same-dataset")
+    if data is not None:
+        for run in retrain_runs:
+            summary = run.get("summary", {})
+            if (run["model"]["kind"] == "baseline" and run["dataset"] == data.dataset
+                    and run["size"] == data.size and summary.get("val_auc")):
+                references.append(Reference(label=f"{run['model']['baseline']} (retrained)",
+                                            flops=float(run["costs"]["flops"]),
+                                            val_auc=summary["val_auc"]["mean"],
+                                            val_auc_std=summary["val_auc"]["std"]))
+    return StudyFront(study_name=study.study_name, study_id=study._study_id, data=data,
+                      points=tuple(pareto_points(trials)), hypervolume=hypervolume,
+                      references=tuple(references))
+
+
+def _seed_references(data: Any, same_dataset_only: bool) -> list[Reference]:
+    return [
+        Reference(label=f"seed study: {dataset}", flops=float(flops))
+        for dataset, flops in _seed_flops(data.size, data.in_channels, data.num_classes)
+        if not same_dataset_only or dataset == data.dataset
+    ]
+
+
+@cache
+def _seed_flops(size: int, in_channels: int, num_classes: int) -> tuple[tuple[str, int], ...]:
+    """FLOPs of each published seed architecture at this input shape (meta device, once per shape)."""
+    from nas3d.costs import measure_costs
+    from nas3d.seeds import seed_architectures
+
+    return tuple((dataset, measure_costs(arch, in_channels, num_classes, size, with_thop=False).flops)
+                 for dataset, arch in seed_architectures().items())
+
+
+def collect_retrain_results(paths: Sequence[str | Path] = ()) -> list[dict[str, Any]]:
+    """The results.json documents under ``paths`` (each a folder written by ``nas3d retrain`` or a
+    folder of them); without paths, those under ``<storage home>/retrain`` if it exists."""
+    from nas3d.retrain import RESULTS_FILE, load_results
+    from nas3d.storages import storage_home
+
+    folders = [Path(p) for p in paths]
+    if not paths:
+        default = storage_home() / "retrain"
+        folders = [default] if default.is_dir() else []
+    found: list[dict[str, Any]] = []
+    for folder in folders:
+        if not folder.exists():
+            raise FileNotFoundError(f"{folder} not found; give folders written by `nas3d retrain`")
+        files = [folder] if folder.is_file() or (folder / RESULTS_FILE).is_file() else sorted(
+            folder.glob(f"*/{RESULTS_FILE}"))
+        found += [load_results(f) for f in files]
+    return found
+
+
+def retrained(runs: Sequence[dict[str, Any]], study_name: str, number: int) -> dict[str, Any] | None:
+    """The retrain result of trial ``number`` of ``study_name`` among ``runs`` (the latest, if several)."""
+    matches = [r for r in runs if r["model"]["kind"] == "nas3d"
+               and r["model"].get("source", {}).get("study") == study_name
+               and r["model"].get("source", {}).get("trial") == number]
+    return matches[-1] if matches else None
+
+
+def front_markdown(front: StudyFront) -> str:
+    """The study note: its front as a Markdown table, with the hypervolume."""
+    lines = [f"## Pareto front of {front.study_name}", ""]
+    if front.hypervolume is not None:
+        lines.append(f"Hypervolume (val AUC × log10 FLOPs, DESIGN §9): **{front.hypervolume:.4f}** "
+                     f"over {len(front.points)} fully trained trials.")
+        lines.append("")
+    if not front.front:
+        return "\n".join([*lines, "No fully trained trial yet."])
+    lines += ["| trial | val AUC | val ACC | MFLOPs | params | architecture |",
+              "|---:|---:|---:|---:|---:|---|"]
+    for p in front.front:
+        lines.append(f"| {p.number} | {p.val_auc:.4f} | {_fmt(p.val_acc)} | {p.flops / 1e6:,.2f} | "
+                     f"{_int(p.params)} | `{p.arch}` |")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _int(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+# -- nas3d report ------------------------------------------------------------------------------------
+
+REPORT_FILES = ("pareto.png", "pareto.html", "report.md")
+_RESNETS = ("ResNet-18+3D", "ResNet-50+3D")
+
+
+def write_report(storage: Any, study_names: Sequence[str], out: str | Path,
+                 retrain_paths: Sequence[str | Path] = ()) -> str:
+    """``nas3d report``: write pareto.png, pareto.html (the dashboard's front figure) and report.md
+    (the paper-style table) for ``study_names`` into ``out``; returns what to tell the user."""
+    from nas3d.dashboard import front_figure, write_front_png
+    from nas3d.storages import make_storage
+    from nas3d.study import load_study
+    from nas3d.util import atomic_write
+
+    backend = make_storage(storage)
+    if len(set(study_names)) != len(study_names):
+        raise ValueError(f"--study-name given twice: {list(study_names)}; name each study once")
+    studies = [load_study(name, backend)[0] for name in study_names]
+    runs = collect_retrain_results(retrain_paths)
+    seeds = "all" if len(studies) == 1 else "same-dataset"
+    fronts = [study_front(study, runs, seed_references=seeds) for study in studies]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_front_png(fronts, out / "pareto.png")
+    html = front_figure(fronts).to_html(include_plotlyjs=True, full_html=True)  # offline: plotly.js inside
+    atomic_write(out / "pareto.html", lambda f: f.write(html.encode("utf-8")))
+    text = report_markdown(fronts, runs)
+    atomic_write(out / "report.md", lambda f: f.write(text.encode("utf-8")))
+    pareto = sum(len(f.front) for f in fronts)
+    return f"report on {len(fronts)} stud{'y' if len(fronts) == 1 else 'ies'} ({pareto} Pareto trials) " \
+           f"written to {out}: {', '.join(REPORT_FILES)}"
+
+
+def report_markdown(fronts: Sequence[StudyFront], runs: Sequence[dict[str, Any]] = ()) -> str:
+    """The paper-style table: per Pareto trial val AUC/ACC, FLOPs, params, architecture, and where
+    retrained, test AUC/ACC mean±std beside the published ResNet-18/50+3D numbers; a mean row over
+    the studies (each study's best-val-AUC Pareto trial) when there are several; the hypervolumes."""
+    from nas3d.baselines import PUBLISHED
+
+    lines = ["# nas3d report", "",
+             "Validation Pareto fronts (val AUC maximised, FLOPs minimised; FLOPs = 2 × MACs, batch of "
+             "one). Test AUC/ACC: mean ± std over the seeds of `nas3d retrain`; published: MedMNIST v2, "
+             "test AUC/ACC at 28³.", "", "![Pareto fronts](pareto.png)", "",
+             "| dataset | study | trial | val AUC | val ACC | MFLOPs | params | test AUC | test ACC | "
+             + " | ".join(f"{m} (published)" for m in _RESNETS) + " | architecture |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(_RESNETS) + "---|"]
+    best: list[tuple[FrontPoint, dict[str, Any], str]] = []
+    for front in fronts:
+        published = [_published(PUBLISHED[m].get(front.dataset)) for m in _RESNETS]
+        for i, p in enumerate(front.front):
+            run = retrained(runs, front.study_name, p.number)
+            summary = run["summary"] if run else {}
+            if i == 0:
+                best.append((p, summary, front.dataset))
+            lines.append(f"| {front.dataset} | {front.study_name} | {p.number} | {p.val_auc:.4f} | "
+                         f"{_fmt(p.val_acc)} | {p.flops / 1e6:,.2f} | {_int(p.params)} | "
+                         f"{_mean_std(summary.get('test_auc'))} | {_mean_std(summary.get('test_acc'))} | "
+                         + " | ".join(published) + f" | `{p.arch}` |")
+        if not front.front:
+            lines.append(f"| {front.dataset} | {front.study_name} | - | no fully trained trial yet |"
+                         + " |" * (8 + len(_RESNETS)))
+    if len(best) > 1:
+        lines.append(_mean_row(best))
+    lines += ["", "| study | dataset | size | fully trained | Pareto trials | hypervolume |",
+              "|---|---|---:|---:|---:|---:|"]
+    for f in fronts:
+        size = f.data.size if f.data is not None else "?"
+        lines.append(f"| {f.study_name} | {f.dataset} | {size} | {len(f.points)} | {len(f.front)} | "
+                     f"{_fmt(f.hypervolume)} |")
+    volumes = [f.hypervolume for f in fronts if f.hypervolume is not None]
+    if len(volumes) > 1:
+        lines.append(f"| mean | | | | | {sum(volumes) / len(volumes):.4f} |")
+    lines += ["", "Hypervolume: DESIGN §9 (val AUC from 0.5 to 1, log10 FLOPs between the smallest and "
+              "largest architecture of the seed space at the study's input size), in [0, 1]."]
+    return "\n".join(lines) + "\n"
+
+
+def _mean_row(best: Sequence[tuple[FrontPoint, dict[str, Any], str]]) -> str:
+    """Means over the studies of each one's best-val-AUC Pareto trial (test scores only when every
+    one was retrained) and of the published numbers on the same datasets."""
+    from nas3d.baselines import PUBLISHED
+
+    def mean(values: Sequence[float | None], digits: int = 4) -> str:
+        known = [v for v in values if v is not None]
+        return f"{sum(known) / len(known):,.{digits}f}" if known and len(known) == len(values) else "-"
+
+    points = [p for p, _, _ in best]
+    cells = [mean([p.val_auc for p in points]), mean([p.val_acc for p in points]),
+             mean([p.flops / 1e6 for p in points], 2), mean([p.params for p in points], 0)]
+    for key in ("test_auc", "test_acc"):
+        cells.append(mean([(s.get(key) or {}).get("mean") for _, s, _ in best]))
+    for model in _RESNETS:
+        numbers = [PUBLISHED[model].get(d) for _, _, d in best]
+        known = [n for n in numbers if n is not None]
+        cells.append(f"{mean([n[0] for n in known], 3)}/{mean([n[1] for n in known], 3)}"
+                     if len(known) == len(numbers) else "-")
+    return f"| **mean** | {len(best)} studies, best val AUC each | | " + " | ".join(cells) + " | |"
+
+
+# -- nas3d status --trial N -----------------------------------------------------------------------------
+
+#: User attrs shown elsewhere in the trial report, or too long for a terminal line.
+_TRIAL_ATTRS_SHOWN_APART = ("failure_reason", "arch_json")
+
+
+def trial_report(storage: Any, study_name: str, number: int) -> str:
+    """One trial: state, values, params, user attrs, learning curve (if recorded), failure reason,
+    and its artifacts."""
+    from optuna.artifacts import get_all_artifact_meta
+
+    from nas3d.storages import make_storage
+    from nas3d.study import load_trial
+
+    backend = storage if isinstance(storage, BaseStorage) else make_storage(storage, must_exist=True)
+    trial = load_trial(backend, study_name, number)
+    lines = [f"trial {trial.number} of study {study_name!r}: {trial.state.name.lower()}"]
+    if trial.values is not None:
+        lines.append(f"  val_auc {trial.values[0]:.4f}, flops {trial.values[1]:,.0f}")
+    start, end = trial.datetime_start, trial.datetime_complete
+    if start is not None:
+        took = f", finished {end:%Y-%m-%d %H:%M:%S} ({(end - start).total_seconds():.1f} s)" if end else ""
+        lines.append(f"  started {start:%Y-%m-%d %H:%M:%S}{took}")
+    if "failure_reason" in trial.user_attrs:
+        lines.append(f"  reason: {trial.user_attrs['failure_reason']}")
+    if trial.params:
+        lines.append("  params: " + ", ".join(f"{k}={v}" for k, v in sorted(trial.params.items())))
+    curve_keys = [k for k in trial.user_attrs if k == "learning_curve" or k.endswith("_curve")]
+    attrs = {k: v for k, v in trial.user_attrs.items() if k not in (*_TRIAL_ATTRS_SHOWN_APART, *curve_keys)}
+    if attrs:
+        lines.append("  user attrs:")
+        lines += [f"    {k}: {v}" for k, v in sorted(attrs.items())]
+    for key in curve_keys:
+        lines.append(f"  {key}:")
+        lines += ["    " + line for line in format_curve(trial.user_attrs[key])]
+    if not curve_keys:
+        lines.append("  learning curve: not recorded")
+    artifacts = get_all_artifact_meta(trial, storage=backend)
+    if artifacts:
+        lines.append("  artifacts:")
+        lines += [f"    {a.filename}  {a.mimetype}  id {a.artifact_id}" for a in artifacts]
+    else:
+        lines.append("  artifacts: none")
+    return "\n".join(lines)
+
+
+def format_curve(curve: Any) -> list[str]:
+    """A recorded learning curve as table lines. Accepted shapes: a list of per-epoch records
+    (``[{"epoch": 1, "val_auc": .., "val_loss": ..}, ...]``, or lists/numbers), a dict of
+    per-metric lists (``{"val_auc": [...], "val_loss": [...]}``), or a dict of epoch -> record."""
+    if isinstance(curve, dict) and curve and all(isinstance(v, list) for v in curve.values()):
+        length = max(len(v) for v in curve.values())
+        curve = [{k: (v[i] if i < len(v) else None) for k, v in curve.items()} for i in range(length)]
+    elif isinstance(curve, dict):
+        curve = [{"epoch": k, **(v if isinstance(v, dict) else {"value": v})} for k, v in curve.items()]
+    if not isinstance(curve, list) or not curve:
+        return [f"{curve!r}"]
+    records = [r if isinstance(r, dict) else {"value": r} for r in curve]
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    if "epoch" not in columns:
+        records = [{"epoch": i, **r} for i, r in enumerate(records, start=1)]
+        columns.insert(0, "epoch")
+
+    def cell(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else ("-" if value is None else str(value))
+
+    return _table(columns, [[cell(r.get(c)) for c in columns] for r in records])

@@ -395,7 +395,27 @@ class TrialObjective:
             artifact_id = upload_artifact(
                 artifact_store=self.artifact_store, file_path=str(path), study_or_trial=trial
             )
+            picture_id = _upload_picture(self.artifact_store, trial, model.arch, Path(tmp))
         trial.set_user_attr("checkpoint_artifact", artifact_id)
+        if picture_id is not None:
+            trial.set_user_attr("picture_artifact", picture_id)
+
+
+def _upload_picture(artifact_store: Any, trial: optuna.Trial, arch: Any, folder: Path) -> str | None:
+    """Upload the architecture's picture beside its checkpoint; None (and a warning) without Graphviz's
+    ``dot``: a missing picture must not fail a trained trial."""
+    from graphviz import ExecutableNotFound
+
+    from nas3d.drawing import PICTURE_SUFFIX, write_picture
+
+    try:
+        path = write_picture(arch, folder / f"trial-{trial.number}{PICTURE_SUFFIX}",
+                             title=f"{trial.study.study_name} trial {trial.number}")
+    except ExecutableNotFound:
+        logger.warning("no architecture picture for trial %d: Graphviz's `dot` is not installed "
+                       "(apt-get install graphviz)", trial.number)
+        return None
+    return upload_artifact(artifact_store=artifact_store, file_path=str(path), study_or_trial=trial)
 
 
 def load_trial(storage: optuna.storages.BaseStorage, study_name: str, number: int) -> FrozenTrial:
@@ -432,10 +452,12 @@ def export_checkpoint(
     out: str | Path,
     *,
     overwrite: bool = False,
+    picture: bool = False,
 ) -> tuple[FrozenTrial, Checkpoint]:
     """Copy trial ``number``'s checkpoint out of the artifact store to ``out``; returns the trial and
     the checkpoint as loaded back. The file appears whole or not at all, and an existing ``out`` is
     replaced only with ``overwrite`` and only by a file that loads and is that trial's architecture.
+    With ``picture``, the architecture's picture goes beside it (``out`` with suffix ``.svg``).
 
     ``storage`` may be a storage string or spec, opened read-only (it must exist); ``artifact_store``
     None means the one that goes with it."""
@@ -445,8 +467,9 @@ def export_checkpoint(
     out = Path(out)
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give a file path, e.g. {out / f'trial-{number}.pt'}")
-    if out.exists() and not overwrite:
-        raise ValueError(f"{out} exists; pass --force to overwrite it, or choose another --out")
+    for path in (out, out.with_suffix(".svg")) if picture else (out,):
+        if path.exists() and not overwrite:
+            raise ValueError(f"{path} exists; pass --force to overwrite it, or choose another --out")
     if not isinstance(storage, optuna.storages.BaseStorage):
         from nas3d.storages import artifact_store_for
 
@@ -470,6 +493,11 @@ def export_checkpoint(
             f"{getattr(artifact_store, '_base_path', '?')}; point $NAS3D_ARTIFACTS at the folder the "
             "workers wrote to"
         ) from None
+    if picture and checkpoint.architecture is not None:
+        from nas3d.drawing import PICTURE_SUFFIX, write_picture
+
+        write_picture(checkpoint.architecture, out.with_suffix(PICTURE_SUFFIX),
+                      title=f"{study_name} trial {trial.number}")
     return trial, checkpoint
 
 

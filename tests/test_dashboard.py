@@ -1,10 +1,14 @@
-"""What optuna-dashboard shows of a nas3d study: the real server, queried over its REST API."""
+"""What people look at: `nas3d dashboard` (the real optuna-dashboard server, queried over its REST API and
+in headless Chromium), `nas3d report`, `nas3d status` and `nas3d export --picture`, on one trained smoke
+study."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -12,11 +16,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+import optuna
 import pytest
 
 from tests.test_study import make_objective, smoke_config
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs"
 
 
 def free_port() -> int:
@@ -25,7 +32,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def get_json(url: str, timeout: float = 30) -> dict:
+def get_json(url: str, timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -37,42 +44,58 @@ def get_json(url: str, timeout: float = 30) -> dict:
             time.sleep(0.2)
 
 
-@pytest.fixture
-def dashboard(tmp_path: Path):
-    """A smoke study with some constraint violations, served by a real optuna-dashboard."""
-    storage_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    # a params cap that some smoke architectures break and some keep
-    config = smoke_config(tmp_path, **{"constraints.max_params": 4000.0, "study.sampler": "random"})
+@pytest.fixture(scope="module")
+def search(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, optuna.Study]:
+    """A smoke study with some constraint violations (a params cap that some smoke architectures break
+    and some keep), its checkpoints and pictures in the artifact store beside the database."""
+    root = tmp_path_factory.mktemp("search")
+    storage_url = f"sqlite:///{root / 'db.sqlite'}"
+    config = smoke_config(root, **{"constraints.max_params": 4000.0, "study.sampler": "random",
+                                   "train.max_epochs": 1})
     study, objective = make_objective(config, storage_url)
     study.optimize(objective, n_trials=6)
     states = {t.state.name for t in study.trials}
     assert states == {"COMPLETE", "PRUNED"}, [t.user_attrs for t in study.trials]
+    return storage_url, root, study
 
+
+def start_dashboard(storage_url: str, root: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    launcher = ("import sys; from optuna_dashboard._cli import main; sys.argv[0] = 'optuna-dashboard'; "
-                "sys.exit(main())")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NAS3D_ARTIFACTS": str(root / "artifacts")}
     server = subprocess.Popen(
-        [sys.executable, "-c", launcher, storage_url, "--host", "127.0.0.1", "--port", str(port),
-         "--artifact-dir", str(tmp_path / "artifacts"), "--quiet"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "nas3d", "dashboard", "--storage", storage_url, "--port", str(port), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
+    return server, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def dashboard(search):
+    """`nas3d dashboard` on the study, once its front figure and note are in the study."""
+    storage_url, root, study = search
+    server, base = start_dashboard(storage_url, root, "--study-name", "smoke", "--refresh", "1")
     try:
-        base = f"http://127.0.0.1:{port}"
         get_json(f"{base}/api/studies")  # waits for the server
+        deadline = time.monotonic() + 120
+        while not get_json(f"{base}/api/studies/{study._study_id}")["plotly_graph_objects"]:
+            assert server.poll() is None, server.communicate()
+            assert time.monotonic() < deadline, "the front figure never appeared"
+            time.sleep(0.5)
         yield base, study
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        server.kill()
+        server.wait(timeout=30)
 
 
-def test_dashboard_shows_objectives_constraints_and_checkpoints(dashboard) -> None:
+def test_dashboard_shows_objectives_constraints_checkpoints_and_pictures(dashboard) -> None:
     base, study = dashboard
-    (summary,) = get_json(f"{base}/api/studies")["study_summaries"]
-    assert summary["study_name"] == "smoke"
+    summaries = get_json(f"{base}/api/studies")["study_summaries"]
+    (summary,) = [s for s in summaries if s["study_name"] == "smoke"]
     detail = get_json(f"{base}/api/studies/{summary['study_id']}")
 
     assert detail["objective_names"] == ["val_auc", "flops"]
     trials = {t["number"]: t for t in detail["trials"]}
+    assert set(trials) == {t.number for t in study.trials}
     for trial in study.trials:
         shown = trials[trial.number]
         assert shown["state"] == trial.state.name.capitalize()
@@ -81,10 +104,41 @@ def test_dashboard_shows_objectives_constraints_and_checkpoints(dashboard) -> No
         (value,) = shown["constraints"]  # the dashboard reads the legacy list nas3d writes
         assert (value > 0) == (trial.state.name == "PRUNED")
         if trial.state.name == "COMPLETE":
-            assert [a["filename"] for a in shown["artifacts"]] == [f"trial-{trial.number}.pt"]
+            artifacts = {a["filename"]: a for a in shown["artifacts"]}
+            assert set(artifacts) == {f"trial-{trial.number}.pt", f"trial-{trial.number}.svg"}
+            assert artifacts[f"trial-{trial.number}.svg"]["mimetype"] == "image/svg+xml"
+            # the artifact store is attached: the picture downloads, and it is this trial's architecture
+            picture = urllib.request.urlopen(
+                f"{base}/artifacts/{summary['study_id']}/{shown['trial_id']}/"
+                f"{artifacts[f'trial-{trial.number}.svg']['artifact_id']}", timeout=10).read().decode()
+            assert f"smoke trial {trial.number}" in picture and "<svg" in picture
     assert {t["number"] for t in detail["best_trials"]} <= {
         t.number for t in study.trials if t.state.name == "COMPLETE"
     }
+
+
+def test_dashboard_holds_the_log_flops_front_figure_and_the_front_note(dashboard) -> None:
+    from nas3d.report import study_front
+
+    base, study = dashboard
+    detail = get_json(f"{base}/api/studies/{study._study_id}")
+    (graph,) = detail["plotly_graph_objects"]
+    assert graph["id"] == "nas3d-pareto-front"
+    figure = json.loads(graph["graph_object"])
+    assert figure["layout"]["xaxis"]["type"] == "log"
+    front = study_front(study)
+    traces = {t.get("name"): t for t in figure["data"]}
+    pareto = traces["smoke: Pareto front"]
+    assert sorted(pareto["x"]) == sorted(p.flops for p in front.front)
+    assert [c[0] for c in pareto["customdata"]] == [p.number for p in front.front]
+    arches = [study.trials[p.number].user_attrs["arch"] for p in front.front]
+    assert [c[3] for c in pareto["customdata"]] == arches
+    # the seed study's architectures, as reference lines at their FLOPs
+    assert {"seed study: organmnist3d", "seed study: adrenalmnist3d"} <= set(traces)
+    note = detail["note"]["body"]
+    assert f"{front.hypervolume:.4f}" in note
+    for p in front.front:
+        assert f"| {p.number} | {p.val_auc:.4f} |" in note
 
 
 def _browser():
@@ -110,16 +164,219 @@ def _browser():
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
-def test_browser_shows_the_pareto_front_of_both_objectives(dashboard, tmp_path: Path) -> None:
+def test_browser_shows_the_pareto_front_and_the_log_flops_figure(dashboard, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     base, study = dashboard
     browser = _browser()
     try:
         browser.get(f"{base}/dashboard/studies/{study._study_id}")
-        WebDriverWait(browser, 30).until(lambda b: "Pareto Front" in b.find_element("tag name", "body").text)
-        text = browser.find_element("tag name", "body").text
+        WebDriverWait(browser, 60).until(lambda b: "Pareto Front" in b.find_element(By.TAG_NAME, "body").text)
+        text = browser.find_element(By.TAG_NAME, "body").text
+        # the saved figure, rendered by plotly.js: its log x axis and its title
+        figure_id = "user-defined-plot:nas3d-pareto-front"  # where optuna-dashboard renders a saved figure
+        figure = WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, figure_id))
+        WebDriverWait(browser, 60).until(lambda b: figure.find_elements(By.CSS_SELECTOR, ".main-svg .xtitle"))
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", figure)
+        time.sleep(1)  # let the scroll settle before the screenshot
+        x_title = figure.find_element(By.CSS_SELECTOR, ".xtitle").text
+        title = figure.find_element(By.CSS_SELECTOR, ".gtitle").text
         browser.save_screenshot(str(tmp_path / "dashboard.png"))
+        _for_docs(tmp_path / "dashboard.png")
     finally:
         browser.quit()
     assert "Objective X:\nval_auc" in text and "Objective Y:\nflops" in text
+    assert x_title.startswith("FLOPs (log scale") and title.startswith("Pareto front: smoke")
+
+
+def _for_docs(screenshot: Path) -> None:
+    """The README's screenshots are these: ``NAS3D_UPDATE_SCREENSHOTS=1`` copies them into docs/
+    (otherwise they stay with the test's files, so a test run leaves the checkout as it was)."""
+    if os.environ.get("NAS3D_UPDATE_SCREENSHOTS") == "1":
+        DOCS.mkdir(exist_ok=True)
+        shutil.copy(screenshot, DOCS / screenshot.name)
+
+
+def test_dashboard_stops_cleanly_on_ctrl_c(search) -> None:
+    storage_url, root, _ = search
+    server, base = start_dashboard(storage_url, root)
+    try:
+        get_json(f"{base}/api/studies")
+        server.send_signal(signal.SIGINT)
+        out, err = server.communicate(timeout=60)
+    finally:
+        server.kill()
+    assert server.returncode == 0, err
+    assert re.search(r"at http://127\.0\.0\.1:\d+/dashboard/", out)
+    assert out.rstrip().endswith("dashboard stopped")
+    assert "no authentication" in err and "Traceback" not in err
+
+
+def test_dashboard_help_says_admin_endpoints_have_no_authentication(capsys: pytest.CaptureFixture) -> None:
+    from nas3d.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["dashboard", "--help"])
+    assert "NO authentication" in " ".join(capsys.readouterr().out.split())
+
+
+def test_dashboard_on_a_busy_port_is_one_line_exit_2(search, capsys: pytest.CaptureFixture[str]) -> None:
+    from nas3d.cli import main
+
+    storage_url, _, _ = search
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["dashboard", "--storage", storage_url, "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"nas3d: error: cannot listen on 127.0.0.1:{port}") and "\n" not in err
+
+
+# --- nas3d report, status, export --picture ---------------------------------------------------------
+
+
+def _table_rows(markdown: str, first_header: str) -> list[list[str]]:
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_report_writes_png_html_and_a_table_equal_to_the_storage(search, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from nas3d.cli import main
+    from nas3d.pareto import fully_trained, study_hypervolume
+    from nas3d.report import pareto_points
+    from nas3d.retrain import RetrainConfig, RetrainSource, retrain
+    from nas3d.study import load_study
+
+    storage_url, root, study = search
+    study, config = load_study("smoke", study._storage)
+    front = sorted((p for p in pareto_points(study.trials) if p.pareto), key=lambda p: -p.val_auc)
+    # a real (one-epoch, one-seed) retrain of the best trial, as `nas3d retrain` writes it
+    best = study.trials[front[0].number]
+    retrained = retrain(RetrainSource.from_trial("smoke", best), config.data,
+                        RetrainConfig(epochs=1, seeds=(0,), batch_size=32, amp=False), "cpu",
+                        tmp_path / "retrain" / "best")
+    # a second study (a copy) makes one table with a mean row
+    optuna.copy_study(from_study_name="smoke", from_storage=storage_url, to_storage=storage_url,
+                      to_study_name="smoke-copy")
+
+    out = tmp_path / "report"
+    assert main(["report", "--storage", storage_url, "--study-name", "smoke", "--study-name", "smoke-copy",
+                 "--out", str(out), "--retrain-results", str(tmp_path / "retrain")]) == 0
+    assert "2 studies" in capsys.readouterr().out
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (out / "pareto.html").read_text()
+    assert '"type":"log"' in html.replace(" ", "") and "smoke: Pareto front" in html
+    markdown = (out / "report.md").read_text()
+
+    rows = _table_rows(markdown, "dataset")
+    assert len(rows) == 2 * len(front) + 1 and rows[-1][0] == "**mean**"
+    for row, p in zip(rows, [*front, *front], strict=False):
+        trial = study.trials[int(row[2])]
+        assert row[2] == str(p.number)
+        assert float(row[3]) == pytest.approx(trial.values[0], abs=5e-5)
+        assert float(row[4]) == pytest.approx(trial.user_attrs["val_acc"], abs=5e-5)
+        assert float(row[5].replace(",", "")) == pytest.approx(trial.values[1] / 1e6, abs=5e-3)
+        assert int(row[6].replace(",", "")) == trial.user_attrs["params"]
+        assert row[-1] == f"`{trial.user_attrs['arch']}`"
+    summary = retrained.results["summary"]
+    assert rows[0][7] == f"{summary['test_auc']['mean']:.4f}±{summary['test_auc']['std']:.4f}"
+    assert rows[0][8] == f"{summary['test_acc']['mean']:.4f}±{summary['test_acc']['std']:.4f}"
+    assert rows[1][7] == "-" if len(front) > 1 else True
+    assert float(rows[-1][3]) == pytest.approx(front[0].val_auc, abs=5e-5)  # the mean of two equal bests
+
+    hypervolume = study_hypervolume(study.trials, config.data)
+    volumes = _table_rows(markdown, "study")
+    assert [r[0] for r in volumes] == ["smoke", "smoke-copy", "mean"]
+    assert volumes[0][3] == str(len(fully_trained(study.trials)))
+    assert float(volumes[0][5]) == pytest.approx(hypervolume, abs=5e-5)
+
+    # one study: its report's figure has the seed study's architectures for reference
+    one = ["report", "--storage", storage_url, "--study-name", "smoke", "--out", str(tmp_path / "one")]
+    assert main(one) == 0
+    assert "seed study: organmnist3d" in (tmp_path / "one" / "pareto.html").read_text()
+    _screenshot_report(tmp_path / "one", tmp_path)
+
+
+def _screenshot_report(out: Path, tmp_path: Path) -> None:
+    """pareto.html as a browser renders it, for the README (where Chromium is at hand)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        return
+    browser = _browser()
+    try:
+        browser.get((out / "pareto.html").as_uri())
+        WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".main-svg .xtitle"))
+        assert browser.find_element(By.CSS_SELECTOR, ".xtitle").text.startswith("FLOPs (log scale")
+        browser.save_screenshot(str(tmp_path / "report.png"))
+        _for_docs(tmp_path / "report.png")
+    finally:
+        browser.quit()
+
+
+def test_status_prints_the_hypervolume_and_each_pareto_architecture(search, capsys) -> None:
+    from nas3d.cli import main
+    from nas3d.pareto import study_hypervolume
+    from nas3d.report import pareto_points
+    from nas3d.study import load_study
+
+    storage_url, _, study = search
+    _, config = load_study("smoke", study._storage)
+    assert main(["status", "--storage", storage_url, "--study-name", "smoke"]) == 0
+    out = capsys.readouterr().out
+    assert f"hypervolume {study_hypervolume(study.trials, config.data):.4f}" in out
+    for p in pareto_points(study.trials):
+        assert (f"  {p.arch}" in out) == p.pareto
+
+
+def test_status_of_one_trial_shows_attrs_curve_reason_and_artifacts(search, capsys) -> None:
+    from nas3d.cli import main
+
+    storage_url, _, study = search
+    done = next(t for t in study.trials if t.state.name == "COMPLETE")
+    status = ["status", "--storage", storage_url, "--study-name", "smoke", "--trial"]
+    assert main([*status, str(done.number)]) == 0
+    out = capsys.readouterr().out
+    assert f"trial {done.number} of study 'smoke': complete" in out
+    assert f"arch: {done.user_attrs['arch']}" in out and "learning curve: not recorded" in out
+    assert f"trial-{done.number}.pt" in out and f"trial-{done.number}.svg  image/svg+xml" in out
+
+    pruned = next(t for t in study.trials if t.state.name == "PRUNED")
+    assert main([*status, str(pruned.number)]) == 0
+    out = capsys.readouterr().out
+    assert f"reason: {pruned.user_attrs['failure_reason']}" in out and "artifacts: none" in out
+
+    # a recorded learning curve (on a trial of its own study, so the shared one stays as trained)
+    curve = [{"epoch": 1, "val_auc": 0.61, "val_loss": 0.69}, {"epoch": 2, "val_auc": 0.72, "val_loss": 0.65}]
+    other = optuna.create_study(study_name="smoke-curve", storage=storage_url,
+                                directions=["maximize", "minimize"])
+    other.add_trial(optuna.trial.create_trial(values=[0.72, 1e6], user_attrs={"learning_curve": curve}))
+    assert main(["status", "--storage", storage_url, "--study-name", "smoke-curve", "--trial", "0"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"epoch\s+val_auc\s+val_loss\n\s+1\s+0\.6100\s+0\.6900\n\s+2\s+0\.7200\s+0\.6500", out)
+
+
+def test_export_writes_the_picture_next_to_the_checkpoint(search, tmp_path: Path, monkeypatch) -> None:
+    from nas3d.cli import main
+
+    storage_url, root, study = search
+    monkeypatch.setenv("NAS3D_ARTIFACTS", str(root / "artifacts"))
+    done = next(t for t in study.trials if t.state.name == "COMPLETE")
+    out = tmp_path / "best.pt"
+    argv = ["export", "--storage", storage_url, "--study-name", "smoke", "--trial", str(done.number),
+            "--out", str(out), "--picture"]
+    assert main(argv) == 0
+    picture = (tmp_path / "best.svg").read_text()
+    assert "<svg" in picture and f"smoke trial {done.number}" in picture
+    assert main(argv) == 2  # both files are kept unless --force
+    assert main([*argv, "--force"]) == 0

@@ -69,11 +69,13 @@ def test_completed_trial_records_attrs_and_a_loadable_checkpoint(tmp_path: Path)
     for key in ("val_acc", "params", "thop_macs", "arch", "arch_hash", "train_seconds", "epochs", "device"):
         assert key in trial.user_attrs, key
     assert 0.0 <= trial.values[0] <= 1.0 and trial.values[1] > 0
-    metas = optuna.artifacts.get_all_artifact_meta(trial, storage=study._storage)
-    assert len(metas) == 1
+    metas = {m.filename: m for m in optuna.artifacts.get_all_artifact_meta(trial, storage=study._storage)}
+    assert set(metas) == {"trial-0.pt", "trial-0.svg"}  # the checkpoint and the architecture's picture
+    assert metas["trial-0.svg"].artifact_id == trial.user_attrs["picture_artifact"]
     path = tmp_path / "checkpoint.pt"
     optuna.artifacts.download_artifact(
-        artifact_store=artifact_store_for(storage_url), file_path=str(path), artifact_id=metas[0].artifact_id
+        artifact_store=artifact_store_for(storage_url), file_path=str(path),
+        artifact_id=metas["trial-0.pt"].artifact_id,
     )
     checkpoint = load_checkpoint(path)
     assert checkpoint.architecture.arch_hash() == trial.user_attrs["arch_hash"]
