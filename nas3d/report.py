@@ -16,6 +16,8 @@ from typing import Any
 import optuna
 from optuna.storages import BaseStorage
 
+from nas3d.early_stopping import CURVE_ATTR, format_learning_curve
+
 __all__ = [
     "REPORT_FILES",
     "SEED_HEADER",
@@ -562,15 +564,16 @@ def trial_report(storage: Any, study_name: str, number: int) -> str:
         lines.append(f"  reason: {trial.user_attrs['failure_reason']}")
     if trial.params:
         lines.append("  params: " + ", ".join(f"{k}={v}" for k, v in sorted(trial.params.items())))
-    curve_keys = [k for k in trial.user_attrs if k == "learning_curve" or k.endswith("_curve")]
-    attrs = {k: v for k, v in trial.user_attrs.items() if k not in (*_TRIAL_ATTRS_SHOWN_APART, *curve_keys)}
+    shown_apart = (*_TRIAL_ATTRS_SHOWN_APART, CURVE_ATTR, "early_stopping")
+    attrs = {k: v for k, v in trial.user_attrs.items() if k not in shown_apart}
     if attrs:
         lines.append("  user attrs:")
         lines += [f"    {k}: {v}" for k, v in sorted(attrs.items())]
-    for key in curve_keys:
-        lines.append(f"  {key}:")
-        lines += ["    " + line for line in format_curve(trial.user_attrs[key])]
-    if not curve_keys:
+    if trial.user_attrs.get(CURVE_ATTR):
+        # the curve with the best epoch and the stopper's decisions (its first line names the trial)
+        curve = format_learning_curve(trial).splitlines()[1:]
+        lines += ["  learning curve:", *("  " + line for line in curve)]
+    else:
         lines.append("  learning curve: not recorded")
     artifacts = get_all_artifact_meta(trial, storage=backend)
     if artifacts:
@@ -579,26 +582,3 @@ def trial_report(storage: Any, study_name: str, number: int) -> str:
     else:
         lines.append("  artifacts: none")
     return "\n".join(lines)
-
-
-def format_curve(curve: Any) -> list[str]:
-    """A recorded learning curve as table lines. Accepted shapes: a list of per-epoch records
-    (``[{"epoch": 1, "val_auc": .., "val_loss": ..}, ...]``, or lists/numbers), a dict of
-    per-metric lists (``{"val_auc": [...], "val_loss": [...]}``), or a dict of epoch -> record."""
-    if isinstance(curve, dict) and curve and all(isinstance(v, list) for v in curve.values()):
-        length = max(len(v) for v in curve.values())
-        curve = [{k: (v[i] if i < len(v) else None) for k, v in curve.items()} for i in range(length)]
-    elif isinstance(curve, dict):
-        curve = [{"epoch": k, **(v if isinstance(v, dict) else {"value": v})} for k, v in curve.items()]
-    if not isinstance(curve, list) or not curve:
-        return [f"{curve!r}"]
-    records = [r if isinstance(r, dict) else {"value": r} for r in curve]
-    columns = list(dict.fromkeys(k for r in records for k in r))
-    if "epoch" not in columns:
-        records = [{"epoch": i, **r} for i, r in enumerate(records, start=1)]
-        columns.insert(0, "epoch")
-
-    def cell(value: Any) -> str:
-        return f"{value:.4f}" if isinstance(value, float) else ("-" if value is None else str(value))
-
-    return _table(columns, [[cell(r.get(c)) for c in columns] for r in records])

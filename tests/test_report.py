@@ -1,29 +1,10 @@
-"""The report module's pure parts: learning curves in every recorded shape, fronts and their table."""
+"""The report module's pure parts: fronts and their table."""
 
 from __future__ import annotations
 
-import pytest
 from optuna.trial import TrialState, create_trial
 
-from nas3d.report import format_curve, front_markdown, pareto_points, study_front
-
-ROWS = ["epoch  val_auc  val_loss", "1      0.6100   0.6900", "2      0.7200   0.6500"]
-
-
-@pytest.mark.parametrize("curve", [
-    [{"epoch": 1, "val_auc": 0.61, "val_loss": 0.69}, {"epoch": 2, "val_auc": 0.72, "val_loss": 0.65}],
-    [{"val_auc": 0.61, "val_loss": 0.69}, {"val_auc": 0.72, "val_loss": 0.65}],
-    {"val_auc": [0.61, 0.72], "val_loss": [0.69, 0.65]},
-    {"1": {"val_auc": 0.61, "val_loss": 0.69}, "2": {"val_auc": 0.72, "val_loss": 0.65}},
-])
-def test_a_learning_curve_in_any_recorded_shape_is_one_row_per_epoch(curve) -> None:
-    assert [line.strip() for line in format_curve(curve)] == ROWS
-
-
-def test_a_curve_of_plain_numbers_or_nothing_still_shows() -> None:
-    assert [line.split() for line in format_curve([0.5, 0.6])] == [["epoch", "value"], ["1", "0.5000"],
-                                                                  ["2", "0.6000"]]
-    assert format_curve([]) == ["[]"]
+from nas3d.report import front_markdown, pareto_points, study_front
 
 
 def _trial(auc: float, flops: float, **attrs) -> object:
