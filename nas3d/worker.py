@@ -54,6 +54,7 @@ from nas3d.storages import (
     make_storage,
     open_artifact_store,
     resolve_storage_url,
+    retry_transient,
     storage_retry_window,
     study_artifact_location,
     study_lock,
@@ -371,15 +372,6 @@ def fail_orphans(study: optuna.Study, *, older_than: float) -> int:
 
 
 def _with_retries(call: Any, window: float) -> None:
-    """``call()`` retried through ``StorageUnavailable`` for ``window`` seconds (the study lock)."""
-    deadline, attempt = time.monotonic() + window, 0
-    while True:
-        try:
-            return call()
-        except StorageUnavailable as e:
-            attempt += 1
-            delay = min(10.0, 0.5 * 2**attempt)
-            if time.monotonic() + delay > deadline:
-                raise
-            logger.warning("study lock: %s; retry %d in %.1f s", e, attempt, delay)
-            time.sleep(delay)
+    """``call()`` (the study lock) retried through ``StorageUnavailable`` for ``window`` seconds."""
+    return retry_transient(call, window=window, what="study lock",
+                           transient=lambda e: isinstance(e, StorageUnavailable))

@@ -257,28 +257,35 @@ def test_retry_transient_retries_operational_errors(monkeypatch: pytest.MonkeyPa
             raise optuna.exceptions.StorageInternalError("commit failed") from cause
         return "ok"
 
-    assert retry_transient(flaky) == "ok" and len(calls) == 3
+    assert retry_transient(flaky, window=60) == "ok" and len(calls) == 3
 
 
-def test_retry_transient_gives_up_and_passes_other_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(time, "sleep", lambda s: None)
+def test_retry_transient_gives_up_after_its_window_and_passes_other_errors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [0.0]  # simulated time: sleeping advances it
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
     calls = []
 
     def down() -> None:
-        calls.append(1)
+        calls.append(clock[0])
         raise StorageUnavailable("cannot connect")
 
-    with pytest.raises(StorageUnavailable):
-        retry_transient(down, attempts=3)
-    assert len(calls) == 3
+    with pytest.raises(StorageUnavailable, match="stayed unreachable for 60 s"):
+        retry_transient(down, window=60)
+    assert len(calls) >= 5 and calls[-1] <= 60  # backed off, never past the window
+    gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
+    assert all(gap <= 10 for gap in gaps) and gaps[0] < gaps[-1]  # exponential, capped at 10 s
 
     def bug() -> None:
-        calls.append(1)
+        calls.append(clock[0])
         raise KeyError("x")
 
+    before = len(calls)
     with pytest.raises(KeyError):
-        retry_transient(bug)
-    assert len(calls) == 4
+        retry_transient(bug, window=60)
+    assert len(calls) == before + 1  # not a storage error: no retry
 
 
 # --- artifacts and constraints ---------------------------------------------------------------------

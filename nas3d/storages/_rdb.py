@@ -233,30 +233,18 @@ class _RDBStorage(RDBStorage):
         if self.retry_window <= 0 or getattr(self._retrying, "active", False):
             return call()
         self._retrying.active = True
+        failed = False
+
+        def note_outage(_error: BaseException) -> None:
+            nonlocal failed
+            failed, self.last_outage = True, time.monotonic()
+
         try:
-            deadline, attempt = time.monotonic() + self.retry_window, 0
-            while True:
-                try:
-                    result = call()
-                    if attempt:  # recovered: other workers' trials need a beat or two to look alive
-                        self.last_outage = time.monotonic()
-                    return result
-                except Exception as e:
-                    if not _is_transient(e):
-                        raise
-                    self.last_outage = now = time.monotonic()
-                    attempt += 1
-                    delay = min(_MAX_RETRY_DELAY_S, 0.5 * 2**attempt) * (0.5 + random.random() / 2)
-                    if now + delay > deadline:
-                        raise StorageUnavailable(
-                            f"the database stayed unreachable for {self.retry_window:.0f} s "
-                            f"({what}: {_first_line(e)}); check that it is running"
-                        ) from e
-                    _logger.warning(
-                        "storage %s failed (%s); retry %d in %.1f s (giving up after %.0f s more)",
-                        what, _first_line(e), attempt, delay, deadline - now,
-                    )
-                    time.sleep(delay)
+            result = retry_transient(call, window=self.retry_window, what=f"storage {what}",
+                                     on_retry=note_outage)
+            if failed:  # recovered: other workers' trials need a beat or two to look alive
+                self.last_outage = time.monotonic()
+            return result
         finally:
             self._retrying.active = False
 
@@ -372,29 +360,39 @@ def _is_transient(error: BaseException) -> bool:
 def retry_transient(
     call: Callable[[], T],
     *,
-    attempts: int = 6,
-    base_delay: float = 1.0,
-    max_delay: float = 30.0,
+    window: float,
     what: str = "storage call",
+    transient: Callable[[BaseException], bool] | None = None,
+    on_retry: Callable[[BaseException], None] | None = None,
 ) -> T:
-    """Run ``call``, retrying with exponential backoff while the database is briefly unreachable.
+    """Run ``call``, retrying with exponential backoff (capped at 10 s) for ``window`` seconds while
+    the database is unreachable; then a one-line ``StorageUnavailable``. The one retry loop of nas3d:
+    every storage call of a worker, its heartbeat and its study lock go through it.
 
-    Optuna retries only trial creation (deadlocks); ``pool_pre_ping`` only replaces stale pooled
-    connections. This covers the rest — a server down for seconds. Use it for calls that are safe
-    to repeat: ``make_storage``, ``load_study``, ``create_study(load_if_exists=True)``, reads,
-    ``study.tell(..., skip_if_finished=True)``, or one ``study.optimize(n_trials=1)`` of a worker
-    loop (a trial left RUNNING by a failed write is later failed by the heartbeat and re-queued).
+    Optuna retries only trial creation (deadlocks) and ``pool_pre_ping`` only replaces stale pooled
+    connections; this covers a server that is down for seconds or minutes. ``transient`` says which
+    errors are worth another try (default: lost connections, locked or busy databases); ``on_retry``
+    sees each of them. Use it for calls that are safe to repeat.
     """
-    for attempt in range(1, attempts + 1):
+    transient = transient or _is_transient
+    deadline, attempt = time.monotonic() + window, 0
+    while True:
         try:
             return call()
         except Exception as e:
-            if attempt == attempts or not _is_transient(e):
+            if not transient(e):
                 raise
-            delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
-            _logger.warning(
-                "%s failed (%s); retry %d/%d in %.1f s", what, _first_line(e), attempt, attempts - 1, delay
-            )
+            if on_retry is not None:
+                on_retry(e)
+            attempt += 1
+            now = time.monotonic()
+            delay = min(_MAX_RETRY_DELAY_S, 0.5 * 2**attempt) * (0.5 + random.random() / 2)
+            if now + delay > deadline:
+                raise StorageUnavailable(
+                    f"the database stayed unreachable for {window:.0f} s ({what}: {_first_line(e)}); "
+                    "check that it is running"
+                ) from e
+            _logger.warning("%s failed (%s); retry %d in %.1f s (giving up after %.0f s more)",
+                            what, _first_line(e), attempt, delay, deadline - now)
             time.sleep(delay)
-    raise AssertionError("unreachable")
 
