@@ -185,14 +185,17 @@ def test_k8s_matches_docker_compose() -> None:
     services = compose()["services"]
     [worker] = pod_spec(k8s_object("Job", "nas3d-workers"))["containers"]
     env = {e["name"]: e for e in worker["env"]}
-    assert env["NAS3D_ARTIFACTS"]["value"] == services["worker"]["environment"]["NAS3D_ARTIFACTS"]
-    assert set(services["worker"]["environment"]) <= set(env)
+    # Both record one artifact store per study, in different forms: compose serves an S3 bucket from its
+    # own object store; the manifests mount a ReadWriteMany volume (an S3 Secret is the alternative).
+    assert services["worker"]["environment"]["NAS3D_ARTIFACTS"].startswith("s3://") and "s3" in services
+    assert env["NAS3D_ARTIFACTS"]["value"] == "/artifacts"
+    aws = {k for k in services["worker"]["environment"] if k.startswith("AWS_")}
+    assert set(services["worker"]["environment"]) - aws <= set(env)
     grace = int(services["worker"]["stop_grace_period"].rstrip("s"))
     assert pod_spec(k8s_object("Job", "nas3d-workers"))["terminationGracePeriodSeconds"] == grace
     [dashboard] = pod_spec(k8s_object("Deployment", "nas3d-dashboard"))["containers"]
-    assert "--artifact-dir /artifacts" in " ".join(dashboard["args"]) and "--artifact-dir /artifacts" in (
-        services["dashboard"]["command"]
-    )
+    assert "--artifact-dir /artifacts" in " ".join(dashboard["args"])
+    assert "[artifact_store.boto3]" in services["dashboard"]["command"]  # the bucket the workers write
     [postgres] = pod_spec(k8s_object("StatefulSet", "nas3d-postgres"))["containers"]
     assert postgres["image"] == services["postgres"]["image"]
     pg_env = {e["name"]: e.get("value") for e in postgres["env"]}

@@ -98,7 +98,7 @@ def test_job_array_finishes_exactly_the_budget(slurm: dict[str, str], pg_url: st
     job = submit(slurm, pg_url, "slurm-budget", tmp_path)
     wait_for(lambda: not squeue(slurm, job), timeout=300, interval=0.5)
     logs = outputs(tmp_path)
-    assert logs.count("study 'slurm-budget' has used its budget of 5 trials") == 2, logs
+    assert logs.count("study 'slurm-budget' has used its budget of 5 trained architectures") == 2, logs
     trials = study.get_trials()
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)], logs
     assert budget_state(study).used == 5 == len(counted(study))
