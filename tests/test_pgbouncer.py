@@ -33,7 +33,9 @@ def bouncer_url(postgres_server: str) -> Iterator[str]:
     """A fresh database, reached through a PgBouncer in transaction mode started for this test."""
     with temporary_database(postgres_server, "nas3d_test_pgb") as direct:
         try:
-            server = pgbouncer(direct, pool_mode="transaction", pool_size=POOL_SIZE)
+            # PgBouncer's own default wait (120 s): a real deadlock still fails, a busy CI machine whose
+            # holder needs a few seconds for its claim (sampling, costs) does not.
+            server = pgbouncer(direct, pool_mode="transaction", pool_size=POOL_SIZE, query_wait_timeout=120)
             url = server.__enter__()
         except ServerUnavailable as e:
             if os.environ.get("CI", "").lower() == "true":
