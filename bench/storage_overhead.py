@@ -236,7 +236,8 @@ def _create(
 
 
 def _standin_train_trial(model: torch.nn.Module, data: DeviceData, config: TrainConfig, device: Any,
-                         *, progress: bool = False, should_stop: Any = None) -> TrainResult:
+                         *, progress: bool = False, should_stop: Any = None,
+                         on_epoch: Any = None) -> TrainResult:
     """Stands in for ``train_trial``: no training, a made-up result."""
     return TrainResult(val_auc=0.9, val_acc=0.8, val_loss=0.5, best_epoch=10, epochs_run=15,
                        train_seconds=0.0, samples_per_second=0.0, history=())
