@@ -358,14 +358,19 @@ def test_status_of_one_trial_shows_attrs_curve_reason_and_artifacts(search, caps
     out = capsys.readouterr().out
     assert f"reason: {pruned.user_attrs['failure_reason']}" in out and "artifacts: none" in out
 
-    # a recorded learning curve (on a trial of its own study, so the shared one stays as trained)
-    curve = [{"epoch": 1, "val_auc": 0.61, "val_loss": 0.69}, {"epoch": 2, "val_auc": 0.72, "val_loss": 0.65}]
+    # the recorded curve as the worker writes it (nas3d.early_stopping.CURVE_ATTR: lists by key), on a
+    # trial of its own study so the shared one stays as trained: one row per epoch, values as stored
+    curve = {"epoch": [1, 2], "train_loss": [0.7, 0.66], "val_loss": [0.69, 0.65], "val_auc": [0.61, 0.72],
+             "val_acc": [0.55, 0.6]}
     other = optuna.create_study(study_name="smoke-curve", storage=storage_url,
                                 directions=["maximize", "minimize"])
-    other.add_trial(optuna.trial.create_trial(values=[0.72, 1e6], user_attrs={"learning_curve": curve}))
+    other.add_trial(optuna.trial.create_trial(values=[0.72, 1e6], user_attrs={"learning_curve": curve,
+                                                                              "best_epoch": 2}))
     assert main(["status", "--storage", storage_url, "--study-name", "smoke-curve", "--trial", "0"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"epoch\s+val_auc\s+val_loss\n\s+1\s+0\.6100\s+0\.6900\n\s+2\s+0\.7200\s+0\.6500", out)
+    assert re.search(r"epoch\s+train_loss\s+val_loss\s+val_auc\s+val_acc\n", out)
+    assert re.search(r"\s1\s+0\.7000\s+0\.6900\s+0\.6100\s+0\.5500\n", out)
+    assert re.search(r"\s2\s+0\.6600\s+0\.6500\s+0\.7200\s+0\.6000\s+best", out)
 
 
 def test_export_writes_the_picture_next_to_the_checkpoint(search, tmp_path: Path, monkeypatch) -> None:
