@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import make_url
+
+from nas3d.testing.servers import free_port
 
 #: The environment variable naming a PostgreSQL server (any database on it whose user may CREATE
 #: DATABASE) for storage tests and benchmarks.
@@ -108,12 +109,6 @@ def _tool(name: str) -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PostgresCluster:
     """A throwaway PostgreSQL cluster (initdb in a temp dir, a free port, trust auth, fsync off) that
     its owner may stop and start, e.g. to simulate an outage; never the shared server.
@@ -135,7 +130,7 @@ class PostgresCluster:
                 ) from None
             self._as_user = [_tool("runuser"), "-u", "postgres", "--"]
             os.chown(self.dir, pg_user.pw_uid, pg_user.pw_gid)
-        self.data, self.port = self.dir / "data", _free_port()
+        self.data, self.port = self.dir / "data", free_port()
         self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
         opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
                 "-c full_page_writes=off")
