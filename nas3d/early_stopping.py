@@ -45,7 +45,7 @@ from typing import Any
 import moocore
 import numpy as np
 
-from nas3d.pareto import EARLY_STOPPED_ATTR
+from nas3d.pareto import EARLY_STOPPED_ATTR, crowding_distances
 from nas3d.train import EpochRecord, TrainResult
 from nas3d.util import check_choice
 
@@ -174,29 +174,6 @@ class Decision:
             where += f", crowding {self.crowding:.3g}"
         return (f"rung {self.rung} (epoch {self.epoch}): {verdict}, {where}; "
                 f"top {self.promoted} of {self.at_rung} go on")
-
-
-def crowding_distances(points: np.ndarray) -> np.ndarray:
-    """NSGA-II crowding distance of each row of ``points`` (one front, objectives in columns).
-
-    The extremes of each objective get infinity. Identical rows get the same distance (computed on
-    the distinct points), so a tie never depends on the order of the rows. Written out here because
-    neither Optuna (private ``_calc_crowding_distance``) nor moocore exposes it.
-    """
-    unique, inverse = np.unique(points, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    n, m = unique.shape
-    distance = np.zeros(n)
-    if n <= 2:
-        return np.full(len(points), math.inf)
-    for j in range(m):
-        order = np.argsort(unique[:, j], kind="stable")
-        values = unique[order, j]
-        span = values[-1] - values[0]
-        distance[order[0]] = distance[order[-1]] = math.inf
-        if span > 0:
-            distance[order[1:-1]] += (values[2:] - values[:-2]) / span
-    return distance[inverse]
 
 
 def decide(

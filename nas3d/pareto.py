@@ -34,6 +34,7 @@ __all__ = [
     "AUC_REFERENCE",
     "EARLY_STOPPED_ATTR",
     "HypervolumeBox",
+    "crowding_distances",
     "fully_trained",
     "hypervolume",
     "hypervolume_box",
@@ -137,3 +138,26 @@ def study_hypervolume(trials: Iterable, data: DataConfig) -> float:
     points = ((t.values[0], t.values[1]) for t in fully_trained(trials))
     return hypervolume(points, hypervolume_box(data.size, data.in_channels, data.num_classes))
 
+
+def crowding_distances(points: np.ndarray) -> np.ndarray:
+    """NSGA-II crowding distance of each row of ``points`` (one front, objectives in columns).
+
+    The extremes of each objective get infinity. Identical rows get the same distance (computed on
+    the distinct points), so a tie never depends on the order of the rows. Written out here because
+    neither Optuna (private ``_calc_crowding_distance``) nor moocore exposes it; the early stopper
+    and the ODE sampler both rank with it.
+    """
+    unique, inverse = np.unique(points, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    n, m = unique.shape
+    distance = np.zeros(n)
+    if n <= 2:
+        return np.full(len(points), math.inf)
+    for j in range(m):
+        order = np.argsort(unique[:, j], kind="stable")
+        values = unique[order, j]
+        span = values[-1] - values[0]
+        distance[order[0]] = distance[order[-1]] = math.inf
+        if span > 0:
+            distance[order[1:-1]] += (values[2:] - values[:-2]) / span
+    return distance[inverse]

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,6 +73,7 @@ from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from nas3d.architecture import Architecture, InfeasibleArchitecture, prune_cell
+from nas3d.pareto import crowding_distances
 from nas3d.samplers import ODE_MODES
 from nas3d.seeds import seed_document
 from nas3d.space import SearchSpace, params_for
@@ -240,20 +240,6 @@ def _single_key(result: Result) -> tuple[int, float]:
     return result.klass, result.violation
 
 
-def _crowding(losses: np.ndarray) -> np.ndarray:
-    """NSGA-II crowding distance of one front (larger = lonelier). Written here because neither
-    moocore nor Optuna's public API exposes it."""
-    n, m = losses.shape
-    distance = np.zeros(n)
-    for k in range(m):
-        order = np.argsort(losses[:, k], kind="stable")
-        span = losses[order[-1], k] - losses[order[0], k]
-        distance[order[0]] = distance[order[-1]] = math.inf
-        if span > 0 and n > 2:
-            distance[order[1:-1]] += (losses[order[2:], k] - losses[order[:-2], k]) / span
-    return distance
-
-
 def select_best(members: Sequence[Member], n: int, mode: str) -> list[Member]:
     """The best ``n`` finished members, best first (see the module docstring for the order)."""
     finished = [(m, m.result) for m in members if m.result is not None]
@@ -268,7 +254,7 @@ def select_best(members: Sequence[Member], n: int, mode: str) -> list[Member]:
         chosen = []
         for rank in range(int(ranks.max()) + 1):
             front = [i for i in range(len(feasible)) if ranks[i] == rank]
-            crowd = dict(zip(front, _crowding(losses[front]), strict=True))
+            crowd = dict(zip(front, crowding_distances(losses[front]), strict=True))
             front.sort(key=lambda i: (-crowd[i], feasible[i][0].number))
             chosen.extend(feasible[i][0] for i in front)
             if len(chosen) >= n:
