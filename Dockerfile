@@ -6,6 +6,6 @@ RUN apt-get update && apt-get install -y --no-install-recommends graphviz && rm 
 COPY pyproject.toml README.md ./
 COPY nas3d ./nas3d
 COPY studies ./studies
-RUN pip install --no-cache-dir ".[postgres]"
+RUN pip install --no-cache-dir ".[postgres,s3]"  # s3: --artifacts s3://... (docker-compose.yml)
 ENV NAS3D_HOME=/var/lib/nas3d
 ENTRYPOINT ["nas3d"]
