@@ -76,6 +76,16 @@ def discover_gpus(gpus: str | None, *, cpu: bool = False) -> list[int] | None:
     return indices
 
 
+def _device_id(index: int, visible: str | None) -> str:
+    """What ``CUDA_VISIBLE_DEVICES`` must say for a worker to see GPU ``index`` as this process numbers
+    it: under a parent restriction (``CUDA_VISIBLE_DEVICES=2,3``, a Slurm or Kubernetes allocation;
+    ordinals, UUIDs or MIG ids) index 0 is the first listed device, not the machine's GPU 0."""
+    if visible is None:
+        return str(index)
+    listed = [entry.strip() for entry in visible.split(",")]
+    return listed[index] if index < len(listed) and listed[index] else str(index)
+
+
 def plan_slots(
     *, gpus: list[int] | None, workers_per_gpu: int = 1, cpu_workers: int = 1
 ) -> list[Slot]:
@@ -86,8 +96,9 @@ def plan_slots(
         )
     base = dict(os.environ)
     if gpus:
+        visible = base.get("CUDA_VISIBLE_DEVICES")
         return [
-            Slot(i, "cuda", {**base, "CUDA_VISIBLE_DEVICES": str(gpu)})
+            Slot(i, "cuda", {**base, "CUDA_VISIBLE_DEVICES": _device_id(gpu, visible)})
             for i, gpu in enumerate(g for g in gpus for _ in range(workers_per_gpu))
         ]
     # Split the cores between CPU workers: oversubscribed threads make every trial slower.
@@ -96,12 +107,15 @@ def plan_slots(
     return [Slot(i, "cpu", env) for i in range(cpu_workers)]
 
 
-def worker_arguments(heartbeat_interval: int, grace_period: int | None, progress: bool) -> list[str]:
+def worker_arguments(
+    heartbeat_interval: int, grace_period: int | None, progress: bool, claim_ahead: bool = True
+) -> list[str]:
     """The ``nas3d worker`` flags every launched worker gets."""
     extra = ["--heartbeat-interval", str(heartbeat_interval)]
     if grace_period is not None:
         extra += ["--grace-period", str(grace_period)]
-    return [*extra, "--progress"] if progress else extra
+    extra += ["--progress"] if progress else []
+    return extra if claim_ahead else [*extra, "--no-claim-ahead"]
 
 
 def launch(
