@@ -31,6 +31,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "--heartbeat-interval": dict(type=int, default=DEFAULT_HEARTBEAT_INTERVAL, help="seconds between beats"),
     "--grace-period": dict(type=int, help="seconds without a beat before a trial is dead (default 4 beats)"),
     "--progress": dict(action="store_true", help="show a progress bar per trial or seed"),
+    "--no-claim-ahead": dict(action="store_false", dest="claim_ahead", help="sample only between trials"),
     "--gpus": dict(help="comma-separated GPU indices, e.g. 0,1,2,3 (default: all visible)"),
     "--workers-per-gpu": dict(type=int, default=1),
     "--workers": dict(type=int, default=1, help="worker processes when running on the CPU"),
@@ -58,7 +59,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
 }
 _DEFINITION = ("--size", "--name", "--n-trials", "--max-epochs", "--data-root", "--sampler", "--warm-start",
                "--set", "--artifacts")
-_WORKER = ("--heartbeat-interval", "--grace-period", "--progress")
+_WORKER = ("--heartbeat-interval", "--grace-period", "--progress", "--no-claim-ahead")
 _LAUNCH = ("--gpus", "--workers-per-gpu", "--workers", "--cpu", *_WORKER)
 
 
@@ -100,7 +101,7 @@ def _launch(args: argparse.Namespace, study_name: str | None = None) -> int:
     from nas3d.launch import discover_gpus, launch, plan_slots, worker_arguments
     gpus = discover_gpus(args.gpus, cpu=args.cpu)  # devices and worker counts before a study is created
     slots = plan_slots(gpus=gpus, workers_per_gpu=args.workers_per_gpu, cpu_workers=args.workers)
-    extra = worker_arguments(args.heartbeat_interval, args.grace_period, args.progress)
+    extra = worker_arguments(args.heartbeat_interval, args.grace_period, args.progress, args.claim_ahead)
     args.study_name = study_name or _create(args)
     return launch(args.study_name, _storage(args).url, slots, extra)
 
@@ -130,7 +131,7 @@ class Worker(Command):
         from nas3d.worker import run_worker
         ran = run_worker(args.study_name, _storage(args), device=args.device, worker_index=args.worker_index,
                          heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
-                         progress=args.progress)
+                         progress=args.progress, claim_ahead=args.claim_ahead)
         return logging.getLogger("nas3d").info("worker %d ran %d trials", args.worker_index, ran) or 0
 
 

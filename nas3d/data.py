@@ -175,6 +175,19 @@ class DeviceData:
     def task(self) -> str:
         return self.train.task
 
+    @property
+    def shape(self) -> DataShape:
+        return DataShape(in_channels=self.in_channels, num_classes=self.num_classes, size=self.size)
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What a model needs to know of a dataset to be built and costed, without its samples."""
+
+    in_channels: int
+    num_classes: int
+    size: int
+
 
 def load_splits(cfg: DataConfig, device: torch.device | str, *, for_search: bool) -> DeviceData:
     """Load ``cfg``'s dataset onto ``device``.

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,13 +21,14 @@ import torch
 from optuna.artifacts import upload_artifact
 from optuna.trial import FrozenTrial, TrialState
 
-from nas3d.architecture import InfeasibleArchitecture
+from nas3d.architecture import Architecture, InfeasibleArchitecture
 from nas3d.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from nas3d.config import StudyConfig
-from nas3d.costs import measure_costs
-from nas3d.data import DeviceData, check_data
+from nas3d.costs import Costs, measure_costs
+from nas3d.data import DataShape, DeviceData, check_data
 from nas3d.early_stopping import EpochMonitor
 from nas3d.model import build_model
+from nas3d.pareto import EARLY_STOPPED_ATTR
 from nas3d.samplers import make_sampler
 from nas3d.seeds import seed_architectures
 from nas3d.space import params_for, sample_architecture
@@ -230,6 +231,15 @@ def record_constraints(trial: optuna.trial.Trial, values: Mapping[str, float]) -
     trial.storage.set_trial_system_attr(trial._trial_id, "constraints", vals)
 
 
+@dataclasses.dataclass(frozen=True)
+class ClaimedArchitecture:
+    """A trial's architecture once it is decided that it trains: sampled, recorded, new to the study
+    and within its constraints, with its costs measured."""
+
+    arch: Architecture
+    costs: Costs
+
+
 class TrialObjective:
     """Sample, deduplicate, cost, train and record one trial; returns ``(val_auc, flops)``.
 
@@ -238,39 +248,56 @@ class TrialObjective:
     ``not_trained``; a training failure (out of memory, non-finite loss, any exception) FAILS; each
     with ``failure_reason`` set.
 
-    ``on_claimed`` is called once the trial's architecture is decided: its hash is recorded and the
-    duplicate and constraint checks are done, so a worker holding the study lock from ``ask`` to
-    there lets no other worker claim the same architecture. ``should_stop`` is polled between
-    training batches (a worker's stop signal); when it returns true training raises
-    :class:`nas3d.train.TrainingStopped`.
+    A call does it all. A worker runs the two halves apart: :meth:`claim` (sample and decide, under the
+    study lock, so no other worker can claim the same architecture meanwhile) and :meth:`train`.
+    ``should_stop`` is polled between training batches (a worker's stop signal); when it returns
+    true training raises :class:`nas3d.train.TrainingStopped`.
     """
 
     def __init__(
         self,
         config: StudyConfig,
-        data: DeviceData,
+        data: DeviceData | DataShape,
         device: torch.device | str,
         artifact_store: ArtifactStore | None = None,
         *,
         progress: bool = False,
-        on_claimed: Callable[[], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> None:
         self.config = config
-        self.data = data
+        # Claiming needs the data's shape only (a claim process has no samples); training needs the data.
+        self.data = data if isinstance(data, DeviceData) else None
+        self.shape = data.shape if isinstance(data, DeviceData) else data
         self.device = torch.device(device)
         self.artifact_store = artifact_store
         self.progress = progress
-        self.on_claimed = on_claimed
         self.should_stop = should_stop
         self.trainings = 0  # how many trials this objective actually trained
         self.epochs_trained = 0  # epochs those trainings ran, stopped ones included
-        self._claimed = False
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
-        self._claimed = False
+        return self.train(trial, self.claim(trial))
+
+    def claim(self, trial: optuna.Trial) -> ClaimedArchitecture:
+        """Sample ``trial``'s architecture, record it and its hash, and decide whether it trains.
+
+        Raises ``optuna.TrialPruned`` for a trial decided without training (``not_trained`` and
+        ``failure_reason`` set); any other error is recorded on the trial (``not_trained = "error"``:
+        it costs no budget) and raised.
+        """
+        with self._recording_failures(trial, trained=False):
+            return self._claim(trial)
+
+    def train(self, trial: optuna.Trial, claimed: ClaimedArchitecture) -> tuple[float, float]:
+        """Train a claimed trial and record its results; ``(val_auc, flops)``. A trial the early stopper
+        ends raises ``optuna.TrialPruned``; any other error is recorded on the trial and raised."""
+        with self._recording_failures(trial, trained=True):
+            return self._train(trial, claimed)
+
+    @contextlib.contextmanager
+    def _recording_failures(self, trial: optuna.Trial, *, trained: bool) -> Iterator[None]:
         try:
-            return self._evaluate(trial)
+            yield
         except (optuna.TrialPruned, StorageUnavailable):
             raise  # a lost database: writing the reason would only wait out the retry window again
         except Exception as e:
@@ -278,25 +305,16 @@ class TrialObjective:
             # the trial may already be finished (failed as stale by another worker).
             with contextlib.suppress(Exception):
                 trial.set_user_attr("failure_reason", f"{type(e).__name__}: {e}")
-                if not self._claimed:  # it never reached training: it costs no budget
+                if not trained:  # it never reached training: it costs no budget
                     trial.set_user_attr(NOT_TRAINED_ATTR, "error")
             raise
-        finally:
-            self._claim()
-
-    def _claim(self) -> None:
-        if not self._claimed:
-            self._claimed = True
-            if self.on_claimed is not None:
-                self.on_claimed()
 
     def _not_trained(self, trial: optuna.Trial, kind: str, reason: str) -> optuna.TrialPruned:
         trial.set_user_attr(NOT_TRAINED_ATTR, kind)
         trial.set_user_attr("failure_reason", reason)
-        self._claim()
         return optuna.TrialPruned(reason)
 
-    def _evaluate(self, trial: optuna.Trial) -> tuple[float, float]:
+    def _claim(self, trial: optuna.Trial) -> ClaimedArchitecture:
         try:
             arch = sample_architecture(trial, self.config.space)
         except InfeasibleArchitecture as e:
@@ -318,6 +336,9 @@ class TrialObjective:
                     if key in earlier.user_attrs:
                         trial.set_user_attr(key, earlier.user_attrs[key])
                 reason = f"duplicate of trial {earlier.number} (the same architecture); not trained again"
+            elif earlier.state == TrialState.PRUNED:
+                reason = (f"duplicate of trial {earlier.number}, which the early stopper ended (the same "
+                          "architecture); not trained again")
             else:
                 # Waiting for it would idle this device for a whole training run; its result (or, if
                 # its worker dies, its retry's) is the one this architecture gets.
@@ -325,11 +346,10 @@ class TrialObjective:
                           "not trained again")
             raise self._not_trained(trial, "duplicate", reason)
 
-        data = self.data
-        costs = measure_costs(arch, data.in_channels, data.num_classes, data.size)
+        shape = self.shape
+        costs = measure_costs(arch, shape.in_channels, shape.num_classes, shape.size)
         trial.set_user_attr("params", costs.params)
         trial.set_user_attr("thop_macs", costs.thop_macs)
-        trial.set_user_attr("device", device_name(self.device))
         limits = self.config.constraints
         if limits.active:
             values = limits.evaluate(flops=costs.flops, params=costs.params)
@@ -340,8 +360,13 @@ class TrialObjective:
                     f"{k} {getattr(costs, k):.4g} > max_{k} {getattr(limits, 'max_' + k):.4g}" for k in broken
                 )
                 raise self._not_trained(trial, "over_constraints", reason)
-        self._claim()
+        return ClaimedArchitecture(arch, costs)
 
+    def _train(self, trial: optuna.Trial, claimed: ClaimedArchitecture) -> tuple[float, float]:
+        arch, costs, data = claimed.arch, claimed.costs, self.data
+        if data is None:
+            raise ValueError("this objective was made with a data shape only: it can claim, not train")
+        trial.set_user_attr("device", device_name(self.device))
         # Seed before the model is built: its initial weights come from the global generator, so a
         # trial and its retry (or the same architecture in another worker) start from the same weights.
         torch.manual_seed(self.config.train.seed)
@@ -363,19 +388,23 @@ class TrialObjective:
         return result.val_auc, float(costs.flops)
 
     def _earlier_evaluation(self, trial: optuna.Trial, arch_hash: str) -> FrozenTrial | None:
-        """The trial that trained (COMPLETE) or is training (RUNNING) this architecture, if any.
+        """The trial that trained (COMPLETE), is training (RUNNING) or was stopped early at a rung
+        (PRUNED, ``early_stopped``) with this architecture, if any.
 
         RUNNING trials count because concurrent workers would otherwise train one architecture at the
         same time; the worker holds the study lock from ``ask`` to the claim, so every RUNNING trial
-        it sees has its hash and its verdict recorded already.
+        it sees has its hash and its verdict recorded already. A stopped architecture is not trained
+        again: training is seeded, so it would follow the same curve to the same rung.
         """
-        states = (TrialState.COMPLETE, TrialState.RUNNING)
+        states = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)
         matches = [
             other for other in trial.study.get_trials(deepcopy=False, states=states)
             if other.user_attrs.get("arch_hash") == arch_hash and other.number != trial.number
             and NOT_TRAINED_ATTR not in other.user_attrs and "duplicate_of" not in other.user_attrs
+            and (other.state != TrialState.PRUNED or other.user_attrs.get(EARLY_STOPPED_ATTR, False))
         ]
-        matches.sort(key=lambda t: (t.state != TrialState.COMPLETE, t.number))
+        order = {TrialState.COMPLETE: 0, TrialState.RUNNING: 1, TrialState.PRUNED: 2}
+        matches.sort(key=lambda t: (order[t.state], t.number))
         return matches[0] if matches else None
 
     def _store_checkpoint(

@@ -11,6 +11,12 @@ artifact store (recorded in the study). Each trial goes:
    claim one architecture.
 2. Train (the heartbeat thread beats meanwhile), upload the checkpoint, ``tell``.
 
+Step 1 of the next trial runs in the worker's claim process while step 2 of the current one trains
+("claim ahead"), so the device does not wait for the study lock, the sampler and the storage between
+trials (``bench/storage_overhead.py`` measures what is left); ``--no-claim-ahead`` runs them in turn,
+in the worker itself. A trial claimed ahead is RUNNING, with its heartbeat, until it trains; a stop
+signal fails it and queues it again, as it does the interrupted trial.
+
 The budget counts trained architectures: a trial decided without training (duplicate, over the
 constraints, failed before training, orphaned) is free, as is a failed trial that was queued again
 (its retry counts). A study stops once ``max_free_streak`` trials in a row were free, so a sampler
@@ -28,14 +34,21 @@ ranked there), only not to the end.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import json
 import logging
 import math
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -44,7 +57,9 @@ import optuna
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import TrialState
 
-from nas3d.data import load_splits
+from nas3d.architecture import Architecture
+from nas3d.costs import Costs
+from nas3d.data import DataShape, load_splits
 from nas3d.pareto import EARLY_STOPPED_ATTR
 from nas3d.storages import (
     DEFAULT_HEARTBEAT_INTERVAL,
@@ -59,7 +74,13 @@ from nas3d.storages import (
     study_artifact_location,
     study_lock,
 )
-from nas3d.study import NOT_TRAINED_ATTR, TrialObjective, allocate_worker_number, load_study
+from nas3d.study import (
+    NOT_TRAINED_ATTR,
+    ClaimedArchitecture,
+    TrialObjective,
+    allocate_worker_number,
+    load_study,
+)
 from nas3d.train import TrainingStopped
 from nas3d.train import torch_device as check_device
 from nas3d.util import EXIT_STORAGE
@@ -168,6 +189,259 @@ class _Heartbeat:
         self._thread.join()
 
 
+@dataclass
+class _Claim:
+    """A trial claimed for training here: its architecture decided, its heartbeat running."""
+
+    trial: optuna.Trial
+    architecture: ClaimedArchitecture
+    heartbeat: _Heartbeat | None
+
+    def stop_beating(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+
+
+#: From a claim made ahead: the budget looks spent only because trials are still running (this
+#: worker's own among them); claim again once the current trial is told.
+LATER = "later"
+
+
+class _TrialSource:
+    """Claims this worker's next trial to train, under the study lock (see the module docstring).
+
+    Trials decided without training (duplicates, over the constraints, failed before training) are
+    told here and counted in ``decided``.
+    """
+
+    def __init__(self, study: optuna.Study, storage: Any, lock: Any, objective: TrialObjective, *,
+                 config: Any, marker: dict[str, Any], beats: bool, heartbeat_interval: int, grace: float,
+                 window: float, max_free_streak: int, stop: StopFlag) -> None:
+        self.study, self.storage, self.lock, self.objective = study, storage, lock, objective
+        self.config, self.marker, self.beats = config, marker, beats
+        self.heartbeat_interval, self.grace, self.window = heartbeat_interval, grace, window
+        self.max_free_streak, self.stop = max_free_streak, stop
+        self.decided = 0
+
+    def claim(self, *, wait: bool = True) -> _Claim | str | None:
+        """The next trial to train, claimed; None once the study is done or a stop was requested.
+
+        With ``wait=False`` (a claim made while this worker's own trial trains) it returns
+        :data:`LATER` instead of waiting for running trials that might still need a retry.
+        """
+        while not self.stop.requested:
+            _with_retries(self.lock.acquire, self.window)
+            try:
+                trial = self._ask_under_lock()
+            except BaseException:
+                self.lock.release()
+                raise
+            if not isinstance(trial, optuna.Trial):  # None: the study is done; LATER: spent for now
+                self.lock.release()
+                if trial is None or not wait:
+                    return trial
+                # Another worker's trial may still go stale and need a retry: wait for it.
+                time.sleep(min(5.0, self.heartbeat_interval))
+                continue
+            heartbeat = None
+            if self.beats:
+                heartbeat = _Heartbeat(self.storage, trial._trial_id, self.heartbeat_interval)
+            try:
+                try:
+                    architecture = self.objective.claim(trial)
+                finally:
+                    self.lock.release()  # the hash and the verdict are recorded: others may ask
+            except BaseException as error:
+                try:
+                    _settle(self.study, trial, error, self.stop)
+                finally:
+                    if heartbeat is not None:
+                        heartbeat.stop()
+                self.decided += 1
+                continue
+            return _Claim(trial, architecture, heartbeat)
+        return None
+
+    def _ask_under_lock(self) -> optuna.Trial | str | None:
+        study, storage = self.study, self.storage
+        # After an outage every live trial looks stale until its worker beats again: wait one
+        # grace period before failing any.
+        if self.beats and time.monotonic() - getattr(storage, "last_outage", -math.inf) > self.grace:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+        fail_orphans(study, older_than=self.grace)
+        state = budget_state(study)
+        budget = self.config.study.n_trials
+        if state.spent(budget, self.max_free_streak):
+            if state.running == 0:
+                _log_end(study.study_name, state, budget, self.max_free_streak)
+                return None
+            return LATER
+        trial = study.ask()
+        if self.beats:  # first beat before the marker: a marked trial is always seen by staleness
+            storage.record_heartbeat_now(trial._trial_id)
+        storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, self.marker)
+        return trial
+
+    def give_back(self, claim: _Claim) -> None:
+        """Fail a claimed trial this worker will not train (a stop came first) and queue it again."""
+        try:
+            _interrupted(self.study, claim.trial, self.stop, trained=False)
+        finally:
+            claim.stop_beating()
+
+
+class _InlineClaims:
+    """Claims made in this process when asked for, after the current trial (``--no-claim-ahead``)."""
+
+    def __init__(self, source: _TrialSource) -> None:
+        self.source, self._wait = source, True
+
+    @property
+    def decided(self) -> int:
+        return self.source.decided
+
+    def request(self, *, wait: bool) -> None:
+        self._wait = wait
+
+    def result(self) -> _Claim | str | None:
+        return self.source.claim(wait=self._wait)
+
+    def close(self) -> None:
+        pass
+
+
+class _ClaimProcess:
+    """Claims made ahead, in a child process, while this one trains (the default).
+
+    A claim is Python work (the sampler, SQL round trips, measuring costs). In a thread it would hold
+    the GIL against the training loop and slow training by about its own length
+    (``bench/storage_overhead.py`` measured this); a process of its own uses another core.
+
+    The child runs :func:`serve_claims`: its own storage connection, study lock and sampler (seeded by
+    this worker's number, so the proposals are the ones this worker would make itself). JSON lines:
+    the first line to it is its settings; each request ``{"wait": bool}`` gets one reply, ``{"claim":
+    trial_id, "arch": ..., "costs": ...}``, ``{"later": true}``, ``{"done": true}`` or ``{"storage_lost":
+    message}``, each with ``decided`` (free trials told so far) and ``seconds``. The child beats for the
+    trial it claimed until its next request, by which time this process beats for it. It ignores
+    SIGINT/SIGTERM (this process decides what a stop means) and exits when its input closes.
+    """
+
+    def __init__(self, settings: dict[str, Any], study: optuna.Study, *, beats: bool,
+                 heartbeat_interval: int) -> None:
+        self.study, self.beats, self.heartbeat_interval = study, beats, heartbeat_interval
+        self.decided, self.last_seconds, self._wait = 0, 0.0, True
+        # One thread, no GPU: costs are counted on the meta device, and idle BLAS threads that spin
+        # (OpenBLAS's do) took a core from training on a 2-core machine.
+        one = "1"
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": one, "OPENBLAS_NUM_THREADS": one,
+               "MKL_NUM_THREADS": one}
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", "from nas3d.worker import serve_claims; serve_claims()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        )
+        self._send(settings)
+
+    def _send(self, message: dict[str, Any]) -> None:
+        try:
+            self._process.stdin.write(json.dumps(message) + "\n")
+            self._process.stdin.flush()
+        except BrokenPipeError:
+            self._ended()
+
+    def _ended(self) -> None:
+        raise RuntimeError(f"the claim process of this worker ended (status {self._process.wait()}); "
+                           "its log is above")
+
+    def request(self, *, wait: bool) -> None:
+        self._wait = wait
+        self._send({"wait": wait})
+
+    def result(self) -> _Claim | str | None:
+        line = self._process.stdout.readline()
+        if not line:
+            self._ended()
+        reply = json.loads(line)
+        self.decided, self.last_seconds = reply["decided"], reply["seconds"]
+        if "storage_lost" in reply:
+            raise StorageUnavailable(reply["storage_lost"])
+        if "claim" not in reply:
+            return LATER if "later" in reply else None
+        trial = optuna.Trial(self.study, reply["claim"])  # the trial the child asked, claimed and marked
+        heartbeat = None
+        if self.beats:  # before anything else: the child stops beating for it at the next request
+            heartbeat = _Heartbeat(self.study._storage, trial._trial_id, self.heartbeat_interval)
+        architecture = ClaimedArchitecture(Architecture.from_json(reply["arch"]), Costs(**reply["costs"]))
+        return _Claim(trial, architecture, heartbeat)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._process.stdin.close()
+        try:
+            self._process.wait(timeout=30)  # it finishes a claim in progress, whose trial then goes stale
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+def serve_claims() -> None:
+    """The claim process's main loop (see :class:`_ClaimProcess`); settings come on standard input."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything else written to stdout goes to the log, not into the replies
+    settings = json.loads(sys.stdin.readline())
+    logging.basicConfig(level=settings["log_level"], stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s (claims): %(message)s")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _quiet_optuna_warnings()
+    try:
+        source, lost = _claim_source(settings), None
+    except StorageUnavailable as e:  # the worker's own start-up reached the database just before
+        source, lost = None, str(e)
+    held: _Claim | None = None
+    for line in sys.stdin:
+        if held is not None:  # a new request: the worker took the last claim and beats for it
+            held.stop_beating()
+            held = None
+        started = time.perf_counter()
+        reply: dict[str, Any]
+        try:
+            if source is None:
+                raise StorageUnavailable(lost)
+            claim = source.claim(wait=json.loads(line)["wait"])
+        except StorageUnavailable as e:
+            reply = {"storage_lost": str(e)}
+        else:
+            if isinstance(claim, _Claim):
+                held = claim
+                reply = {"claim": claim.trial._trial_id, "arch": claim.architecture.arch.to_json(),
+                         "costs": dataclasses.asdict(claim.architecture.costs)}
+            else:
+                reply = {"later": True} if claim == LATER else {"done": True}
+        reply.update(decided=source.decided if source else 0, seconds=time.perf_counter() - started)
+        replies.write(json.dumps(reply) + "\n")
+    if held is not None:
+        held.stop_beating()
+
+
+def _claim_source(settings: dict[str, Any]) -> _TrialSource:
+    """The claim process's own storage, study (its sampler seeded by the worker's number) and lock."""
+    url, name = settings["storage"], settings["study_name"]
+    storage = make_storage(url, heartbeat_interval=settings["heartbeat_interval"],
+                           grace_period=settings["grace_period"], retry_window=settings["retry_window"],
+                           must_exist=True)
+    study, config = load_study(name, storage, worker_number=settings["worker_number"])
+    objective = TrialObjective(config, DataShape(**settings["shape"]), "cpu")
+    return _TrialSource(
+        study, storage, study_lock(url, name), objective, config=config, marker=settings["marker"],
+        beats=isinstance(storage, optuna.storages.RDBStorage),
+        heartbeat_interval=settings["heartbeat_interval"], grace=settings["grace"],
+        window=settings["retry_window"], max_free_streak=settings["max_free_streak"], stop=StopFlag(),
+    )
+
+
 def run_worker(
     study_name: str,
     storage: str | None = None,
@@ -179,8 +453,14 @@ def run_worker(
     progress: bool = False,
     retry_window: float | None = None,
     max_free_streak: int = DEFAULT_MAX_FREE_STREAK,
+    claim_ahead: bool = True,
 ) -> int:
     """Run trials of ``study_name`` on ``device`` until its budget is spent; returns trials run here.
+
+    ``claim_ahead``: claim the next trial (sample, deduplicate, measure its costs) in a child process
+    while the current one trains, so the device does not wait for the storage and the sampler between
+    trials. The sampler then proposes it without the current trial's result, as it would with one
+    more worker (TPE's constant liar covers running trials).
 
     The device and the storage are checked first. Raises ``ValueError`` / ``LookupError`` /
     ``FileNotFoundError`` / ``StorageMissing`` for bad input found before the first trial (a device
@@ -215,60 +495,57 @@ def run_worker(
     data = load_splits(config.data, torch_device, for_search=True)
     stop = StopFlag()
     stop.install()
-    objective = TrialObjective(
-        config, data, torch_device, open_artifact_store(location), progress=progress,
-        on_claimed=lock.release, should_stop=stop,
+    objective = TrialObjective(config, data, torch_device, open_artifact_store(location), progress=progress,
+                               should_stop=stop)
+    source = _TrialSource(
+        study, optuna_storage, lock, objective, config=config,
+        marker={"worker": number, "host": socket.gethostname(), "pid": os.getpid()},
+        beats=isinstance(optuna_storage, optuna.storages.RDBStorage), heartbeat_interval=heartbeat_interval,
+        grace=grace_period or 4 * heartbeat_interval, window=window, max_free_streak=max_free_streak,
+        stop=stop,
     )
-    grace = grace_period or 4 * heartbeat_interval
-    beats = isinstance(optuna_storage, optuna.storages.RDBStorage)
-    marker = {"worker": number, "host": socket.gethostname(), "pid": os.getpid()}
     logger.info("worker %d (number %d in study %r) on %s, artifacts in %s",
                 worker_index, number, study_name, device, location)
 
-    ran = 0
+    claims: _InlineClaims | _ClaimProcess = _InlineClaims(source)
+    if claim_ahead:
+        claims = _ClaimProcess(
+            {"study_name": study_name, "storage": storage_url, "worker_number": number,
+             "marker": source.marker, "heartbeat_interval": heartbeat_interval, "grace_period": grace_period,
+             "grace": source.grace, "retry_window": window, "max_free_streak": max_free_streak,
+             "shape": dataclasses.asdict(data.shape),
+             "log_level": logging.getLogger("nas3d").getEffectiveLevel()},
+            study, beats=source.beats, heartbeat_interval=heartbeat_interval,
+        )
+    trained = 0
     try:
         _quiet_optuna_warnings()
-        while not stop.requested:
-            _with_retries(lock.acquire, window)
+        claims.request(wait=True)
+        claim = claims.result()
+        while isinstance(claim, _Claim):
+            asked = not stop.requested
+            if asked:
+                claims.request(wait=False)  # claimed ahead while this trial trains (in turn: after it)
             try:
-                # After an outage every live trial looks stale until its worker beats again: wait one
-                # grace period before failing any.
-                if beats and time.monotonic() - getattr(optuna_storage, "last_outage", -math.inf) > grace:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", ExperimentalWarning)
-                        optuna.storages.fail_stale_trials(study)
-                fail_orphans(study, older_than=grace)
-                state = budget_state(study)
-                if state.spent(config.study.n_trials, max_free_streak):
-                    if state.running == 0:
-                        _log_end(study_name, state, config.study.n_trials, max_free_streak)
-                        break
-                    # Another worker's trial may still go stale and need a retry: wait for it.
-                    lock.release()
-                    time.sleep(min(5.0, heartbeat_interval))
-                    continue
-                trial = study.ask()
-                if beats:  # first beat before the marker: a marked trial is always seen by staleness
-                    optuna_storage.record_heartbeat_now(trial._trial_id)
-                optuna_storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, marker)
-            except BaseException:
-                lock.release()
-                raise
-            try:
-                heartbeat = _Heartbeat(optuna_storage, trial._trial_id, heartbeat_interval) if beats else None
-                try:
-                    run_trial(study, trial, objective, stop)
-                finally:
-                    if heartbeat is not None:
-                        heartbeat.stop()
+                train = functools.partial(objective.train, claim.trial, claim.architecture)
+                run_trial(study, claim.trial, train, stop)
             finally:
-                lock.release()  # the objective released it at the claim, unless it failed before
-            ran += 1
+                claim.stop_beating()
+            trained += 1
+            claim = claims.result() if asked else None
+            if isinstance(claim, _Claim) and stop.requested:
+                source.give_back(claim)
+                claim = None
+            elif claim == LATER and not stop.requested:
+                claims.request(wait=True)
+                claim = claims.result()
     except StorageUnavailable as e:
         raise WorkerStorageLost(str(e)) from e
+    finally:
+        claims.close()
     if stop.requested:
-        logger.info("worker stopped by %s after %d trials", stop.requested, ran)
-    return ran
+        logger.info("worker stopped by %s after %d trials", stop.requested, trained + claims.decided)
+    return trained + claims.decided
 
 
 def _quiet_optuna_warnings() -> None:
@@ -288,32 +565,48 @@ def _log_end(study_name: str, state: BudgetState, budget: int, max_free_streak: 
         logger.info("study %r has used its budget of %d trained architectures", study_name, budget)
 
 
-def run_trial(study: optuna.Study, trial: optuna.Trial, objective: TrialObjective, stop: StopFlag) -> None:
-    """Evaluate one asked trial and tell its outcome; failures stay the trial's.
+def run_trial(
+    study: optuna.Study, trial: optuna.Trial, evaluate: Callable[[], Any], stop: StopFlag
+) -> None:
+    """Evaluate one asked trial (``evaluate()`` returns its values) and tell its outcome; failures
+    stay the trial's.
 
     A trial interrupted by ``stop`` is failed and queued again; anything else raised fails the trial
     with its reason (set by the objective). Only :class:`StorageUnavailable` propagates.
     """
     try:
-        values = objective(trial)
-    except optuna.TrialPruned:
-        _tell(study, trial, state=TrialState.PRUNED)
-    except TrainingStopped:
-        trial.set_user_attr("failure_reason", f"interrupted: the worker received {stop.requested}; re-queued")
-        _tell(study, trial, state=TrialState.FAIL)
-        requeue(study, study._storage.get_trial(trial._trial_id))
-    except StorageUnavailable:
-        raise  # the trial stays RUNNING; its heartbeat stops and another worker retries it
-    except Exception as e:
-        logger.warning("trial %d failed: %s: %s", trial.number, type(e).__name__, e)
-        _tell(study, trial, state=TrialState.FAIL)
+        values = evaluate()
+    except BaseException as error:
+        _settle(study, trial, error, stop)
     else:
         _tell(study, trial, values=values)
+
+
+def _settle(study: optuna.Study, trial: optuna.Trial, error: BaseException, stop: StopFlag) -> None:
+    """Tell ``trial`` the outcome ``error`` stands for; re-raise what is not the trial's."""
+    if isinstance(error, optuna.TrialPruned):
+        _tell(study, trial, state=TrialState.PRUNED)
+    elif isinstance(error, TrainingStopped):
+        _interrupted(study, trial, stop, trained=True)
+    elif isinstance(error, StorageUnavailable) or not isinstance(error, Exception):
+        raise error  # a lost database: the trial stays RUNNING, its heartbeat stops, another worker retries
+    else:
+        logger.warning("trial %d failed: %s: %s", trial.number, type(error).__name__, error)
+        _tell(study, trial, state=TrialState.FAIL)
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, **outcome: Any) -> None:
     # skip_if_finished: another worker may have failed it as stale meanwhile (then its retry counts)
     study.tell(trial, skip_if_finished=True, **outcome)
+
+
+def _interrupted(study: optuna.Study, trial: optuna.Trial, stop: StopFlag, *, trained: bool) -> None:
+    """Fail a trial a stop signal interrupted (during or before its training) and queue it again."""
+    when = "" if trained else " before its training began"
+    reason = f"interrupted{when}: the worker received {stop.requested}; re-queued"
+    trial.set_user_attr("failure_reason", reason)
+    _tell(study, trial, state=TrialState.FAIL)
+    requeue(study, study._storage.get_trial(trial._trial_id))
 
 
 def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -13,10 +13,11 @@ from optuna.trial import TrialState
 from nas3d.checkpoint import load_checkpoint
 from nas3d.config import StudyConfig, load_study_config
 from nas3d.data import load_splits
+from nas3d.pareto import EARLY_STOPPED_ATTR
 from nas3d.seeds import seed_architectures
 from nas3d.space import params_for, sample_architecture
 from nas3d.storages import artifact_store_for, make_storage
-from nas3d.study import TrialObjective, allocate_worker_number, create_study, load_study
+from nas3d.study import NOT_TRAINED_ATTR, TrialObjective, allocate_worker_number, create_study, load_study
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,6 +58,27 @@ def test_duplicate_architecture_is_not_retrained(tmp_path: Path) -> None:
     assert copied == [trials[0].values] * 2
     assert trials[2].user_attrs["val_acc"] == trials[0].user_attrs["val_acc"]
     assert trials[1].user_attrs["failure_reason"].startswith("duplicate of trial 0")
+
+
+def test_an_architecture_the_early_stopper_ended_is_not_trained_again(tmp_path: Path) -> None:
+    arch = seed_architectures()["adrenalmnist3d"]
+    config = smoke_config(tmp_path, **{"space.ops": list(arch.ops)})
+    study, objective = make_objective(config, f"sqlite:///{tmp_path / 'db.sqlite'}")
+
+    def stopped_at_a_rung(trial: optuna.Trial) -> tuple[float, float]:
+        objective.claim(trial)  # as a trained trial: sampled and recorded, then ended at a rung
+        trial.set_user_attr(EARLY_STOPPED_ATTR, True)
+        raise optuna.TrialPruned("stopped at a rung")
+
+    study.enqueue_trial(params_for(arch, config.space))
+    study.optimize(stopped_at_a_rung, n_trials=1)
+    study.enqueue_trial(params_for(arch, config.space))
+    study.optimize(objective, n_trials=1)
+    stopped, again = study.get_trials()
+    assert objective.trainings == 0
+    assert again.state == TrialState.PRUNED and again.user_attrs["duplicate_of"] == stopped.number
+    assert again.user_attrs[NOT_TRAINED_ATTR] == "duplicate"
+    assert "early stopper" in again.user_attrs["failure_reason"]
 
 
 def test_completed_trial_records_attrs_and_a_loadable_checkpoint(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -25,10 +26,10 @@ pytestmark = pytest.mark.slow
 HEARTBEAT = ["--heartbeat-interval", "1", "--grace-period", "3"]
 
 
-def start_worker(storage_url: str, name: str, index: int = 0) -> subprocess.Popen:
+def start_worker(storage_url: str, name: str, index: int = 0, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "nas3d", "worker", "--study-name", name, "--storage", storage_url,
-               "--worker-index", str(index), *HEARTBEAT]
+               "--worker-index", str(index), *HEARTBEAT, *extra]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -75,17 +76,40 @@ def long_trials_study(storage_url: str, tmp_path: Path, name: str) -> optuna.Stu
     return study
 
 
-def wait_until_training(study: optuna.Study) -> None:
-    wait_for(lambda: any(t.state == TrialState.RUNNING and "arch_hash" in t.user_attrs
-                         for t in study.get_trials(deepcopy=False)))
+def wait_until_training(study: optuna.Study, claimed: int = 1) -> None:
+    """Until ``claimed`` trials are RUNNING with their architecture recorded (the first is training)."""
+    wait_for(lambda: sum(t.state == TrialState.RUNNING and "arch_hash" in t.user_attrs
+                         for t in study.get_trials(deepcopy=False)) >= claimed)
+
+
+def children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def test_killed_worker_trial_is_retried_and_budget_stays_exact(storage_url: str, tmp_path: Path) -> None:
     study = long_trials_study(storage_url, tmp_path, "crash")
     victim = start_worker(storage_url, "crash")
     wait_until_training(study)
+    [claims] = children(victim.pid)  # the worker's claim process
     victim.send_signal(signal.SIGKILL)
     victim.wait()
+    wait_for(lambda: not Path(f"/proc/{claims}").exists() or _zombie(claims), timeout=30)  # it ends too
     killed = next(t for t in study.get_trials() if t.state == TrialState.RUNNING)
     finish(start_worker(storage_url, "crash"))
     trials = study.get_trials()
@@ -99,23 +123,47 @@ def test_killed_worker_trial_is_retried_and_budget_stays_exact(storage_url: str,
     assert all(t.state == TrialState.COMPLETE for t in counted(study))
 
 
-def test_sigterm_leaves_no_running_trial_and_requeues_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("claim_ahead", [True, False], ids=["claim-ahead", "in-turn"])
+def test_sigterm_leaves_no_running_trial_and_requeues_it(tmp_path: Path, claim_ahead: bool) -> None:
     storage_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     study = long_trials_study(storage_url, tmp_path, "stop")
-    worker = start_worker(storage_url, "stop")
-    wait_until_training(study)
+    worker = start_worker(storage_url, "stop", 0, *([] if claim_ahead else ["--no-claim-ahead"]))
+    # claiming ahead, the second queued trial is claimed while the first trains
+    wait_until_training(study, claimed=2 if claim_ahead else 1)
     worker.send_signal(signal.SIGTERM)
     output = finish(worker, timeout=60)
     trials = study.get_trials()
     assert not [t for t in trials if t.state == TrialState.RUNNING], output
-    interrupted = trials[0]
-    assert interrupted.state == TrialState.FAIL
-    assert interrupted.user_attrs["failure_reason"].startswith("interrupted")
-    [requeued] = [t for t in trials if t.system_attrs.get("failed_trial") == interrupted.number]
-    assert requeued.state == TrialState.WAITING and requeued.params == interrupted.params
-    assert "failure_reason" not in requeued.user_attrs
-    # the re-queued trial replaces the interrupted one; the other is the second queued architecture
-    assert budget_state(study).used == 2 and len(trials) == 3
+    interrupted = trials[:2] if claim_ahead else trials[:1]
+    reasons = [t.user_attrs["failure_reason"] for t in interrupted]
+    expected = ["interrupted: the worker received SIGTERM; re-queued",
+                "interrupted before its training began: the worker received SIGTERM; re-queued"]
+    assert reasons == expected[: len(reasons)]
+    for trial in interrupted:
+        assert trial.state == TrialState.FAIL
+        [requeued] = [t for t in trials if t.system_attrs.get("failed_trial") == trial.number]
+        assert requeued.state == TrialState.WAITING and requeued.params == trial.params
+        assert "failure_reason" not in requeued.user_attrs
+    # the re-queued trials replace the interrupted ones: the budget stays the two queued architectures
+    assert budget_state(study).used == 2 and len(trials) == 2 + len(interrupted)
+
+
+def test_claiming_ahead_overlaps_training_and_changes_no_result(tmp_path: Path) -> None:
+    """The next trial is claimed while the current one trains, and every trial scores as it does when
+    the worker samples between trials: claiming draws no random numbers from training's generator."""
+    results = {}
+    for claim_ahead in (True, False):
+        storage_url = f"sqlite:///{tmp_path / f'{claim_ahead}.sqlite'}"
+        config = smoke_config(tmp_path, **{"study.n_trials": 4, "study.name": "ahead"})
+        study = create_study(config, make_storage(storage_url))
+        assert run_worker("ahead", storage_url, claim_ahead=claim_ahead) == 4
+        trials = study.get_trials()
+        assert all(t.state == TrialState.COMPLETE for t in trials)
+        overlaps = [b.datetime_start < a.datetime_complete for a, b in itertools.pairwise(trials)]
+        assert overlaps == [claim_ahead] * 3
+        results[claim_ahead] = [(t.user_attrs["arch_hash"], t.values, t.user_attrs["val_acc"])
+                                for t in trials]
+    assert results[True] == results[False]
 
 
 def test_duplicates_are_free_and_a_streak_of_them_stops_the_study(
