@@ -119,6 +119,11 @@ class BudgetState:
     waiting: int
     running: int
     stopped: int = 0  # trials the early stopper ended (counted in ``used``)
+    workers: int = 0  # distinct workers with a RUNNING trial
+
+    def left(self, budget: int) -> int:
+        """Trials that may still start: the unused budget and the queued trials."""
+        return max(0, budget - self.used) + self.waiting
 
     def spent(self, budget: int, max_free_streak: int = DEFAULT_MAX_FREE_STREAK) -> bool:
         """No trial may start: the budget is used (queued trials count already and still run), or
@@ -145,6 +150,8 @@ def budget_state(study: optuna.Study) -> BudgetState:
         waiting=sum(t.state == TrialState.WAITING for t in trials),
         running=sum(t.state == TrialState.RUNNING for t in trials),
         stopped=sum(bool(t.user_attrs.get(EARLY_STOPPED_ATTR)) for t in trials),
+        workers=len({(t.system_attrs.get(WORKER_ATTR) or {}).get("worker") for t in trials
+                     if t.state == TrialState.RUNNING}),
     )
 
 
@@ -203,7 +210,8 @@ class _Claim:
 
 
 #: From a claim made ahead: the budget looks spent only because trials are still running (this
-#: worker's own among them); claim again once the current trial is told.
+#: worker's own among them), or so few trials are left that claiming one ahead could leave another
+#: worker idle; claim again once the current trial is told.
 LATER = "later"
 
 
@@ -232,7 +240,7 @@ class _TrialSource:
         while not self.stop.requested:
             _with_retries(self.lock.acquire, self.window)
             try:
-                trial = self._ask_under_lock()
+                trial = self._ask_under_lock(wait=wait)
             except BaseException:
                 self.lock.release()
                 raise
@@ -262,7 +270,7 @@ class _TrialSource:
             return _Claim(trial, architecture, heartbeat)
         return None
 
-    def _ask_under_lock(self) -> optuna.Trial | str | None:
+    def _ask_under_lock(self, *, wait: bool) -> optuna.Trial | str | None:
         study, storage = self.study, self.storage
         # After an outage every live trial looks stale until its worker beats again: wait one
         # grace period before failing any.
@@ -277,6 +285,10 @@ class _TrialSource:
             if state.running == 0:
                 _log_end(study.study_name, state, budget, self.max_free_streak)
                 return None
+            return LATER
+        if not wait and state.left(budget) <= state.workers:
+            # Near the end, a trial claimed ahead would wait for this worker's current trial while
+            # another worker may go idle: leave the last ones to whoever is free first.
             return LATER
         trial = study.ask()
         if self.beats:  # first beat before the marker: a marked trial is always seen by staleness

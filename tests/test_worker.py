@@ -18,7 +18,7 @@ from nas3d.architecture import Architecture
 from nas3d.space import params_for
 from nas3d.storages import make_storage
 from nas3d.study import NOT_TRAINED_ATTR, create_study
-from nas3d.worker import budget_state, run_worker
+from nas3d.worker import WORKER_ATTR, budget_state, run_worker
 from tests.test_study import smoke_config
 
 pytestmark = pytest.mark.slow
@@ -64,14 +64,15 @@ def test_two_workers_finish_exactly_the_budget(storage_url: str, tmp_path: Path)
     assert len(evaluated) == 7 == budget_state(study).used
 
 
-def long_trials_study(storage_url: str, tmp_path: Path, name: str) -> optuna.Study:
-    """Two trials long enough that a signal lands mid-training, of two different architectures queued
-    first, so that what is retried or trained does not depend on what the sampler would propose."""
-    config = smoke_config(tmp_path, **{"study.n_trials": 2, "study.name": name,
-                                       "train.max_epochs": 60, "train.patience": 60})
+def long_trials_study(storage_url: str, tmp_path: Path, name: str,
+                      ops: tuple[str, ...] = ("relu_conv3", "mish_conv3"), epochs: int = 60) -> optuna.Study:
+    """One trial per op, long enough that a signal lands mid-training, each of a different architecture
+    queued first, so that what is retried or trained does not depend on what the sampler would propose."""
+    config = smoke_config(tmp_path, **{"study.n_trials": len(ops), "study.name": name,
+                                       "train.max_epochs": epochs, "train.patience": epochs})
     study = create_study(config, make_storage(storage_url))
-    for ops in (("relu_conv3",), ("mish_conv3",)):
-        arch = Architecture(ops, ((0, 1), (1, 2)), stacks=1, cells_per_stack=1, initial_filters=8)
+    for op in ops:
+        arch = Architecture((op,), ((0, 1), (1, 2)), stacks=1, cells_per_stack=1, initial_filters=8)
         study.enqueue_trial(params_for(arch, config.space))
     return study
 
@@ -126,7 +127,8 @@ def test_killed_worker_trial_is_retried_and_budget_stays_exact(storage_url: str,
 @pytest.mark.parametrize("claim_ahead", [True, False], ids=["claim-ahead", "in-turn"])
 def test_sigterm_leaves_no_running_trial_and_requeues_it(tmp_path: Path, claim_ahead: bool) -> None:
     storage_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    study = long_trials_study(storage_url, tmp_path, "stop")
+    ops = ("relu_conv3", "mish_conv3", "conv3_in_relu")
+    study = long_trials_study(storage_url, tmp_path, "stop", ops)
     worker = start_worker(storage_url, "stop", 0, *([] if claim_ahead else ["--no-claim-ahead"]))
     # claiming ahead, the second queued trial is claimed while the first trains
     wait_until_training(study, claimed=2 if claim_ahead else 1)
@@ -144,8 +146,27 @@ def test_sigterm_leaves_no_running_trial_and_requeues_it(tmp_path: Path, claim_a
         [requeued] = [t for t in trials if t.system_attrs.get("failed_trial") == trial.number]
         assert requeued.state == TrialState.WAITING and requeued.params == trial.params
         assert "failure_reason" not in requeued.user_attrs
-    # the re-queued trials replace the interrupted ones: the budget stays the two queued architectures
-    assert budget_state(study).used == 2 and len(trials) == 2 + len(interrupted)
+    # the re-queued trials replace the interrupted ones: the budget stays the queued architectures
+    assert budget_state(study).used == len(ops) and len(trials) == len(ops) + len(interrupted)
+
+
+def test_the_last_trials_are_not_claimed_ahead(tmp_path: Path) -> None:
+    """With as few trials left as workers running, a claim ahead would make one trial wait for a busy
+    worker while another could go idle: the worker claims it after its trial instead."""
+    storage_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    # two trials that outlast both workers' start-up, one worker at first
+    study = long_trials_study(storage_url, tmp_path, "tail", epochs=5000)
+    first = start_worker(storage_url, "tail", 0)
+    wait_until_training(study)
+    time.sleep(5)  # its claim process has long had time to claim ahead, and must not have
+    assert budget_state(study).waiting == 1
+    second = start_worker(storage_url, "tail", 1)
+    wait_until_training(study, claimed=2)  # the second worker took the queued trial
+    running = [t for t in study.get_trials() if t.state == TrialState.RUNNING]
+    assert {t.system_attrs[WORKER_ATTR]["pid"] for t in running} == {first.pid, second.pid}
+    for worker in (first, second):
+        worker.send_signal(signal.SIGTERM)
+        finish(worker, timeout=60)
 
 
 def test_claiming_ahead_overlaps_training_and_changes_no_result(tmp_path: Path) -> None:
