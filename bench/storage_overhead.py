@@ -441,11 +441,13 @@ def claim_ahead_row(timeline: _Timeline, alone: float) -> dict[str, float]:
     """Per warm trial: the device's idle gap between two trainings, what of it is storage and sampler
     (the gap less the checkpoint upload and the next model's build), the claim made meanwhile, and
     how much longer training took beside it than ``alone``."""
-    gaps = [b[0] - a[1] for a, b in itertools.pairwise(timeline.trains)]
+    # The steady state: the worker claims the last trial in turn, not ahead (with one worker and one
+    # trial left, a claim ahead could idle another worker), so the last gap and the last two trainings
+    # (beside which nothing was claimed) are left out.
+    gaps = [b[0] - a[1] for a, b in itertools.pairwise(timeline.trains)][:-1]
     # checkpoint k closes gap k; build k + 1 opens training k + 1
     critical = [g - c - b for g, c, b in zip(gaps, timeline.ckpts, timeline.builds[1:], strict=False)]
-    # trainings with a claim beside them: all but the last (the budget is spent: nothing to claim)
-    beside = [end - start for start, end in timeline.trains[:-1]]
+    beside = [end - start for start, end in timeline.trains[:-2]]
     return {"gap": mean(gaps), "critical": mean(critical), "critical_max": max(critical),
             "claim": mean(timeline.claims), "claim_max": max(timeline.claims),
             "slow": statistics.median(beside) - alone}
