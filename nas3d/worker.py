@@ -340,9 +340,10 @@ class _ClaimProcess:
     SIGINT/SIGTERM (this process decides what a stop means) and exits when its input closes.
     """
 
-    def __init__(self, settings: dict[str, Any], study: optuna.Study, *, beats: bool,
+    def __init__(self, settings: dict[str, Any], study: optuna.Study, storage: Any, *, beats: bool,
                  heartbeat_interval: int) -> None:
-        self.study, self.beats, self.heartbeat_interval = study, beats, heartbeat_interval
+        self.study, self.storage, self.beats = study, storage, beats
+        self.heartbeat_interval = heartbeat_interval
         self.decided, self.last_seconds, self._wait = 0, 0.0, True
         # One thread, no GPU: costs are counted on the meta device, and idle BLAS threads that spin
         # (OpenBLAS's do) took a core from training on a 2-core machine.
@@ -368,7 +369,10 @@ class _ClaimProcess:
 
     def request(self, *, wait: bool) -> None:
         self._wait = wait
-        self._send({"wait": wait})
+        # The child fails stale trials, but only one grace period after the last outage: an outage
+        # that this process met (its heartbeats, its tell) while the child sat idle counts too.
+        last = getattr(self.storage, "last_outage", -math.inf)
+        self._send({"wait": wait, "outage_age": time.monotonic() - last if last > -math.inf else None})
 
     def result(self) -> _Claim | str | None:
         line = self._process.stdout.readline()
@@ -422,7 +426,11 @@ def serve_claims() -> None:
         try:
             if source is None:
                 raise StorageUnavailable(lost)
-            claim = source.claim(wait=json.loads(line)["wait"])
+            request = json.loads(line)
+            if request["outage_age"] is not None:
+                seen = getattr(source.storage, "last_outage", -math.inf)
+                source.storage.last_outage = max(seen, time.monotonic() - request["outage_age"])
+            claim = source.claim(wait=request["wait"])
         except StorageUnavailable as e:
             reply = {"storage_lost": str(e)}
         else:
@@ -527,7 +535,7 @@ def run_worker(
              "grace": source.grace, "retry_window": window, "max_free_streak": max_free_streak,
              "shape": dataclasses.asdict(data.shape),
              "log_level": logging.getLogger("nas3d").getEffectiveLevel()},
-            study, beats=source.beats, heartbeat_interval=heartbeat_interval,
+            study, optuna_storage, beats=source.beats, heartbeat_interval=heartbeat_interval,
         )
     trained = 0
     try:

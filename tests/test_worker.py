@@ -204,3 +204,44 @@ def test_duplicates_are_free_and_a_streak_of_them_stops_the_study(
     assert [t.user_attrs.get("duplicate_of") for t in study.trials] == [None, 0, 0, 0]
     # said by the worker's claim process, on the standard error it shares with the worker
     assert "the last 3 trials were all duplicates" in capfd.readouterr().err
+
+
+def test_the_claim_process_waits_out_an_outage_its_worker_met(tmp_path: Path) -> None:
+    """After an outage every live trial looks stale until its worker beats again, so stale trials are
+    failed only a grace period later; an outage the worker met while its claim process sat idle
+    counts for the claim process too."""
+    import math
+
+    from nas3d.worker import _Claim, _ClaimProcess
+
+    storage_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    study = create_study(smoke_config(tmp_path, **{"study.name": "outage-age"}), make_storage(storage_url))
+    storage = make_storage(storage_url, heartbeat_interval=1, grace_period=2)
+    busy = storage.create_new_trial(study._study_id)  # another worker's trial, beating, then silent
+    storage.set_trial_system_attr(busy, WORKER_ATTR, {"worker": 9, "host": "elsewhere", "pid": 1})
+    storage.record_heartbeat(busy)
+    time.sleep(3)  # older than the grace period
+    storage.last_outage = time.monotonic()  # the worker just met an outage (its heartbeat was skipped)
+    study = optuna.load_study(study_name="outage-age", storage=storage)
+    settings = {"study_name": "outage-age", "storage": storage_url, "worker_number": 0,
+                "marker": {"worker": 0, "host": "here", "pid": os.getpid()}, "heartbeat_interval": 1,
+                "grace_period": 2, "grace": 2, "retry_window": 0, "max_free_streak": 100,
+                "shape": {"in_channels": 1, "num_classes": 3, "size": 12}, "log_level": "WARNING"}
+    claims = _ClaimProcess(settings, study, storage, beats=True, heartbeat_interval=1)
+    try:
+        claims.request(wait=True)
+        first = claims.result()
+        assert isinstance(first, _Claim)
+        assert storage.get_trial(busy).state == TrialState.RUNNING  # within a grace period of the outage
+        time.sleep(3)
+        storage.last_outage = -math.inf  # nothing new: the claim process remembers the outage's time
+        claims.request(wait=True)
+        second = claims.result()
+        assert isinstance(second, _Claim)
+        failed = storage.get_trial(busy)
+        assert failed.state == TrialState.FAIL
+        assert failed.user_attrs["failure_reason"].startswith("stale heartbeat")
+        for claim in (first, second):
+            claim.stop_beating()
+    finally:
+        claims.close()
