@@ -251,9 +251,7 @@ class _TrialSource:
                 # Another worker's trial may still go stale and need a retry: wait for it.
                 time.sleep(min(5.0, self.heartbeat_interval))
                 continue
-            heartbeat = None
-            if self.beats:
-                heartbeat = _Heartbeat(self.storage, trial._trial_id, self.heartbeat_interval)
+            heartbeat = self.beat_for(trial)
             try:
                 try:
                     architecture = self.objective.claim(trial)
@@ -295,6 +293,15 @@ class _TrialSource:
             storage.record_heartbeat_now(trial._trial_id)
         storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, self.marker)
         return trial
+
+    def beat_for(self, trial: optuna.Trial) -> _Heartbeat | None:
+        """A heartbeat thread for ``trial`` where the storage has heartbeats."""
+        return _Heartbeat(self.storage, trial._trial_id, self.heartbeat_interval) if self.beats else None
+
+    def child_settings(self) -> dict[str, Any]:
+        """What a claim process needs to claim as this source does (see :func:`_claim_source`)."""
+        return {"marker": self.marker, "heartbeat_interval": self.heartbeat_interval, "grace": self.grace,
+                "retry_window": self.window, "max_free_streak": self.max_free_streak}
 
     def give_back(self, claim: _Claim) -> None:
         """Fail a claimed trial this worker will not train (a stop came first) and queue it again."""
@@ -340,10 +347,8 @@ class _ClaimProcess:
     SIGINT/SIGTERM (this process decides what a stop means) and exits when its input closes.
     """
 
-    def __init__(self, settings: dict[str, Any], study: optuna.Study, storage: Any, *, beats: bool,
-                 heartbeat_interval: int) -> None:
-        self.study, self.storage, self.beats = study, storage, beats
-        self.heartbeat_interval = heartbeat_interval
+    def __init__(self, source: _TrialSource, settings: dict[str, Any]) -> None:
+        self.source = source
         self.decided, self.last_seconds, self._wait = 0, 0.0, True
         # One thread, no GPU: costs are counted on the meta device, and idle BLAS threads that spin
         # (OpenBLAS's do) took a core from training on a 2-core machine.
@@ -354,7 +359,7 @@ class _ClaimProcess:
             [sys.executable, "-c", "from nas3d.worker import serve_claims; serve_claims()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
         )
-        self._send(settings)
+        self._send({**source.child_settings(), **settings})
 
     def _send(self, message: dict[str, Any]) -> None:
         try:
@@ -371,7 +376,7 @@ class _ClaimProcess:
         self._wait = wait
         # The child fails stale trials, but only one grace period after the last outage: an outage
         # that this process met (its heartbeats, its tell) while the child sat idle counts too.
-        last = getattr(self.storage, "last_outage", -math.inf)
+        last = getattr(self.source.storage, "last_outage", -math.inf)
         self._send({"wait": wait, "outage_age": time.monotonic() - last if last > -math.inf else None})
 
     def result(self) -> _Claim | str | None:
@@ -384,10 +389,8 @@ class _ClaimProcess:
             raise StorageUnavailable(reply["storage_lost"])
         if "claim" not in reply:
             return LATER if "later" in reply else None
-        trial = optuna.Trial(self.study, reply["claim"])  # the trial the child asked, claimed and marked
-        heartbeat = None
-        if self.beats:  # before anything else: the child stops beating for it at the next request
-            heartbeat = _Heartbeat(self.study._storage, trial._trial_id, self.heartbeat_interval)
+        trial = optuna.Trial(self.source.study, reply["claim"])  # the trial the child asked, claimed, marked
+        heartbeat = self.source.beat_for(trial)  # first: the child stops beating for it at the next request
         architecture = ClaimedArchitecture(Architecture.from_json(reply["arch"]), Costs(**reply["costs"]))
         return _Claim(trial, architecture, heartbeat)
 
@@ -450,7 +453,7 @@ def _claim_source(settings: dict[str, Any]) -> _TrialSource:
     """The claim process's own storage, study (its sampler seeded by the worker's number) and lock."""
     url, name = settings["storage"], settings["study_name"]
     storage = make_storage(url, heartbeat_interval=settings["heartbeat_interval"],
-                           grace_period=settings["grace_period"], retry_window=settings["retry_window"],
+                           grace_period=settings["grace"], retry_window=settings["retry_window"],
                            must_exist=True)
     study, config = load_study(name, storage, worker_number=settings["worker_number"])
     objective = TrialObjective(config, DataShape(**settings["shape"]), "cpu")
@@ -529,14 +532,11 @@ def run_worker(
 
     claims: _InlineClaims | _ClaimProcess = _InlineClaims(source)
     if claim_ahead:
-        claims = _ClaimProcess(
-            {"study_name": study_name, "storage": storage_url, "worker_number": number,
-             "marker": source.marker, "heartbeat_interval": heartbeat_interval, "grace_period": grace_period,
-             "grace": source.grace, "retry_window": window, "max_free_streak": max_free_streak,
-             "shape": dataclasses.asdict(data.shape),
-             "log_level": logging.getLogger("nas3d").getEffectiveLevel()},
-            study, optuna_storage, beats=source.beats, heartbeat_interval=heartbeat_interval,
-        )
+        claims = _ClaimProcess(source, {
+            "study_name": study_name, "storage": storage_url, "worker_number": number,
+            "shape": dataclasses.asdict(data.shape),
+            "log_level": logging.getLogger("nas3d").getEffectiveLevel(),
+        })
     trained = 0
     try:
         _quiet_optuna_warnings()

@@ -212,7 +212,7 @@ def test_the_claim_process_waits_out_an_outage_its_worker_met(tmp_path: Path) ->
     counts for the claim process too."""
     import math
 
-    from nas3d.worker import _Claim, _ClaimProcess
+    from nas3d.worker import StopFlag, _Claim, _ClaimProcess, _TrialSource
 
     storage_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     study = create_study(smoke_config(tmp_path, **{"study.name": "outage-age"}), make_storage(storage_url))
@@ -223,11 +223,12 @@ def test_the_claim_process_waits_out_an_outage_its_worker_met(tmp_path: Path) ->
     time.sleep(3)  # older than the grace period
     storage.last_outage = time.monotonic()  # the worker just met an outage (its heartbeat was skipped)
     study = optuna.load_study(study_name="outage-age", storage=storage)
-    settings = {"study_name": "outage-age", "storage": storage_url, "worker_number": 0,
-                "marker": {"worker": 0, "host": "here", "pid": os.getpid()}, "heartbeat_interval": 1,
-                "grace_period": 2, "grace": 2, "retry_window": 0, "max_free_streak": 100,
-                "shape": {"in_channels": 1, "num_classes": 3, "size": 12}, "log_level": "WARNING"}
-    claims = _ClaimProcess(settings, study, storage, beats=True, heartbeat_interval=1)
+    source = _TrialSource(study, storage, None, None, config=None,
+                          marker={"worker": 0, "host": "here", "pid": os.getpid()}, beats=True,
+                          heartbeat_interval=1, grace=2, window=0, max_free_streak=100, stop=StopFlag())
+    claims = _ClaimProcess(source, {"study_name": "outage-age", "storage": storage_url, "worker_number": 0,
+                                    "shape": {"in_channels": 1, "num_classes": 3, "size": 12},
+                                    "log_level": "WARNING"})
     try:
         claims.request(wait=True)
         first = claims.result()
