@@ -238,7 +238,7 @@ class _TrialSource:
         :data:`LATER` instead of waiting for running trials that might still need a retry.
         """
         while not self.stop.requested:
-            _with_retries(self.lock.acquire, self.window)
+            _with_retries(self.lock.acquire, self.window, self.storage)
             try:
                 trial = self._ask_under_lock(wait=wait)
             except BaseException:
@@ -270,13 +270,11 @@ class _TrialSource:
 
     def _ask_under_lock(self, *, wait: bool) -> optuna.Trial | str | None:
         study, storage = self.study, self.storage
-        # After an outage every live trial looks stale until its worker beats again: wait one
-        # grace period before failing any.
-        if self.beats and time.monotonic() - getattr(storage, "last_outage", -math.inf) > self.grace:
+        if self.beats:  # none for a grace period after an outage (see _RDBStorage.recovering)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ExperimentalWarning)
                 optuna.storages.fail_stale_trials(study)
-        fail_orphans(study, older_than=self.grace)
+        fail_orphans(study, older_than=self.grace, recovering=getattr(storage, "recovering", None))
         state = budget_state(study)
         budget = self.config.study.n_trials
         if state.spent(budget, self.max_free_streak):
@@ -502,7 +500,7 @@ def run_worker(
         )
         load_study(study_name, optuna_storage)  # bad input first: unknown study, foreign study
         lock = study_lock(storage_url, study_name)
-        _with_retries(lock.acquire, window)
+        _with_retries(lock.acquire, window, optuna_storage)
         try:
             study, _ = load_study(study_name, optuna_storage)
             number = allocate_worker_number(study)
@@ -648,18 +646,24 @@ def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     logger.info("trial %d was interrupted and queued again", trial.number)
 
 
-def fail_orphans(study: optuna.Study, *, older_than: float) -> int:
+def fail_orphans(
+    study: optuna.Study, *, older_than: float, recovering: Callable[[], bool] | None = None
+) -> int:
     """Fail RUNNING trials no worker claimed; call it holding the study lock. Returns how many.
 
     A worker marks its trial right after ``ask``, under the study lock. A RUNNING trial without the
     mark was created by an ``ask`` whose reply was lost (database outage) or whose worker died
     before marking it: no one will ever run or beat it. If it had popped a queued trial, that one
-    is queued again.
+    is queued again. None while ``recovering()`` (the storage's, after an outage): a worker whose
+    lock the outage dropped may still be marking its trial.
     """
     storage = study._storage
     cutoff = time.time() - older_than
     failed = 0
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if recovering is not None and recovering():  # after the read: an outage may have happened during it
+        return 0
+    for trial in running:
         if WORKER_ATTR in trial.system_attrs:
             continue
         started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
@@ -684,7 +688,20 @@ def fail_orphans(study: optuna.Study, *, older_than: float) -> int:
     return failed
 
 
-def _with_retries(call: Any, window: float) -> None:
-    """``call()`` (the study lock) retried through ``StorageUnavailable`` for ``window`` seconds."""
-    return retry_transient(call, window=window, what="study lock",
-                           transient=lambda e: isinstance(e, StorageUnavailable))
+def _with_retries(call: Any, window: float, storage: Any) -> None:
+    """``call()`` (the study lock) retried through ``StorageUnavailable`` for ``window`` seconds.
+
+    An outage it rode out is recorded as the storage's ``last_outage``: a claim process waiting for
+    the lock through an outage makes no storage call that would notice it, and must not then fail
+    live trials whose workers have not beaten since (see ``_RDBStorage.recovering``).
+    """
+    failed = False
+
+    def note_outage(_error: BaseException) -> None:
+        nonlocal failed
+        failed, storage.last_outage = True, time.monotonic()
+
+    retry_transient(call, window=window, what="study lock", on_retry=note_outage,
+                    transient=lambda e: isinstance(e, StorageUnavailable))
+    if failed:  # recovered now: the grace period counts from here
+        storage.last_outage = time.monotonic()

@@ -246,3 +246,48 @@ def test_the_claim_process_waits_out_an_outage_its_worker_met(tmp_path: Path) ->
             claim.stop_beating()
     finally:
         claims.close()
+
+
+def test_an_outage_met_waiting_for_the_study_lock_holds_off_stale_failures(tmp_path: Path) -> None:
+    """A claim that waited for the study lock through an outage made no storage call that noticed it;
+    live trials whose workers have not beaten since the database came back are not stale yet."""
+    from nas3d.storages import StorageUnavailable
+    from nas3d.worker import _Claim, _claim_source
+
+    storage_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    study = create_study(smoke_config(tmp_path, **{"study.name": "lock-outage"}), make_storage(storage_url))
+    storage = make_storage(storage_url, heartbeat_interval=1, grace_period=2)
+    busy = storage.create_new_trial(study._study_id)  # another worker's trial; its last beat is old
+    storage.set_trial_system_attr(busy, WORKER_ATTR, {"worker": 9, "host": "elsewhere", "pid": 1})
+    storage.record_heartbeat(busy)
+    time.sleep(3)
+    source = _claim_source({"storage": storage_url, "study_name": "lock-outage", "worker_number": 0,
+                            "shape": {"in_channels": 1, "num_classes": 3, "size": 12},
+                            "marker": {"worker": 0, "host": "here", "pid": os.getpid()},
+                            "heartbeat_interval": 1, "grace": 2, "retry_window": 30, "max_free_streak": 100})
+
+    class LockBehindAnOutage:  # the study lock's connection, refused once (the server was down)
+        def __init__(self, lock) -> None:
+            self.lock, self.refusals = lock, 1
+
+        def acquire(self) -> None:
+            if self.refusals:
+                self.refusals -= 1
+                raise StorageUnavailable("connection refused")
+            self.lock.acquire()
+
+        def release(self) -> None:
+            self.lock.release()
+
+    source.lock = LockBehindAnOutage(source.lock)
+    first = source.claim(wait=True)
+    assert isinstance(first, _Claim)
+    assert storage.get_trial(busy).state == TrialState.RUNNING  # its worker may not have beaten yet
+    time.sleep(2.5)  # a grace period after the outage: now it is stale
+    second = source.claim(wait=True)
+    assert isinstance(second, _Claim)
+    failed = storage.get_trial(busy)
+    assert failed.state == TrialState.FAIL
+    assert failed.user_attrs["failure_reason"].startswith("stale heartbeat")
+    for claim in (first, second):
+        claim.stop_beating()

@@ -167,8 +167,9 @@ class _RDBStorage(RDBStorage):
     * A heartbeat is skipped, not retried, on a transient error: the beat thread tries again next
       interval, and the grace period covers several. (Optuna's heartbeat thread dies on the first
       exception, after which the live trial looks dead.)
-    * ``last_outage`` is the ``time.monotonic()`` of the last transient error this process saw, so a
-      worker can hold off failing "stale" trials until their workers had time to beat again.
+    * ``last_outage`` is the ``time.monotonic()`` of the last transient error this process saw (its
+      study lock's too: the worker records those here). Within a grace period of it no trial is
+      stale: after an outage every live trial's last beat is old until its worker beats again.
     * A trial failed for a stale heartbeat gets a ``failure_reason``.
     """
 
@@ -216,6 +217,8 @@ class _RDBStorage(RDBStorage):
         stale = self._with_retries(
             "_get_stale_trial_ids", lambda: RDBStorage._get_stale_trial_ids(self, study_id)
         )
+        if self.recovering():  # checked after the read: an outage may have happened during it
+            return []
         reason = (
             f"stale heartbeat: no heartbeat for over {self.grace_period} s (its worker was killed, hung, "
             "or lost the database)"
@@ -228,6 +231,10 @@ class _RDBStorage(RDBStorage):
                 continue  # it finished meanwhile: not stale after all
             kept.append(trial_id)
         return kept
+
+    def recovering(self) -> bool:
+        """Whether this process saw an outage less than a grace period ago (see ``last_outage``)."""
+        return time.monotonic() - self.last_outage <= self.grace_period
 
     def _with_retries(self, what: str, call: Callable[[], T]) -> T:
         if self.retry_window <= 0 or getattr(self._retrying, "active", False):
