@@ -248,8 +248,9 @@ class TrialObjective:
     ``not_trained``; a training failure (out of memory, non-finite loss, any exception) FAILS; each
     with ``failure_reason`` set.
 
-    A call does it all. A worker runs the two halves apart: :meth:`claim` (sample and decide, under the
-    study lock, so no other worker can claim the same architecture meanwhile) and :meth:`train`.
+    A call does it all. A worker runs the parts apart: :meth:`claim` (sample, record the hash and
+    deduplicate, under the study lock, so no other worker can claim the same architecture meanwhile),
+    :meth:`cost` (costs and constraints, after the lock is released) and :meth:`train`.
     ``should_stop`` is polled between training batches (a worker's stop signal); when it returns
     true training raises :class:`nas3d.train.TrainingStopped`.
     """
@@ -276,17 +277,22 @@ class TrialObjective:
         self.epochs_trained = 0  # epochs those trainings ran, stopped ones included
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
-        return self.train(trial, self.claim(trial))
+        return self.train(trial, self.cost(trial, self.claim(trial)))
 
-    def claim(self, trial: optuna.Trial) -> ClaimedArchitecture:
-        """Sample ``trial``'s architecture, record it and its hash, and decide whether it trains.
+    def claim(self, trial: optuna.Trial) -> Architecture:
+        """Sample ``trial``'s architecture, record it and its hash, and decide whether it is new.
 
         Raises ``optuna.TrialPruned`` for a trial decided without training (``not_trained`` and
         ``failure_reason`` set); any other error is recorded on the trial (``not_trained = "error"``:
-        it costs no budget) and raised.
+        it costs no budget) and raised. :meth:`cost` does the same.
         """
         with self._recording_failures(trial, trained=False):
             return self._claim(trial)
+
+    def cost(self, trial: optuna.Trial, arch: Architecture) -> ClaimedArchitecture:
+        """Measure a claimed architecture's costs, record them, and check the study's constraints."""
+        with self._recording_failures(trial, trained=False):
+            return self._cost(trial, arch)
 
     def train(self, trial: optuna.Trial, claimed: ClaimedArchitecture) -> tuple[float, float]:
         """Train a claimed trial and record its results; ``(val_auc, flops)``. A trial the early stopper
@@ -314,7 +320,7 @@ class TrialObjective:
         trial.set_user_attr("failure_reason", reason)
         return optuna.TrialPruned(reason)
 
-    def _claim(self, trial: optuna.Trial) -> ClaimedArchitecture:
+    def _claim(self, trial: optuna.Trial) -> Architecture:
         try:
             arch = sample_architecture(trial, self.config.space)
         except InfeasibleArchitecture as e:
@@ -345,7 +351,9 @@ class TrialObjective:
                 reason = (f"duplicate of trial {earlier.number}, which is training the same architecture; "
                           "not trained again")
             raise self._not_trained(trial, "duplicate", reason)
+        return arch
 
+    def _cost(self, trial: optuna.Trial, arch: Architecture) -> ClaimedArchitecture:
         shape = self.shape
         costs = measure_costs(arch, shape.in_channels, shape.num_classes, shape.size)
         trial.set_user_attr("params", costs.params)

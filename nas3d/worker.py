@@ -7,11 +7,11 @@ artifact store (recorded in the study). Each trial goes:
    trials orphaned by a lost ``ask`` reply; count the budget; ``ask``; record this worker on the
    trial and beat once; sample the architecture, record its hash, and decide whether it is a
    duplicate of a trial that trained or is training it (then it is recorded against that trial and
-   PRUNED), or over the study's constraints (PRUNED). Then the lock is released: no two workers can
-   claim one architecture.
-2. Train (the heartbeat thread beats meanwhile), upload the checkpoint, ``tell``.
+   PRUNED). Then the lock is released: no two workers can claim one architecture.
+2. Measure its costs; over the study's constraints it is PRUNED.
+3. Train (the heartbeat thread beats meanwhile), upload the checkpoint, ``tell``.
 
-Step 1 of the next trial runs in the worker's claim process while step 2 of the current one trains
+Steps 1 and 2 of the next trial runs in the worker's claim process while step 3 of the current one trains
 ("claim ahead"), so the device does not wait for the study lock, the sampler and the storage between
 trials (``bench/storage_overhead.py`` measures what is left); ``--no-claim-ahead`` runs them in turn,
 in the worker itself. A trial claimed ahead is RUNNING, with its heartbeat, until it trains; a stop
@@ -254,9 +254,12 @@ class _TrialSource:
             heartbeat = self.beat_for(trial)
             try:
                 try:
-                    architecture = self.objective.claim(trial)
+                    arch = self.objective.claim(trial)
                 finally:
                     self.lock.release()  # the hash and the verdict are recorded: others may ask
+                # Outside the lock: counting FLOPs takes ~0.1 s a trial (seconds for a process's first),
+                # and every other worker's claim, and a pooled server connection, would wait for it.
+                architecture = self.objective.cost(trial, arch)
             except BaseException as error:
                 try:
                     _settle(self.study, trial, error, self.stop)
