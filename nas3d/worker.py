@@ -173,6 +173,26 @@ class StopFlag:
     def __call__(self) -> bool:
         return self.requested is not None
 
+    def why(self) -> str:
+        return f"the worker received {self.requested}"
+
+
+class _WorkerEnded(StopFlag):
+    """A claim process's stop flag: set once its worker has ended (the process was re-parented), so
+    that it claims nothing more for a worker that cannot train it."""
+
+    def __init__(self, worker_pid: int) -> None:
+        super().__init__()
+        self._worker = worker_pid  # not getppid() here: the worker may have ended during start-up
+
+    def __call__(self) -> bool:
+        if self.requested is None and os.getppid() != self._worker:
+            self.requested = "ended"
+        return self.requested is not None
+
+    def why(self) -> str:
+        return "its worker ended before taking it"
+
 
 class _Heartbeat:
     """Beats for one trial every ``interval`` seconds in a thread, as ``Study.optimize`` would
@@ -237,7 +257,7 @@ class _TrialSource:
         With ``wait=False`` (a claim made while this worker's own trial trains) it returns
         :data:`LATER` instead of waiting for running trials that might still need a retry.
         """
-        while not self.stop.requested:
+        while not self.stop():
             _with_retries(self.lock.acquire, self.window, self.storage)
             try:
                 trial = self._ask_under_lock(wait=wait)
@@ -307,7 +327,7 @@ class _TrialSource:
     def give_back(self, claim: _Claim) -> None:
         """Fail a claimed trial this worker will not train (a stop came first) and queue it again."""
         try:
-            _interrupted(self.study, claim.trial, self.stop, trained=False)
+            _interrupted(self.study, claim.trial, self.stop.why(), trained=False)
         finally:
             claim.stop_beating()
 
@@ -360,7 +380,7 @@ class _ClaimProcess:
             [sys.executable, "-c", "from nas3d.worker import serve_claims; serve_claims()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
         )
-        self._send({**source.child_settings(), **settings})
+        self._send({**source.child_settings(), **settings, "worker_pid": os.getpid()})
 
     def _send(self, message: dict[str, Any]) -> None:
         try:
@@ -445,9 +465,17 @@ def serve_claims() -> None:
             else:
                 reply = {"later": True} if claim == LATER else {"done": True}
         reply.update(decided=source.decided if source else 0, seconds=time.perf_counter() - started)
-        replies.write(json.dumps(reply) + "\n")
+        try:
+            replies.write(json.dumps(reply) + "\n")
+        except BrokenPipeError:  # the worker ended during this claim: nobody will train it
+            if held is not None:
+                source.give_back(held)
+                held = None
+            break
     if held is not None:
         held.stop_beating()
+    with contextlib.suppress(BrokenPipeError):
+        replies.close()
 
 
 def _claim_source(settings: dict[str, Any]) -> _TrialSource:
@@ -462,7 +490,8 @@ def _claim_source(settings: dict[str, Any]) -> _TrialSource:
         study, storage, study_lock(url, name), objective, config=config, marker=settings["marker"],
         beats=isinstance(storage, optuna.storages.RDBStorage),
         heartbeat_interval=settings["heartbeat_interval"], grace=settings["grace"],
-        window=settings["retry_window"], max_free_streak=settings["max_free_streak"], stop=StopFlag(),
+        window=settings["retry_window"], max_free_streak=settings["max_free_streak"],
+        stop=_WorkerEnded(settings["worker_pid"]),
     )
 
 
@@ -608,7 +637,7 @@ def _settle(study: optuna.Study, trial: optuna.Trial, error: BaseException, stop
     if isinstance(error, optuna.TrialPruned):
         _tell(study, trial, state=TrialState.PRUNED)
     elif isinstance(error, TrainingStopped):
-        _interrupted(study, trial, stop, trained=True)
+        _interrupted(study, trial, stop.why(), trained=True)
     elif isinstance(error, StorageUnavailable) or not isinstance(error, Exception):
         raise error  # a lost database: the trial stays RUNNING, its heartbeat stops, another worker retries
     else:
@@ -621,11 +650,14 @@ def _tell(study: optuna.Study, trial: optuna.Trial, **outcome: Any) -> None:
     study.tell(trial, skip_if_finished=True, **outcome)
 
 
-def _interrupted(study: optuna.Study, trial: optuna.Trial, stop: StopFlag, *, trained: bool) -> None:
-    """Fail a trial a stop signal interrupted (during or before its training) and queue it again."""
+def _interrupted(study: optuna.Study, trial: optuna.Trial, why: str, *, trained: bool) -> None:
+    """Fail a trial a stop interrupted (during or before its training) and queue it again, unless it
+    is finished already: ``launch`` fails and queues again the trials of a worker it killed."""
     when = "" if trained else " before its training began"
-    reason = f"interrupted{when}: the worker received {stop.requested}; re-queued"
-    trial.set_user_attr("failure_reason", reason)
+    try:
+        trial.set_user_attr("failure_reason", f"interrupted{when}: {why}; re-queued")
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return
     _tell(study, trial, state=TrialState.FAIL)
     requeue(study, study._storage.get_trial(trial._trial_id))
 

@@ -78,9 +78,14 @@ def long_trials_study(storage_url: str, tmp_path: Path, name: str,
 
 
 def wait_until_training(study: optuna.Study, claimed: int = 1) -> None:
-    """Until ``claimed`` trials are RUNNING with their architecture recorded (the first is training)."""
-    wait_for(lambda: sum(t.state == TrialState.RUNNING and "arch_hash" in t.user_attrs
-                         for t in study.get_trials(deepcopy=False)) >= claimed)
+    """Until a trial trains and ``claimed`` trials are RUNNING with their architecture and costs
+    recorded (claimed, by a worker or its claim process)."""
+    def ready() -> bool:
+        running = [t for t in study.get_trials(deepcopy=False)
+                   if t.state == TrialState.RUNNING and "params" in t.user_attrs]
+        return len(running) >= claimed and any("device" in t.user_attrs for t in running)
+
+    wait_for(ready)
 
 
 def children(pid: int) -> list[int]:
@@ -214,13 +219,7 @@ def test_the_claim_process_waits_out_an_outage_its_worker_met(tmp_path: Path) ->
 
     from nas3d.worker import StopFlag, _Claim, _ClaimProcess, _TrialSource
 
-    storage_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    study = create_study(smoke_config(tmp_path, **{"study.name": "outage-age"}), make_storage(storage_url))
-    storage = make_storage(storage_url, heartbeat_interval=1, grace_period=2)
-    busy = storage.create_new_trial(study._study_id)  # another worker's trial, beating, then silent
-    storage.set_trial_system_attr(busy, WORKER_ATTR, {"worker": 9, "host": "elsewhere", "pid": 1})
-    storage.record_heartbeat(busy)
-    time.sleep(3)  # older than the grace period
+    storage_url, storage, busy = _study_with_a_silent_trial(tmp_path, "outage-age")
     storage.last_outage = time.monotonic()  # the worker just met an outage (its heartbeat was skipped)
     study = optuna.load_study(study_name="outage-age", storage=storage)
     source = _TrialSource(study, storage, None, None, config=None,
@@ -237,15 +236,33 @@ def test_the_claim_process_waits_out_an_outage_its_worker_met(tmp_path: Path) ->
         time.sleep(3)
         storage.last_outage = -math.inf  # nothing new: the claim process remembers the outage's time
         claims.request(wait=True)
-        second = claims.result()
-        assert isinstance(second, _Claim)
-        failed = storage.get_trial(busy)
-        assert failed.state == TrialState.FAIL
-        assert failed.user_attrs["failure_reason"].startswith("stale heartbeat")
-        for claim in (first, second):
-            claim.stop_beating()
+        _assert_failed_as_stale(storage, busy, first, claims.result())
     finally:
         claims.close()
+
+
+def _study_with_a_silent_trial(tmp_path: Path, name: str):
+    """A study on SQLite (grace period 2 s) with another worker's RUNNING trial whose last beat is
+    3 s old: stale, unless an outage was seen within a grace period."""
+    storage_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    study = create_study(smoke_config(tmp_path, **{"study.name": name}), make_storage(storage_url))
+    storage = make_storage(storage_url, heartbeat_interval=1, grace_period=2)
+    busy = storage.create_new_trial(study._study_id)
+    storage.set_trial_system_attr(busy, WORKER_ATTR, {"worker": 9, "host": "elsewhere", "pid": 1})
+    storage.record_heartbeat(busy)
+    time.sleep(3)
+    return storage_url, storage, busy
+
+
+def _assert_failed_as_stale(storage, busy: int, *claims) -> None:
+    from nas3d.worker import _Claim
+
+    assert all(isinstance(claim, _Claim) for claim in claims)
+    failed = storage.get_trial(busy)
+    assert failed.state == TrialState.FAIL
+    assert failed.user_attrs["failure_reason"].startswith("stale heartbeat")
+    for claim in claims:
+        claim.stop_beating()
 
 
 def test_an_outage_met_waiting_for_the_study_lock_holds_off_stale_failures(tmp_path: Path) -> None:
@@ -254,17 +271,12 @@ def test_an_outage_met_waiting_for_the_study_lock_holds_off_stale_failures(tmp_p
     from nas3d.storages import StorageUnavailable
     from nas3d.worker import _Claim, _claim_source
 
-    storage_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    study = create_study(smoke_config(tmp_path, **{"study.name": "lock-outage"}), make_storage(storage_url))
-    storage = make_storage(storage_url, heartbeat_interval=1, grace_period=2)
-    busy = storage.create_new_trial(study._study_id)  # another worker's trial; its last beat is old
-    storage.set_trial_system_attr(busy, WORKER_ATTR, {"worker": 9, "host": "elsewhere", "pid": 1})
-    storage.record_heartbeat(busy)
-    time.sleep(3)
+    storage_url, storage, busy = _study_with_a_silent_trial(tmp_path, "lock-outage")
     source = _claim_source({"storage": storage_url, "study_name": "lock-outage", "worker_number": 0,
                             "shape": {"in_channels": 1, "num_classes": 3, "size": 12},
                             "marker": {"worker": 0, "host": "here", "pid": os.getpid()},
-                            "heartbeat_interval": 1, "grace": 2, "retry_window": 30, "max_free_streak": 100})
+                            "heartbeat_interval": 1, "grace": 2, "retry_window": 30, "max_free_streak": 100,
+                            "worker_pid": os.getppid()})  # as if this process were a claim process
 
     class LockBehindAnOutage:  # the study lock's connection, refused once (the server was down)
         def __init__(self, lock) -> None:
@@ -284,10 +296,32 @@ def test_an_outage_met_waiting_for_the_study_lock_holds_off_stale_failures(tmp_p
     assert isinstance(first, _Claim)
     assert storage.get_trial(busy).state == TrialState.RUNNING  # its worker may not have beaten yet
     time.sleep(2.5)  # a grace period after the outage: now it is stale
-    second = source.claim(wait=True)
-    assert isinstance(second, _Claim)
-    failed = storage.get_trial(busy)
-    assert failed.state == TrialState.FAIL
-    assert failed.user_attrs["failure_reason"].startswith("stale heartbeat")
-    for claim in (first, second):
-        claim.stop_beating()
+    _assert_failed_as_stale(storage, busy, first, source.claim(wait=True))
+
+
+def test_a_claim_process_whose_worker_ended_claims_nothing(tmp_path: Path) -> None:
+    """A worker killed while its claim process claims (launch has failed and queued its trials again
+    by then) must not leave a trial claimed for nobody: the claim process stops claiming."""
+    storage_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    study = create_study(smoke_config(tmp_path, **{"study.name": "orphaned"}), make_storage(storage_url))
+    # A stand-in worker: starts its claim process, asks for a claim and dies before the reply.
+    script = (
+        "import os, sys, optuna\n"
+        "from nas3d.storages import make_storage\n"
+        "from nas3d.worker import StopFlag, _ClaimProcess, _TrialSource\n"
+        f"storage = make_storage({storage_url!r}, heartbeat_interval=1, grace_period=2)\n"
+        "study = optuna.load_study(study_name='orphaned', storage=storage)\n"
+        "source = _TrialSource(study, storage, None, None, config=None, marker={'worker': 0, 'host': 'here',"
+        " 'pid': os.getpid()}, beats=True, heartbeat_interval=1, grace=2, window=0, max_free_streak=100,"
+        " stop=StopFlag())\n"
+        "claims = _ClaimProcess(source, {'study_name': 'orphaned', 'storage': %r, 'worker_number': 0,"
+        " 'shape': {'in_channels': 1, 'num_classes': 3, 'size': 12}, 'log_level': 'WARNING'})\n"
+        "claims.request(wait=True)\n"
+        "print(claims._process.pid, flush=True)\n"
+        "os._exit(0)\n"
+    ) % storage_url
+    worker = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert worker.returncode == 0, worker.stderr
+    claim_process = int(worker.stdout.strip())
+    wait_for(lambda: not Path(f"/proc/{claim_process}").exists() or _zombie(claim_process), timeout=60)
+    assert study.get_trials() == []
