@@ -9,6 +9,7 @@ one line in ``ROWS``.
 
 from __future__ import annotations
 
+import gc
 import os
 import shlex
 import subprocess
@@ -110,7 +111,12 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     failed.set_user_attr("failure_reason", "NonFiniteLoss: training loss became nan in epoch 1")
     study.tell(failed, state=TrialState.FAIL)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
-    storage.engine.dispose()  # nothing of this process holds the database open while the rows run
+    # Nothing of this process may hold the database open while the rows run: a session left behind by
+    # the trial's threads closes whenever the garbage collector finds it, and SQLite then checkpoints
+    # the WAL into nas3d.db and deletes -wal and -shm, in the middle of a row's snapshot.
+    storage.engine.dispose()
+    gc.collect()
+    assert not (ws / "storage" / "nas3d.db-shm").exists()
 
     (ws / "corrupt").mkdir()
     (ws / "corrupt" / config.data.file_name).write_bytes(b"PK\x03\x04 not really a zip file")

@@ -260,6 +260,29 @@ def test_retry_transient_retries_operational_errors(monkeypatch: pytest.MonkeyPa
     assert retry_transient(flaky, window=60) == "ok" and len(calls) == 3
 
 
+def test_a_transaction_a_lost_connection_invalidated_is_transient() -> None:
+    """Optuna's _get_trials catches a lost connection and retries a slower query in the same session:
+    the PendingRollbackError that follows (wrapped in StorageInternalError) is the outage too."""
+    from nas3d.storages._rdb import _is_transient
+
+    def optuna_get_trials(first_error: Exception) -> None:
+        try:
+            try:
+                raise first_error
+            except Exception:  # as Optuna does: log it and fall back to a slower query, chained implicitly
+                message = "Can't reconnect until invalid transaction is rolled back"
+                raise sqlalchemy.exc.PendingRollbackError(message, None, None)  # noqa: B904
+        except sqlalchemy.exc.PendingRollbackError as e:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit") from e
+
+    lost = sqlalchemy.exc.OperationalError("SELECT", {}, Exception("server closed the connection"))
+    bad_row = sqlalchemy.exc.IntegrityError("INSERT", {}, Exception("duplicate key"))
+    for first_error, transient in ((lost, True), (bad_row, False)):
+        with pytest.raises(optuna.exceptions.StorageInternalError) as caught:
+            optuna_get_trials(first_error)
+        assert _is_transient(caught.value) is transient
+
+
 def test_retry_transient_gives_up_after_its_window_and_passes_other_errors(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
