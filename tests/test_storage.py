@@ -283,6 +283,22 @@ def test_a_transaction_a_lost_connection_invalidated_is_transient() -> None:
         assert _is_transient(caught.value) is transient
 
 
+def test_a_server_lost_during_the_schema_check_is_unavailable_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker starting as the server goes down can lose it after connecting, inside Optuna's schema
+    check (seen in the outage test): that is an outage (exit 75, restarted), not a crash (exit 1)."""
+    from optuna.storages._rdb.storage import _VersionManager
+
+    def server_gone(self: _VersionManager) -> None:
+        lost = sqlalchemy.exc.OperationalError("COMMIT", {}, Exception("server closed the connection"))
+        raise optuna.exceptions.StorageInternalError("An exception is raised during the commit") from lost
+
+    monkeypatch.setattr(_VersionManager, "check_table_schema_compatibility", server_gone)
+    with pytest.raises(StorageUnavailable, match="server closed the connection"):
+        make_storage(f"sqlite:///{tmp_path / 'x.db'}")
+
+
 def test_retry_transient_gives_up_after_its_window_and_passes_other_errors(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -135,8 +135,11 @@ def make_storage(
                 grace_period=grace_period or 4 * heartbeat_interval,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
             )
-        except sqlalchemy.exc.OperationalError as e:
-            raise StorageUnavailable(_unavailable_message(sa_url, e)) from e
+        except (sqlalchemy.exc.OperationalError, StorageInternalError) as e:
+            # The server may also go away after connecting, during the schema check (a StorageInternalError)
+            if not _is_transient(e):
+                raise
+            raise StorageUnavailable(_unavailable_message(sa_url, e.__cause__ or e)) from e
     storage.retry_window = float(retry_window)
     return storage
 
