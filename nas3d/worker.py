@@ -11,7 +11,7 @@ artifact store (recorded in the study). Each trial goes:
 2. Measure its costs; over the study's constraints it is PRUNED.
 3. Train (the heartbeat thread beats meanwhile), upload the checkpoint, ``tell``.
 
-Steps 1 and 2 of the next trial runs in the worker's claim process while step 3 of the current one trains
+Steps 1 and 2 of the next trial run in the worker's claim process while step 3 of the current one trains
 ("claim ahead"), so the device does not wait for the study lock, the sampler and the storage between
 trials (``bench/storage_overhead.py`` measures what is left); ``--no-claim-ahead`` runs them in turn,
 in the worker itself. A trial claimed ahead is RUNNING, with its heartbeat, until it trains; a stop
@@ -726,17 +726,13 @@ def fail_orphans(
 def _with_retries(call: Any, window: float, storage: Any) -> None:
     """``call()`` (the study lock) retried through ``StorageUnavailable`` for ``window`` seconds.
 
-    An outage it rode out is recorded as the storage's ``last_outage``: a claim process waiting for
-    the lock through an outage makes no storage call that would notice it, and must not then fail
-    live trials whose workers have not beaten since (see ``_RDBStorage.recovering``).
+    On an RDB storage through its own retry loop, so that an outage ridden out here is recorded as the
+    storage's ``last_outage``: a claim process waiting for the lock through an outage makes no storage
+    call that would notice it, and must not then fail live trials whose workers have not beaten since
+    (see ``_RDBStorage.recovering``). The storage's window is ``window`` (both come from the worker).
     """
-    failed = False
-
-    def note_outage(_error: BaseException) -> None:
-        nonlocal failed
-        failed, storage.last_outage = True, time.monotonic()
-
-    retry_transient(call, window=window, what="study lock", on_retry=note_outage,
-                    transient=lambda e: isinstance(e, StorageUnavailable))
-    if failed:  # recovered now: the grace period counts from here
-        storage.last_outage = time.monotonic()
+    ride_out = getattr(storage, "ride_out", None)
+    if ride_out is not None:
+        return ride_out("study lock", call)
+    return retry_transient(call, window=window, what="study lock",
+                           transient=lambda e: isinstance(e, StorageUnavailable))

@@ -190,12 +190,12 @@ class _RDBStorage(RDBStorage):
             self._beat_skipped = True
             _logger.warning("heartbeat of trial id %d skipped: %s", trial_id, _first_line(e))
         else:
-            if getattr(self, "_beat_skipped", False):  # recovered (see _with_retries)
+            if getattr(self, "_beat_skipped", False):  # recovered (see ride_out)
                 self.last_outage, self._beat_skipped = time.monotonic(), False
 
     def record_heartbeat_now(self, trial_id: int) -> None:
         """A heartbeat retried like any other call (a worker's first beat for a trial must land)."""
-        self._with_retries("record_heartbeat", lambda: RDBStorage.record_heartbeat(self, trial_id))
+        self.ride_out("record_heartbeat", lambda: RDBStorage.record_heartbeat(self, trial_id))
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
         failed_once = False
@@ -214,10 +214,10 @@ class _RDBStorage(RDBStorage):
                 failed_once = failed_once or _is_transient(e)
                 raise
 
-        return self._with_retries("set_trial_state_values", call)
+        return self.ride_out("set_trial_state_values", call)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        stale = self._with_retries(
+        stale = self.ride_out(
             "_get_stale_trial_ids", lambda: RDBStorage._get_stale_trial_ids(self, study_id)
         )
         if self.recovering():  # checked after the read: an outage may have happened during it
@@ -239,7 +239,9 @@ class _RDBStorage(RDBStorage):
         """Whether this process saw an outage less than a grace period ago (see ``last_outage``)."""
         return time.monotonic() - self.last_outage <= self.grace_period
 
-    def _with_retries(self, what: str, call: Callable[[], T]) -> T:
+    def ride_out(self, what: str, call: Callable[[], T]) -> T:
+        """``call()`` retried through transient errors for ``retry_window`` seconds, each outage recorded
+        in ``last_outage``. Every storage call goes through it; a worker's study lock too."""
         if self.retry_window <= 0 or getattr(self._retrying, "active", False):
             return call()
         self._retrying.active = True
@@ -264,7 +266,7 @@ def _retried(name: str) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def wrapper(self: _RDBStorage, *args: Any, **kwargs: Any) -> Any:
-        return self._with_retries(name, lambda: method(self, *args, **kwargs))
+        return self.ride_out(name, lambda: method(self, *args, **kwargs))
 
     return wrapper
 
