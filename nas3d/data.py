@@ -60,6 +60,10 @@ class DataConfig:
     download: bool = True  # try medmnist's download when the file is missing
     search_fraction: float = 0.25  # deterministic share of train and val used during search
     subset_seed: int = 0
+    # Also score every search epoch on the whole validation split (recorded in the learning curve,
+    # never used to choose or stop): how benchmarks such as bench/arch_table.py see how well the
+    # search share ranks architectures.
+    record_full_val: bool = False
     # synthetic data only
     synthetic_classes: int = 2
     synthetic_samples: int = 256  # training samples; val and test get a quarter each
@@ -170,6 +174,7 @@ class DeviceData:
     train: Split
     val: Split
     test: Split | None  # not loaded for search: trials must never see it
+    full_val: Split | None = None  # the whole val split beside a search share (record_full_val)
 
     @property
     def task(self) -> str:
@@ -200,6 +205,8 @@ def load_splits(cfg: DataConfig, device: torch.device | str, *, for_search: bool
     arrays = read_arrays(cfg, path, ("train", "val") if for_search else SPLITS)
     splits: dict[str, Split] = {}
     for index, (split, (images, labels)) in enumerate(arrays.items()):
+        if split == "val" and for_search and cfg.record_full_val and cfg.search_fraction < 1.0:
+            splits["full_val"] = Split.from_arrays(images, labels, task=cfg.task, device=device)
         if for_search and cfg.search_fraction < 1.0:
             keep = stratified_subset(labels, cfg.search_fraction, seed=(cfg.subset_seed, index))
             images, labels = images[keep], labels[keep]
@@ -212,6 +219,7 @@ def load_splits(cfg: DataConfig, device: torch.device | str, *, for_search: bool
         train=splits["train"],
         val=splits["val"],
         test=splits.get("test"),
+        full_val=splits.get("full_val"),
     )
 
 

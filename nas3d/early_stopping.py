@@ -52,6 +52,7 @@ from nas3d.util import check_choice
 __all__ = [
     "CURVE_ATTR",
     "CURVE_KEYS",
+    "OPTIONAL_CURVE_KEYS",
     "DECISIONS_ATTR",
     "EARLY_STOPPED_VALUES_ATTR",
     "KINDS",
@@ -71,6 +72,8 @@ KINDS = ("none", "moasha")
 #: "val_auc": [...], "val_acc": [...]}`` (one entry per epoch trained, rewritten after each epoch).
 CURVE_ATTR = "learning_curve"
 CURVE_KEYS = ("epoch", "train_loss", "val_loss", "val_auc", "val_acc")
+#: Recorded beside CURVE_KEYS where the epoch has them (nas3d.train.EpochRecord's optional fields).
+OPTIONAL_CURVE_KEYS = ("seconds", "full_val_auc", "full_val_acc")
 #: User attr: the stopper's decisions, one dict per rung the trial reached (see :class:`Decision`).
 DECISIONS_ATTR = "early_stopping"
 #: User attr of a stopped trial: ``[best val AUC so far, FLOPs]``, its values had it been complete.
@@ -224,7 +227,9 @@ def learning_curve(trial: Any) -> dict[str, list[float]]:
         plt.plot(curve["epoch"], curve["val_auc"])
     """
     stored = trial.user_attrs.get(CURVE_ATTR) or {}
-    return {key: list(stored.get(key, [])) for key in CURVE_KEYS}
+    curve = {key: list(stored.get(key, [])) for key in CURVE_KEYS}
+    curve.update({key: list(stored[key]) for key in OPTIONAL_CURVE_KEYS if key in stored})
+    return curve
 
 
 def decisions(trial: Any) -> list[Decision]:
@@ -296,6 +301,9 @@ class EpochMonitor:
     def __call__(self, record: EpochRecord, last: bool) -> bool:
         for key in CURVE_KEYS:
             self.curve[key].append(getattr(record, key))
+        for key in OPTIONAL_CURVE_KEYS:
+            if getattr(record, key) is not None:
+                self.curve.setdefault(key, []).append(getattr(record, key))
         # Written before the rung check reads the others: see "across workers" in the module docstring.
         self.trial.set_user_attr(CURVE_ATTR, self.curve)
         if last or record.epoch not in self.rungs:

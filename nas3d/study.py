@@ -29,6 +29,7 @@ from nas3d.data import DataShape, DeviceData, check_data
 from nas3d.early_stopping import EpochMonitor
 from nas3d.model import build_model
 from nas3d.pareto import EARLY_STOPPED_ATTR
+from nas3d.proxies import proxy_batch, score_proxies
 from nas3d.samplers import make_sampler
 from nas3d.seeds import seed_architectures
 from nas3d.space import params_for, sample_architecture
@@ -380,6 +381,7 @@ class TrialObjective:
         torch.manual_seed(self.config.train.seed)
         model = build_model(arch, data.in_channels, data.num_classes).to(self.device)
         self.trainings += 1
+        self._record_proxies(trial, model)
         # Records the learning curve every epoch and runs the [early_stopping] stopper at its rungs.
         monitor = EpochMonitor(trial, self.config.early_stopping, self.config.train.max_epochs, costs.flops)
         result = train_trial(model, data, self.config.train, self.device, progress=self.progress,
@@ -394,6 +396,15 @@ class TrialObjective:
         if self.artifact_store is not None:
             self._store_checkpoint(trial, model, result.val_auc, result.val_acc, costs.flops)
         return result.val_auc, float(costs.flops)
+
+    def _record_proxies(self, trial: optuna.Trial, model: torch.nn.Module) -> None:
+        """Zero-cost proxy scores of the untrained ``model`` (user attr ``proxies``; a non-finite score
+        is recorded as None) and the seconds they took (``proxy_seconds``). They work on copies, so
+        the model trains from the same weights as without them."""
+        images, labels = proxy_batch(self.data.train)
+        scores, seconds = score_proxies(model, images, labels)
+        trial.set_user_attr("proxies", {k: v if np.isfinite(v) else None for k, v in scores.items()})
+        trial.set_user_attr("proxy_seconds", round(sum(seconds.values()), 3))
 
     def _earlier_evaluation(self, trial: optuna.Trial, arch_hash: str) -> FrozenTrial | None:
         """The trial that trained (COMPLETE), is training (RUNNING) or was stopped early at a rung

@@ -102,6 +102,11 @@ class EpochRecord:
     val_loss: float
     val_auc: float
     val_acc: float
+    seconds: float | None = None  # wall time of the epoch's training pass and search validation
+    # Scores on the whole validation split, where the data holds one beside the search share
+    # (``DataConfig.record_full_val``): recorded for benchmarks, never used to choose or stop.
+    full_val_auc: float | None = None
+    full_val_acc: float | None = None
 
 
 @dataclass(frozen=True)
@@ -214,7 +219,15 @@ def _train(
                 )
             except NonFiniteLoss as exc:
                 raise NonFiniteLoss(f"validation {exc} in epoch {epoch} (lr={config.lr})") from None
-            record = EpochRecord(epoch, train_loss, val_loss, val_auc, val_acc)
+            seconds = time.perf_counter() - tick  # what a search pays: without the full-val scoring
+            full_auc = full_acc = None
+            if data.full_val is not None:
+                full_auc, full_acc, _ = evaluate(
+                    model, data.full_val, device, config.batch_size, channels_last=channels_last
+                )
+            record = EpochRecord(epoch, train_loss, val_loss, val_auc, val_acc,
+                                 seconds=seconds, full_val_auc=full_auc,
+                                 full_val_acc=full_acc)
             history.append(record)
             # Ties (common once AUC saturates at 1.0, and ACC moves in steps) go to the lower val loss.
             if best is None or (getattr(record, config.keep), -val_loss) > (getattr(best, config.keep),

@@ -189,3 +189,26 @@ def test_a_study_from_before_a_new_setting_still_matches_its_file(tmp_path: Path
     assert create_study(config, storage).study_name == config.study.name
     with pytest.raises(ValueError, match=r"train.cpu_bf16: stored False, asked True"):
         create_study(config.with_overrides({"train.cpu_bf16": "true"}), storage)
+
+
+def test_a_trained_trial_records_proxies_and_full_validation_curves(tmp_path: Path) -> None:
+    config = smoke_config(tmp_path, **{"data.search_fraction": 0.5, "data.record_full_val": True})
+    study, objective = make_objective(config, f"sqlite:///{tmp_path / 'db.sqlite'}")
+    study.optimize(objective, n_trials=1)
+    attrs = study.trials[0].user_attrs
+    assert set(attrs["proxies"]) == {"naswot", "synflow", "grad_norm", "zico"}
+    assert attrs["proxy_seconds"] > 0
+    curve = attrs["learning_curve"]
+    epochs = len(curve["epoch"])
+    assert epochs >= 1 and all(len(curve[k]) == epochs for k in ("seconds", "full_val_auc", "full_val_acc"))
+    # The objective is the search share's score; the whole split is scored beside it, not instead.
+    assert study.trials[0].values[0] == max(curve["val_auc"])
+    assert len(objective.data.full_val) == 2 * len(objective.data.val)
+
+
+def test_without_record_full_val_no_full_validation_is_scored(tmp_path: Path) -> None:
+    config = smoke_config(tmp_path, **{"data.search_fraction": 0.5})
+    study, objective = make_objective(config, f"sqlite:///{tmp_path / 'db.sqlite'}")
+    study.optimize(objective, n_trials=1)
+    assert objective.data.full_val is None
+    assert "full_val_auc" not in study.trials[0].user_attrs["learning_curve"]
