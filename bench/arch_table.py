@@ -46,8 +46,11 @@ DEFAULT_OUT = REPO / "bench" / "data" / "arch_table_adrenalmnist3d_28.json"
 DEFAULT_WORKDIR = REPO / "storage" / "arch-table"
 
 
+SEED_SPACE = SearchSpace()
+
+
 def select_architectures(count: int, max_flops: float, *, seed: int, candidates: int,
-                         space: SearchSpace = SearchSpace(), size: int = 28) -> list[tuple[Architecture, int]]:
+                         space: SearchSpace = SEED_SPACE, size: int = 28) -> list[tuple[Architecture, int]]:
     """``count`` distinct architectures of ``space`` at or under ``max_flops``, spread over log FLOPs.
 
     ``candidates`` samples are drawn by Optuna's RandomSampler (seeded) through the one sampling
@@ -62,8 +65,8 @@ def select_architectures(count: int, max_flops: float, *, seed: int, candidates:
         if flops <= max_flops:
             pool.setdefault(arch.arch_hash(), (arch, flops))
     if len(pool) < count:
-        raise ValueError(f"only {len(pool)} distinct architectures of {candidates} candidates are at or under "
-                         f"{max_flops:.3g} FLOPs; raise --candidates or --max-flops")
+        raise ValueError(f"only {len(pool)} distinct architectures of {candidates} candidates are at or "
+                         f"under {max_flops:.3g} FLOPs; raise --candidates or --max-flops")
     items = sorted(pool.values(), key=lambda item: (item[1], item[0].arch_hash()))
     logs = np.log10([flops for _, flops in items])
     edges = np.linspace(logs.min(), logs.max(), count + 1)
@@ -103,14 +106,14 @@ def build(args: argparse.Namespace, storage_url: str) -> None:
         start = time.perf_counter()
         chosen = select_architectures(args.archs, args.max_flops, seed=args.seed, candidates=args.candidates)
         print(f"selected {len(chosen)} architectures from {args.candidates} candidates in "
-              f"{time.perf_counter() - start:.0f} s: {chosen[0][1] / 1e6:.0f} to {chosen[-1][1] / 1e6:.0f} MFLOPs",
-              flush=True)
+              f"{time.perf_counter() - start:.0f} s: {chosen[0][1] / 1e6:.0f} to "
+              f"{chosen[-1][1] / 1e6:.0f} MFLOPs", flush=True)
         # In a seeded random order, so that a table still being built is spread over FLOPs too.
         order = np.random.default_rng(args.seed).permutation(len(chosen))
         for arch, _ in (chosen[i] for i in order):
             study.enqueue_trial(params_for(arch, config.space), skip_if_exists=True)
-    command = [sys.executable, "-m", "nas3d", "launch", "--storage", storage_url, "--study-name", args.name,
-               "--cpu", "--workers", str(args.workers)]
+    command = [sys.executable, "-m", "nas3d", "launch", "--storage", storage_url,
+               "--study-name", args.name, "--cpu", "--workers", str(args.workers)]
     print("running", " ".join(command), flush=True)
     subprocess.run(command, check=True, cwd=REPO)
 
@@ -156,10 +159,12 @@ def export(storage_url: str, name: str, command: str) -> dict:
 def machine() -> dict:
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "gpu": None}
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+               platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "gpu": None}
 
 
 def main(argv: list[str] | None = None) -> int:
