@@ -1,0 +1,324 @@
+"""Replays on the architecture table: proxy correlations, and search strategies at equal training epochs.
+
+Reads the JSON ``bench/arch_table.py`` writes. Nothing trains here: every strategy is replayed on the
+table's recorded curves, so each runs in milliseconds and can be repeated over many proposal orders.
+
+Ground truth: an architecture's **true score** is its AUC on the *whole* validation split at the epoch
+the search would keep after all the table's epochs (best search-quarter AUC, ties to the lower loss).
+The **true front** is the Pareto front of (true score, FLOPs) over the whole table.
+
+Correlations: Spearman and Kendall of each zero-cost proxy with the true score, beside FLOPs alone and
+params alone (a proxy no better than counting parameters is reported as such).
+
+Strategies, each over ``--orders`` random proposal orders (the table's architectures stand for a
+sampler's proposals; the order is the only randomness), with the epochs each spends:
+
+    full          train every proposal for all epochs
+    moasha        MO-ASHA (nas3d.early_stopping.decide) at rungs min_epochs·η^k, on the search-quarter
+                  AUC so far and FLOPs, as a live study decides
+    screen        of every k proposals, train only the one the proxy ranks best for its FLOPs (the
+                  largest residual of the proxy over its least-squares line on log10 FLOPs, fitted on
+                  the proposals seen so far); the others cost nothing
+    low           train each proposal for fewer epochs (the kept epoch among those)
+    combinations  screening with MO-ASHA or with fewer epochs
+
+For each, the hypervolume (nas3d.pareto, DESIGN §9) of the front it keeps is taken with the whole-val
+AUC of what it trained (at the epochs it trained), against the epochs spent; and how many true-front
+members its own final front (by the search-quarter scores it saw) contains.
+
+    python bench/replay_table.py bench/data/arch_table_adrenalmnist3d_28.json --png docs/replays.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import _common  # noqa: F401  (puts this checkout first on sys.path)
+import numpy as np
+from _common import format_table
+from scipy import stats
+
+from nas3d.early_stopping import RungEntry, decide, rung_epochs
+from nas3d.pareto import hypervolume, hypervolume_box
+
+PROXY_NAMES = ("naswot", "synflow", "grad_norm", "zico")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One architecture of the table, as the replays read it."""
+
+    index: int
+    flops: int
+    params: int
+    proxies: dict[str, float | None]
+    val_auc: tuple[float, ...]  # search quarter, per epoch
+    val_loss: tuple[float, ...]
+    full_val_auc: tuple[float, ...]  # whole val split, per epoch
+
+    @property
+    def epochs(self) -> int:
+        return len(self.val_auc)
+
+    def kept(self, epochs: int) -> int:
+        """0-based epoch the search keeps after ``epochs`` epochs: best quarter AUC, then lower loss."""
+        return max(range(min(epochs, self.epochs)), key=lambda e: (self.val_auc[e], -self.val_loss[e]))
+
+    def seen(self, epochs: int) -> float:
+        """The search-quarter AUC the study records after ``epochs`` epochs."""
+        return self.val_auc[self.kept(epochs)]
+
+    def true(self, epochs: int | None = None) -> float:
+        """Whole-val AUC at the kept epoch after ``epochs`` (default: all) epochs."""
+        return self.full_val_auc[self.kept(self.epochs if epochs is None else epochs)]
+
+
+def load_rows(table: dict) -> list[Row]:
+    rows = []
+    for i, r in enumerate(table["rows"]):
+        c = r["curve"]
+        rows.append(Row(i, int(r["flops"]), int(r["params"]), dict(r.get("proxies") or {}),
+                        tuple(c["val_auc"]), tuple(c["val_loss"]), tuple(c["full_val_auc"])))
+    epochs = {r.epochs for r in rows}
+    if len(epochs) != 1:
+        raise ValueError(f"every row must have the same number of epochs, but got {sorted(epochs)}")
+    return rows
+
+
+def pareto_members(points: Sequence[tuple[int, float, float]]) -> set[int]:
+    """Indices of the non-dominated ``(index, auc, flops)`` points (AUC up, FLOPs down)."""
+    front = set()
+    for i, auc, flops in points:
+        if not any((a >= auc and f <= flops) and (a > auc or f < flops) for _, a, f in points):
+            front.add(i)
+    return front
+
+
+def correlations(rows: Sequence[Row]) -> list[tuple[str, float, float, int]]:
+    """``(name, spearman, kendall, n)`` of each proxy with the true score, then of FLOPs and params."""
+    truth = np.array([r.true() for r in rows])
+    out = []
+    columns: dict[str, list[float | None]] = {n: [r.proxies.get(n) for r in rows] for n in PROXY_NAMES}
+    columns["flops (baseline)"] = [float(r.flops) for r in rows]
+    columns["params (baseline)"] = [float(r.params) for r in rows]
+    for name, values in columns.items():
+        keep = [i for i, v in enumerate(values) if v is not None and math.isfinite(v)]
+        if len(keep) < 3:
+            out.append((name, math.nan, math.nan, len(keep)))
+            continue
+        x, y = np.array([values[i] for i in keep]), truth[keep]
+        out.append((name, float(stats.spearmanr(x, y).statistic), float(stats.kendalltau(x, y).statistic),
+                    len(keep)))
+    return out
+
+
+@dataclass
+class Trace:
+    """What a strategy trained, in the order it spent epochs: ``(epochs so far, row, epochs trained)``
+    for each architecture it evaluated to its end (fully or at its fidelity)."""
+
+    steps: list[tuple[int, Row, int]]
+    spent: int
+
+
+Strategy = Callable[[Sequence[Row]], Trace]
+
+
+def full(order: Sequence[Row], epochs: int | None = None) -> Trace:
+    spent, steps = 0, []
+    for row in order:
+        e = epochs or row.epochs
+        spent += e
+        steps.append((spent, row, e))
+    return Trace(steps, spent)
+
+
+def moasha(order: Sequence[Row], eta: int, min_epochs: int) -> Trace:
+    """MO-ASHA as a sequential study runs it: each proposal, at each rung, against the earlier ones."""
+    total = order[0].epochs
+    rungs = rung_epochs(min_epochs, eta, total)
+    reached: dict[int, list[RungEntry]] = {r: [] for r in rungs}
+    spent, steps = 0, []
+    for row in order:
+        stop = None
+        for r in rungs:
+            mine = RungEntry(row.index, max(row.val_auc[:r]), float(row.flops))
+            proceed = decide(mine, reached[r], eta)[0]
+            reached[r].append(mine)
+            if not proceed:
+                stop = r
+                break
+        spent += stop or total
+        if stop is None:
+            steps.append((spent, row, total))
+    return Trace(steps, spent)
+
+
+def screen(order: Sequence[Row], proxy: str, k: int, then: Callable[[Sequence[Row]], Trace] = full) -> Trace:
+    """Of every ``k`` proposals, the one with the largest proxy residual on log10 FLOPs goes to ``then``."""
+    chosen, seen_x, seen_y = [], [], []
+    for start in range(0, len(order), k):
+        group = order[start:start + k]
+        for row in group:
+            value = row.proxies.get(proxy)
+            if value is not None and math.isfinite(value):
+                seen_x.append(math.log10(row.flops))
+                seen_y.append(value)
+        slope, intercept = np.polyfit(seen_x, seen_y, 1) if len(set(seen_x)) > 1 else (0.0, 0.0)
+
+        def residual(row: Row, slope: float = slope, intercept: float = intercept) -> float:
+            value = row.proxies.get(proxy)
+            if value is None or not math.isfinite(value):
+                return -math.inf
+            return value - (slope * math.log10(row.flops) + intercept)
+
+        chosen.append(max(group, key=residual))
+    return then(chosen)
+
+
+def curve(trace: Trace, box, grid: np.ndarray) -> np.ndarray:
+    """Hypervolume (whole-val AUC of what was trained) after each epoch budget in ``grid``."""
+    out = np.zeros(len(grid))
+    points: list[tuple[float, float]] = []
+    j, value = 0, 0.0
+    for g, budget in enumerate(grid):
+        added = False
+        while j < len(trace.steps) and trace.steps[j][0] <= budget:
+            _, row, e = trace.steps[j]
+            points.append((row.true(e), row.flops))
+            j, added = j + 1, True
+        if added:  # the front changes only when an architecture finishes
+            value = hypervolume(points, box)
+        out[g] = value
+    return out
+
+
+def true_front_recall(trace: Trace, true_front: set[int]) -> float:
+    """Share of the true front in the strategy's own final front (by the quarter scores it saw)."""
+    seen = [(row.index, row.seen(e), row.flops) for _, row, e in trace.steps]
+    return len(pareto_members(seen) & true_front) / len(true_front) if true_front else math.nan
+
+
+def strategies(epochs: int) -> dict[str, Strategy]:
+    """The replayed strategies by label (fidelities scaled to the table's epochs)."""
+    out: dict[str, Strategy] = {"full": full}
+    for eta, m in ((2, 1), (2, 2), (3, 1), (3, 2), (3, 4)):
+        if rung_epochs(m, eta, epochs):
+            out[f"moasha eta={eta} min={m}"] = lambda o, eta=eta, m=m: moasha(o, eta, m)
+    for e in sorted({max(1, epochs // 4), max(1, epochs // 3), max(1, epochs // 2)}):
+        out[f"low {e} epochs"] = lambda o, e=e: full(o, e)
+    for proxy in PROXY_NAMES:
+        for k in (2, 4):
+            out[f"screen {proxy} k={k}"] = lambda o, p=proxy, k=k: screen(o, p, k)
+    for proxy in PROXY_NAMES:
+        if rung_epochs(2, 3, epochs):
+            out[f"screen {proxy} k=2 + moasha eta=3 min=2"] = (
+                lambda o, p=proxy: screen(o, p, 2, lambda c: moasha(c, 3, 2)))
+        out[f"screen {proxy} k=2 + low {max(1, epochs // 2)} epochs"] = (
+            lambda o, p=proxy: screen(o, p, 2, lambda c: full(c, max(1, epochs // 2))))
+    return out
+
+
+def replay(rows: Sequence[Row], orders: int, seed: int) -> dict:
+    """Every strategy over ``orders`` proposal orders: hypervolume-vs-epochs curves and end figures."""
+    epochs = rows[0].epochs
+    box = hypervolume_box(28, 1, 2)
+    truth = pareto_members([(r.index, r.true(), r.flops) for r in rows])
+    full_hv = hypervolume([(r.true(), r.flops) for r in rows], box)
+    grid = np.linspace(0, len(rows) * epochs, 49)
+    rng = np.random.default_rng(seed)
+    perms = [rng.permutation(len(rows)) for _ in range(orders)]
+    results = {}
+    for label, strategy in strategies(epochs).items():
+        curves, spent, hvs, recalls, trained = [], [], [], [], []
+        for perm in perms:
+            trace = strategy([rows[i] for i in perm])
+            curves.append(curve(trace, box, grid))
+            spent.append(trace.spent)
+            hvs.append(curve(trace, box, np.array([trace.spent]))[0])
+            recalls.append(true_front_recall(trace, truth))
+            trained.append(len(trace.steps))
+        results[label] = {
+            "epochs_mean": float(np.mean(spent)), "saving": len(rows) * epochs / float(np.mean(spent)),
+            "hv_mean": float(np.mean(hvs)), "hv_std": float(np.std(hvs)),
+            "hv_share": float(np.mean(hvs)) / full_hv if full_hv > 0 else math.nan,
+            "true_front_recall": float(np.mean(recalls)), "fully_trained": float(np.mean(trained)),
+            "curve_mean": np.mean(curves, axis=0).tolist(), "curve_std": np.std(curves, axis=0).tolist(),
+        }
+    return {"architectures": len(rows), "epochs": epochs, "orders": orders, "full_hypervolume": full_hv,
+            "true_front": sorted(truth), "grid": grid.tolist(), "strategies": results}
+
+
+def plot(result: dict, path: Path, labels: Sequence[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = np.array(result["grid"])
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label in labels:
+        s = result["strategies"][label]
+        mean, std = np.array(s["curve_mean"]), np.array(s["curve_std"])
+        ax.plot(grid, mean, label=f"{label} ({s['saving']:.1f}x fewer epochs)")
+        ax.fill_between(grid, mean - std, mean + std, alpha=0.15)
+    ax.axhline(result["full_hypervolume"], color="grey", ls=":", label="whole table")
+    ax.set_xlabel("training epochs spent")
+    ax.set_ylabel("hypervolume (whole-val AUC, log10 FLOPs; DESIGN §9)")
+    ax.set_title(f"Replays on {result['architectures']} architectures x {result['epochs']} epochs, "
+                 f"mean ± std over {result['orders']} orders")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("table", type=Path)
+    parser.add_argument("--orders", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--png", type=Path)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    table = json.loads(args.table.read_text())
+    rows = load_rows(table)
+    print(f"{len(rows)} architectures x {rows[0].epochs} epochs ({table.get('machine', {}).get('cpu', '?')})")
+    print("\nproxy correlation with the true score (whole-val AUC at the kept epoch):")
+    print(format_table(("score", "spearman", "kendall", "n"),
+                       [(n, f"{s:+.3f}", f"{k:+.3f}", c) for n, s, k, c in correlations(rows)]))
+    result = replay(rows, args.orders, args.seed)
+    print(f"\nreplays, mean ± std over {args.orders} orders; whole table hypervolume "
+          f"{result['full_hypervolume']:.4f}, true front {len(result['true_front'])} architectures:")
+    print(format_table(
+        ("strategy", "epochs", "saving", "hypervolume", "share", "true front found", "trained"),
+        [(label, f"{s['epochs_mean']:.0f}", f"{s['saving']:.2f}x", f"{s['hv_mean']:.4f} ± {s['hv_std']:.4f}",
+          f"{100 * s['hv_share']:.1f} %", f"{100 * s['true_front_recall']:.0f} %",
+          f"{s['fully_trained']:.1f}")
+         for label, s in result["strategies"].items()]))
+    adopt = [(label, s) for label, s in result["strategies"].items()
+             if label != "full" and s["hv_share"] >= 0.95 and s["saving"] >= 3.0]
+    print("\nkeeps >= 95 % of the hypervolume at >= 3x fewer epochs: "
+          + (", ".join(f"{label} ({s['saving']:.1f}x, {100 * s['hv_share']:.0f} %)" for label, s in adopt)
+             or "none"))
+    if args.png:
+        best = {}
+        for label, s in result["strategies"].items():
+            family = label.split(" ")[0] if "+" not in label else "combined"
+            if family not in best or s["hv_mean"] / s["epochs_mean"] > best[family][1]:
+                best[family] = (label, s["hv_mean"] / s["epochs_mean"])
+        plot(result, args.png, ["full", *[v[0] for k, v in best.items() if k != "full"]])
+        print(f"wrote {args.png}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""bench/replay_table.py on a tiny synthetic table: the replays' bookkeeping, not a measurement."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 6
+
+
+def _replay_module():
+    path = REPO / "bench" / "replay_table.py"
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("replay_table", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def synthetic_table(n: int = 12) -> dict:
+    """Rows whose curves rise to a final AUC; the search quarter sees what the whole split sees, and
+    ``naswot`` equals the final AUC (a perfect proxy), ``zico`` its negative."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        final = float(rng.uniform(0.55, 0.95))
+        aucs = [0.5 + (final - 0.5) * (e + 1) / EPOCHS for e in range(EPOCHS)]
+        flops = int(10 ** rng.uniform(8.0, 8.7))
+        rows.append({"flops": flops, "params": flops // 1000,
+                     "proxies": {"naswot": final, "synflow": None, "grad_norm": float(i), "zico": -final},
+                     "curve": {"epoch": list(range(1, EPOCHS + 1)), "val_auc": aucs,
+                               "val_loss": [1.0 - a for a in aucs], "full_val_auc": aucs}})
+    return {"format": "nas3d-arch-table/1", "machine": {"cpu": "synthetic"}, "rows": rows}
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _replay_module()
+
+
+def test_correlations_find_a_perfect_proxy_and_its_negative(bench) -> None:
+    found = {name: (s, k, n) for name, s, k, n in bench.correlations(bench.load_rows(synthetic_table()))}
+    assert found["naswot"][:2] == (pytest.approx(1.0), pytest.approx(1.0))
+    assert found["zico"][:2] == (pytest.approx(-1.0), pytest.approx(-1.0))
+    assert found["synflow"][2] == 0  # no finite scores: not correlated, not silently zero
+
+
+def test_training_everything_recovers_the_whole_table(bench) -> None:
+    result = bench.replay(bench.load_rows(synthetic_table()), orders=3, seed=0)
+    full = result["strategies"]["full"]
+    assert full["saving"] == 1.0 and full["hv_share"] == pytest.approx(1.0)
+    assert full["true_front_recall"] == 1.0 and full["fully_trained"] == 12
+    # Curves are monotone in epochs spent and end at the whole table's hypervolume.
+    assert full["curve_mean"][-1] == pytest.approx(result["full_hypervolume"])
+    assert all(a <= b + 1e-12 for a, b in zip(full["curve_mean"], full["curve_mean"][1:], strict=False))
+
+
+def test_cheaper_strategies_spend_what_they_should(bench) -> None:
+    result = bench.replay(bench.load_rows(synthetic_table()), orders=3, seed=0)["strategies"]
+    assert result["low 3 epochs"]["saving"] == pytest.approx(2.0)
+    assert result["screen naswot k=2"]["fully_trained"] == 6
+    assert result["screen naswot k=2"]["saving"] == pytest.approx(2.0)
+    asha = result["moasha eta=3 min=2"]
+    assert 12 * 2 <= asha["epochs_mean"] < 12 * EPOCHS and asha["fully_trained"] < 12
+
+
+def test_a_perfect_proxy_screens_better_than_a_useless_one(bench) -> None:
+    rows = bench.load_rows(synthetic_table(24))
+    result = bench.replay(rows, orders=10, seed=1)["strategies"]
+    assert result["screen naswot k=4"]["hv_mean"] > result["screen grad_norm k=4"]["hv_mean"]
+
+
+def test_main_prints_the_tables_and_writes_the_png(bench, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(synthetic_table()))
+    assert bench.main([str(path), "--orders", "2", "--png", str(tmp_path / "r.png")]) == 0
+    out = capsys.readouterr().out
+    assert "spearman" in out and "moasha eta=3 min=2" in out and (tmp_path / "r.png").stat().st_size > 0
