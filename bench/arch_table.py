@@ -37,7 +37,7 @@ from nas3d.architecture import Architecture
 from nas3d.config import StudyConfig, load_study_config
 from nas3d.costs import measure_costs
 from nas3d.early_stopping import learning_curve
-from nas3d.space import SearchSpace, params_for, sample_architecture
+from nas3d.space import SearchSpace, params_and_choices_for, params_for, sample_architecture
 from nas3d.storages import make_storage
 from nas3d.study import create_study, load_study
 
@@ -110,12 +110,57 @@ def build(args: argparse.Namespace, storage_url: str) -> None:
               f"{chosen[-1][1] / 1e6:.0f} MFLOPs", flush=True)
         # In a seeded random order, so that a table still being built is spread over FLOPs too.
         order = np.random.default_rng(args.seed).permutation(len(chosen))
+        done = committed_rows(args.out, config)
         for arch, _ in (chosen[i] for i in order):
-            study.enqueue_trial(params_for(arch, config.space), skip_if_exists=True)
+            row = done.get(arch.arch_hash())
+            if row is not None:
+                study.add_trial(finished_trial(row, arch, config))
+            else:
+                study.enqueue_trial(params_for(arch, config.space), skip_if_exists=True)
+        if done:
+            print(f"{len(done)} architectures taken from {args.out} (a build made elsewhere goes on here)",
+                  flush=True)
     command = [sys.executable, "-m", "nas3d", "launch", "--storage", storage_url,
                "--study-name", args.name, "--cpu", "--workers", str(args.workers)]
     print("running", " ".join(command), flush=True)
     subprocess.run(command, check=True, cwd=REPO)
+
+
+def committed_rows(path: Path, config: StudyConfig) -> dict[str, dict]:
+    """Rows of an exported table made with the same protocol, by architecture hash; none if absent.
+
+    A fresh machine has no study database, but the committed table holds every finished row: a build
+    resumes from it instead of training those architectures again.
+    """
+    if not path.exists():
+        return {}
+    table = json.loads(path.read_text())
+    if table.get("format") != FORMAT or table.get("protocol") != protocol(config):
+        print(f"{path} was made with another protocol; not resuming from it", flush=True)
+        return {}
+    return {row["arch_hash"]: row for row in table["rows"]}
+
+
+def finished_trial(row: dict, arch: Architecture, config: StudyConfig) -> optuna.trial.FrozenTrial:
+    """A COMPLETE trial holding an exported row, as the worker would have recorded it."""
+    params, choices = params_and_choices_for(arch, config.space)
+    distributions = {name: optuna.distributions.CategoricalDistribution(choices[name]) for name in params}
+    attrs = {key: row[key] for key in ("arch", "arch_json", "arch_hash", "params", "thop_macs",
+                                       "train_seconds", "proxies", "proxy_seconds")}
+    attrs["learning_curve"] = row["curve"]
+    attrs["imported_from"] = "committed table"
+    return optuna.trial.create_trial(params=params, distributions=distributions,
+                                     values=[row["val_auc"], row["flops"]], user_attrs=attrs)
+
+
+def protocol(config: StudyConfig) -> dict:
+    return {
+        "dataset": config.data.dataset, "size": config.data.size,
+        "search_fraction": config.data.search_fraction, "subset_seed": config.data.subset_seed,
+        "epochs": config.train.max_epochs, "batch_size": config.train.batch_size, "lr": config.train.lr,
+        "seed": config.train.seed,
+        "curves": "val_* on the search quarter of val, full_val_* on all of it",
+    }
 
 
 def export(storage_url: str, name: str, command: str) -> dict:
@@ -130,6 +175,7 @@ def export(storage_url: str, name: str, command: str) -> dict:
             "arch": attrs["arch"],
             "arch_json": attrs["arch_json"],
             "arch_hash": attrs["arch_hash"],
+            "val_auc": trial.values[0],
             "flops": int(trial.values[1]),
             "params": attrs["params"],
             "thop_macs": attrs.get("thop_macs"),
@@ -144,13 +190,7 @@ def export(storage_url: str, name: str, command: str) -> dict:
         "format": FORMAT,
         "command": command,
         "machine": machine(),
-        "protocol": {
-            "dataset": config.data.dataset, "size": config.data.size,
-            "search_fraction": config.data.search_fraction, "subset_seed": config.data.subset_seed,
-            "epochs": config.train.max_epochs, "batch_size": config.train.batch_size, "lr": config.train.lr,
-            "seed": config.train.seed,
-            "curves": "val_* on the search quarter of val, full_val_* on all of it",
-        },
+        "protocol": protocol(config),
         "complete": len(rows),
         "not_complete": waiting,
         "rows": rows,

@@ -13,6 +13,14 @@ isolates the data path) while the baseline runs as the seed did, in float32 and 
 
     python bench/train_throughput.py --device cpu --threads 2
     python bench/train_throughput.py --device cuda --samples 971 --json out.json
+
+``--cpu-variants`` measures instead the trainer's own loop on the CPU in several settings against its
+defaults (channels_last_3d, eager, all cores, oneDNN on), on architectures of the real-data table
+(``--table``, the cheapest, median and dearest row) or the seed architectures: with and without
+``torch.compile``, channels-first, fewer threads, and ``torch.backends.mkldnn`` off. Variants are
+interleaved epoch by epoch, and each reports its speed as a ratio to the defaults of the same run:
+
+    python bench/train_throughput.py --cpu-variants --table bench/data/arch_table_adrenalmnist3d_28.json
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import medmnist
+import numpy as np
 import torch
 import torch.nn.functional as F
 from medmnist.info import INFO
@@ -291,6 +300,88 @@ def _table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _variant_architectures(table: Path | None) -> dict[str, nn.Module]:
+    """Name -> untrained network: three rows of the table spanning its FLOPs, or the seed ones."""
+    from nas3d.architecture import Architecture
+
+    if table is None:
+        return {f"seed-{flag}": _seed(flag)(1, 2) for flag in ("adrenalmnist3d", "synapsemnist3d")}
+    rows = sorted(json.loads(table.read_text())["rows"], key=lambda r: r["flops"])
+    picked = {id(r): r for r in (rows[0], rows[len(rows) // 2], rows[-1])}.values()
+    out = {}
+    for row in picked:
+        torch.manual_seed(0)
+        out[f"{row['arch']} ({row['flops'] / 1e6:.0f} MFLOPs)"] = build_network(
+            Architecture.from_json(row["arch_json"]), 1, 2)
+    return out
+
+
+def run_cpu_variants(args: argparse.Namespace) -> dict:
+    """The trainer's epoch in each CPU setting, against its defaults; ratios > 1 are faster."""
+    cores = torch.get_num_threads()
+    variants = {
+        "defaults": {},
+        "channels-first": {"channels_last": False},
+        "torch.compile": {"compile": True},
+        "mkldnn off": {"mkldnn": False},
+        **{f"{t} thread{'s' * (t > 1)}": {"threads": t}
+           for t in sorted({1, max(1, cores // 2)}) if t != cores},
+    }
+    with tempfile.TemporaryDirectory() as root:
+        path = write_synthetic_npz(Path(root) / "volumes.npz", num_classes=2, n_train=args.samples,
+                                   n_val=2, n_test=2, size=args.size, seed=0)
+        with np.load(path) as npz:
+            split = Split.from_arrays(npz["train_images"], npz["train_labels"], task="binary-class",
+                                      device="cpu")
+    report: dict = {"threads": cores, "samples": args.samples, "batch_size": args.batch_size, "models": {}}
+    for model_name, reference in _variant_architectures(args.table).items():
+        runs = {}
+        for name, v in variants.items():
+            model = copy.deepcopy(reference)
+            if v.get("channels_last", True):
+                model.to(memory_format=torch.channels_last_3d)
+            runnable = torch.compile(model) if v.get("compile") else model
+            runs[name] = (v, model, runnable, torch.optim.Adam(model.parameters(), lr=1e-3))
+        seconds, first = dict.fromkeys(variants, 0.0), {}
+
+        def epoch(name: str, runs: dict = runs) -> float:
+            v, _, runnable, optimizer = runs[name]
+            torch.set_num_threads(v.get("threads", cores))
+            start = time.perf_counter()
+            with torch.backends.mkldnn.flags(enabled=v.get("mkldnn", True)):
+                train_epoch(runnable, split, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                            batch_size=args.batch_size, generator=torch.Generator().manual_seed(0),
+                            channels_last=v.get("channels_last", True))
+            torch.set_num_threads(cores)
+            return time.perf_counter() - start
+
+        for name in variants:  # warm-up: oneDNN primitives, and torch.compile's compilation
+            first[name] = epoch(name)
+        for _ in range(args.epochs):
+            for name in variants:
+                seconds[name] += epoch(name)
+        base = seconds["defaults"]
+        report["models"][model_name] = {
+            name: {"seconds_per_epoch": seconds[name] / args.epochs,
+                   "speed_vs_defaults": base / seconds[name], "first_epoch_seconds": first[name]}
+            for name in variants
+        }
+    return report
+
+
+def _variants_table(report: dict) -> str:
+    lines = [f"CPU, {report['threads']} threads by default, {report['samples']} samples of batch "
+             f"{report['batch_size']}; speed as a ratio to the trainer's defaults (channels_last_3d, eager, "
+             "all threads, oneDNN on) in the same run"]
+    for model_name, variants in report["models"].items():
+        lines.append(f"\n{model_name}")
+        lines.append(f"  {'variant':<16}{'s/epoch':>10}{'vs defaults':>13}{'first epoch s':>15}")
+        for name, r in variants.items():
+            lines.append(f"  {name:<16}{r['seconds_per_epoch']:>10.2f}{r['speed_vs_defaults']:>12.2f}x"
+                         f"{r['first_epoch_seconds']:>15.1f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -308,10 +399,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-channels-last", action="store_true", help="nas3d loop channels-first, as the baseline"
     )
+    parser.add_argument("--cpu-variants", action="store_true",
+                        help="the trainer's loop in several CPU settings against its defaults (see above)")
+    parser.add_argument("--table", type=Path, help="with --cpu-variants: the architecture table to draw from")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if args.cpu_variants:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        report = run_cpu_variants(args)
+        print(_variants_table(report))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        return 0
     report = run(args)
     print(_table(report))
     if args.json:

@@ -149,6 +149,7 @@ class _Replay:
     def __init__(self, arch: Architecture) -> None:
         self.arch = arch
         self.params: dict[str, object] = {}
+        self.choices: dict[str, tuple[object, ...]] = {}  # the choices each parameter was offered
 
     def suggest_categorical(self, name: str, choices: Sequence):
         arch = self.arch
@@ -168,6 +169,7 @@ class _Replay:
                 f"{name}={value!r} is not among {list(choices)}"
             )
         self.params[name] = value
+        self.choices[name] = tuple(choices)
         return value
 
 
@@ -176,8 +178,16 @@ def params_for(arch: Architecture, space: SearchSpace = SearchSpace()) -> dict[s
 
     Raises ``ValueError`` naming the first choice that ``space`` does not offer.
     """
+    return params_and_choices_for(arch, space)[0]
+
+
+def params_and_choices_for(
+    arch: Architecture, space: SearchSpace = SearchSpace()
+) -> tuple[dict[str, object], dict[str, tuple[object, ...]]]:
+    """:func:`params_for` and, per parameter, the choices the sampler offers it (what an Optuna
+    ``CategoricalDistribution`` needs to record a finished trial of ``arch`` directly)."""
     replay = _Replay(arch)
     rebuilt = sample_architecture(replay, space)
     if rebuilt != arch:  # pragma: no cover - guards the sampler and this inverse staying in step
         raise AssertionError(f"params_for({arch}) rebuilt {rebuilt}")
-    return replay.params
+    return replay.params, replay.choices
