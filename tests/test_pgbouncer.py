@@ -21,6 +21,9 @@ from tests.test_storage import _check_lock_excludes_other_workers
 from tests.test_study import smoke_config
 from tests.test_worker import finish, start_worker
 
+# Every test starts a real PgBouncer in front of PostgreSQL: `make test`, not `make test-fast`.
+pytestmark = pytest.mark.slow
+
 # Two server connections for everything: one worker's lock transaction plus its own queries. Small on
 # purpose: a lock that blocks inside the database while waiting would pin the second one and starve
 # the holder (a deadlock until query_wait_timeout); a session lock would be "held" by both clients,
@@ -61,7 +64,6 @@ def test_storage_through_pgbouncer_survives_repeated_statements(bouncer_url: str
     assert len(study.get_trials()) == 12
 
 
-@pytest.mark.slow
 def test_two_workers_through_pgbouncer_finish_exactly_the_budget(bouncer_url: str, tmp_path: Path) -> None:
     config = smoke_config(tmp_path, **{"study.n_trials": 4, "study.name": "pgb"})
     study = create_study(config, make_storage(bouncer_url))
