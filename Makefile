@@ -1,10 +1,11 @@
 # Two entry points: `make search` (the main job) and `make test` (the suite CI runs).
+# Also: `make test-fast` (everything not marked slow), `make docs` (the documentation site), `make lint`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # A small real search: OrganMNIST3D at 28^3 (downloaded by medmnist, or --data-root), 20 trials.
 SEARCH_ARGS ?= --dataset organmnist3d --name organmnist3d-quick --n-trials 20 --max-epochs 10
 
-.PHONY: search test lint
+.PHONY: search test test-fast docs lint
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,6 +18,12 @@ search: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow"
+
+docs: $(VENV)/.installed
+	$(VENV)/bin/mkdocs build --strict
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check nas3d tests bench

@@ -65,6 +65,7 @@ def test_a_postgresql_study_refuses_a_relative_artifact_folder(postgres_url: str
     assert "pg-relative" not in [s.study_name for s in storage.get_all_studies()]  # nothing created
 
 
+@pytest.mark.slow  # a `nas3d` subprocess: seconds of imports under load
 def test_a_worker_that_cannot_reach_the_store_refuses_to_start_in_one_line(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'nas3d.db'}"
     create_study(smoke_config(tmp_path, **{"study.name": "gone"}), make_storage(url),

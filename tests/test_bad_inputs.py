@@ -24,6 +24,9 @@ SMOKE = str(REPO / "studies" / "smoke.toml")
 STUDY = f"--study {SMOKE} --data-root data --name fresh"  # a new study from the smoke file, data present
 UNREACHABLE_PG = "postgresql://postgres:secret@127.0.0.1:1/nas3d"
 
+# Each row is a `nas3d` subprocess (seconds of imports each, ~45 rows): `make test`, not `make test-fast`.
+pytestmark = pytest.mark.slow
+
 # (id, the command line after `nas3d`, a part of the one-line message). Paths are relative to the
 # workspace (see `workspace`): storage/ (NAS3D_HOME, holding study "smoke": trial 0 complete with a
 # checkpoint, trial 1 failed), data/ (the smoke data), corrupt/ (a damaged smoke data file), outdir/

@@ -89,6 +89,7 @@ def test_search_smoke_study_end_to_end(tmp_path: Path) -> None:
     assert status.returncode == 0 and "val_auc" in status.stdout
 
 
+@pytest.mark.slow  # a `nas3d` subprocess: seconds of imports under load
 def test_missing_dataset_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     result = nas3d("search", "--dataset", "nodulemnist3d", "--data-root", str(empty),
@@ -100,6 +101,7 @@ def test_missing_dataset_is_one_line_and_creates_nothing(tmp_path: Path) -> None
     assert optuna.get_all_study_summaries(make_storage(None)) == []
 
 
+@pytest.mark.slow  # a `nas3d` subprocess: seconds of imports under load
 def test_download_failure_offline_never_switches_data(tmp_path: Path) -> None:
     # With download on and no network the job stops with the same kind of one-line error. No network
     # on any machine: every URL goes through a proxy port that is bound but never listens (refused).
@@ -129,6 +131,7 @@ def test_download_failure_offline_never_switches_data(tmp_path: Path) -> None:
     assert optuna.get_all_study_summaries(make_storage(None)) == []
 
 
+@pytest.mark.slow  # a `nas3d` subprocess: seconds of imports under load
 def test_bad_study_file_key_is_named(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text((REPO / "studies" / "smoke.toml").read_text().replace("max_epochs", "max_epoch"))
@@ -138,6 +141,7 @@ def test_bad_study_file_key_is_named(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # a `nas3d` subprocess: seconds of imports under load
 def test_worker_for_unknown_study_says_how_to_create_it(tmp_path: Path) -> None:
     result = nas3d("worker", "--study-name", "nope", cwd=tmp_path)
     assert result.returncode == 2

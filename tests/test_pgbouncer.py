@@ -28,6 +28,8 @@ from tests.test_worker import finish, start_worker
 POOL_SIZE = 2
 
 
+# Every test that uses it starts a real PgBouncer in front of PostgreSQL: marked slow (`make test`, not
+# `make test-fast`).
 @pytest.fixture
 def bouncer_url(postgres_server: str) -> Iterator[str]:
     """A fresh database, reached through a PgBouncer in transaction mode started for this test."""
@@ -47,10 +49,12 @@ def bouncer_url(postgres_server: str) -> Iterator[str]:
             server.__exit__(None, None, None)
 
 
+@pytest.mark.slow
 def test_study_lock_excludes_a_second_holder_through_pgbouncer(bouncer_url: str) -> None:
     _check_lock_excludes_other_workers(bouncer_url)
 
 
+@pytest.mark.slow
 def test_storage_through_pgbouncer_survives_repeated_statements(bouncer_url: str) -> None:
     # psycopg prepares a statement on its 5th use; through PgBouncer 1.18 that fails on the next
     # server connection, unless nas3d turned preparing off.
@@ -72,6 +76,7 @@ def test_two_workers_through_pgbouncer_finish_exactly_the_budget(bouncer_url: st
     assert budget_state(study).used == 4 == len([t for t in trials if "duplicate_of" not in t.user_attrs])
 
 
+@pytest.mark.slow
 def test_lock_of_a_vanished_holder_expires(bouncer_url: str) -> None:
     # A holder that stops talking without closing its connection (its host died) must not keep the
     # study lock for the hours a TCP keepalive takes: the server ends the idle transaction.
