@@ -162,6 +162,8 @@ def export_onnx(checkpoint: Checkpoint, path: str | Path) -> Path:
         # InstanceNorm3d without running stats uses batch statistics in eval mode too; the exporter
         # warns that it exports it "with train=True", which is exactly that.
         warnings.filterwarnings("ignore", "ONNX export mode is set to TrainingMode.EVAL", UserWarning)
+        # Shape checks inside InstanceNorm and F.interpolate, constant for a fixed volume size.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(
             model, (example,), str(partial), dynamo=False, opset_version=ONNX_OPSET,
             input_names=["input"], output_names=["logits", "probabilities"],
