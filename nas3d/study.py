@@ -92,6 +92,12 @@ def create_study(
         # Read back through the current dataclasses, so a setting added since the study was created
         # compares as its default instead of as a difference.
         existing = StudyConfig.from_dict(existing, source=f"study {config.study.name!r}").to_dict()
+        if existing != wanted and _first_difference(existing, wanted).startswith("data.manifest_hash:"):
+            raise ValueError(
+                f"study {config.study.name!r} was created from other contents of manifest "
+                f"{config.data.dataset} (its files' hash changed); restore them, or give a study of the new "
+                "data another name (study.name / --name)"
+            )
         if existing != wanted:
             raise ValueError(
                 f"study {config.study.name!r} already exists with a different configuration "

@@ -144,6 +144,20 @@ def test_a_recorded_hash_the_files_no_longer_have_is_refused(tmp_path: Path) -> 
     assert "\n" not in str(info.value)
 
 
+def test_a_study_made_again_from_changed_files_is_refused(tmp_path: Path) -> None:
+    from nas3d.config import StudyConfig, StudySettings
+    from nas3d.study import prepare_study
+
+    csv_path = nifti_folder(tmp_path / "own")
+    config = StudyConfig(study=StudySettings(name="mine"), data=manifest_config(csv_path))
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    prepare_study(config, url)
+    prepare_study(config, url)  # the same files: the same study
+    write_volume(tmp_path / "own" / "volumes" / "case001_0.nii.gz", np.ones((10, 11, 9), np.float32))
+    with pytest.raises(ValueError, match="was created from other contents of manifest"):
+        prepare_study(config, url)
+
+
 def test_without_a_split_column_the_split_is_stratified_and_seeded(tmp_path: Path) -> None:
     csv_path = nifti_folder(tmp_path, n=40)
     cfg = manifest_config(csv_path, split_fractions=(0.5, 0.25, 0.25))
