@@ -78,7 +78,7 @@ class Checkpoint:
         Files without the record were trained on MedMNIST-style data: uint8 / 255 at the input size."""
         recorded = self.metadata.get("preprocessing")
         if isinstance(recorded, dict):
-            return Preprocessing.from_dict(recorded)
+            return dataclasses.replace(Preprocessing.from_dict(recorded), channels=self.in_channels)
         data = self.data_config
         if data is not None and data.resolved:
             return dataclasses.replace(data.preprocessing, channels=self.in_channels)

@@ -922,6 +922,8 @@ def _manifest_split_indices(
         for k, name in enumerate(classes):
             if k in present:
                 continue
+            if k not in set(labels.tolist()):
+                raise ManifestError(f"manifest {manifest.path}: class {name!r} (data.classes) has no sample")
             if split == "train":
                 other = next(s for s in ("val", "test") if k in set(labels[splits[s]].tolist()))
                 raise ManifestError(f"manifest {manifest.path}: class {name!r} is in the {other} split but "

@@ -34,7 +34,7 @@ from nas3d.architecture import Architecture
 from nas3d.baselines import BASELINES
 from nas3d.checkpoint import checkpoint_data, load_checkpoint, save_checkpoint
 from nas3d.costs import measure_costs
-from nas3d.data import DATASETS, SYNTHETIC, DataConfig, DeviceData, load_splits
+from nas3d.data import DATASETS, SYNTHETIC, DataConfig, DeviceData, load_splits, resolve_manifest
 from nas3d.metrics import accuracy, auc, evaluator_metrics
 from nas3d.registry import ModelRecipe
 from nas3d.train import (
@@ -367,6 +367,8 @@ def retrain(
     if results_path.exists() and not overwrite:
         raise ValueError(f"{results_path} exists; pass --force (overwrite=True) to retrain over it, "
                          "or choose another --out")
+    if data_config.is_manifest:  # classes, channels and hash: what the checkpoints record for predict
+        data_config = resolve_manifest(data_config)
     data = load_splits(data_config, device, for_search=False)  # full train and val, and test
     assert data.test is not None
     costs = dataclasses.asdict(measure_costs(source.recipe, data.in_channels, data.num_classes, data.size))

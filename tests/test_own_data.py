@@ -282,6 +282,20 @@ def test_predict_writes_a_row_per_volume_with_class_columns(tmp_path: Path) -> N
     assert list(csv.DictReader(open(tmp_path / "one.csv")))[0]["image"] == volumes[0]
 
 
+def test_retrain_on_a_manifest_tests_on_its_test_split_and_its_checkpoint_predicts(tmp_path: Path) -> None:
+    from nas3d.retrain import RetrainConfig, RetrainSource, retrain
+
+    csv_path = nifti_folder(tmp_path / "own")
+    source = RetrainSource.from_architecture("tiny", TINY)
+    report = retrain(source, manifest_config(csv_path), RetrainConfig(epochs=1, seeds=(0,), batch_size=8),
+                     "cpu", tmp_path / "out")
+    assert report.results["samples"] == {"train": 16, "val": 4, "test": 4} and not report.failed
+    checkpoint = load_checkpoint(tmp_path / "out" / "seed-0.pt")
+    assert checkpoint.class_names == ("benign", "malignant") and checkpoint.preprocessing.channels == 1
+    _, rows = write_predictions(tmp_path / "out" / "seed-0.pt", tmp_path / "p.csv", manifest=csv_path)
+    assert rows == 24
+
+
 def test_a_medmnist_checkpoint_predicts_with_medmnist_class_names(tmp_path: Path) -> None:
     data = DataConfig(dataset="adrenalmnist3d", size=28)
     path = _checkpoint(tmp_path / "m.pt", TINY, data, size=28)
