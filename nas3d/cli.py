@@ -19,7 +19,8 @@ from nas3d.util import EXIT_USAGE
 _FLAGS: dict[str, dict[str, Any]] = {
     "--storage": dict(help="sqlite:///FILE, postgresql://..., journal:FILE (default $NAS3D_STORAGE)"),
     "--study": dict(metavar="FILE", help="study file (TOML), e.g. studies/smoke.toml"),
-    "--dataset": dict(help="a MedMNIST3D flag or 'synthetic' (retrain: default the recorded one)"),
+    "--dataset": dict(help="a MedMNIST3D flag, 'synthetic', or your own labels CSV (a path ending in .csv, "
+                      "see docs/own-data.md); retrain: default the recorded one"),
     "--size": dict(type=int, help="volume size, 28 or 64 (default: the file's or the recorded one, else 28)"),
     "--name": dict(help="study name (overrides the file)"),
     "--n-trials": dict(type=int, help="trial budget across all workers"),
@@ -55,6 +56,12 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "--retrain-results": dict(action="append", default=[], metavar="DIR", help="`nas3d retrain` folders"),
     "runs": dict(nargs="+", metavar="DIR", help="folders written by `nas3d retrain`"),
     "--picture": dict(action="store_true", help="also write the architecture picture (.svg) beside it"),
+    "--checkpoint": dict(metavar="FILE", help="a checkpoint from `nas3d export` or `nas3d retrain`"),
+    "--manifest": dict(metavar="CSV", help="a labels CSV as for search (label and split columns optional)"),
+    "volumes": dict(nargs="*", metavar="VOLUME", help="volume files (.nii, .nii.gz, .npy, .npz)"),
+    "--format": dict(choices=("checkpoint", "onnx"), help="what --out gets (default: checkpoint; with "
+                                                          "--checkpoint FILE: onnx)"),
+    "--onnx": dict(metavar="FILE", help="also write the model as ONNX (dynamic batch axis) to FILE"),
     "--artifacts": dict(metavar="LOCATION", help="the study's artifact store: a folder or s3://bucket/prefix"),
 }
 _DEFINITION = ("--size", "--name", "--n-trials", "--max-epochs", "--data-root", "--sampler", "--warm-start",
@@ -174,11 +181,35 @@ class Report(Command):
 
 
 class Export(Command):
-    name, help = "export", "copy a trial's checkpoint out of the study's artifact store"
-    flags = ("--storage", "--study-name", "--trial", "--out", "--force", "--picture")
+    name, help = "export", "copy a trial's checkpoint out of the study's artifact store, or a model to ONNX"
+    exclusive, required_choice = (("--study-name", "--checkpoint"),), True
+    flags = ("--storage", "--trial", "--out", "--force", "--picture", "--format", "--onnx")
+    overrides = {"--study-name": dict(required=False, help="with --trial"), "--trial": dict(required=False),
+                 "--checkpoint": dict(metavar="FILE", help="a checkpoint file to export to ONNX"),
+                 "--out": dict(required=False, metavar="PATH", help="checkpoint (--format onnx: ONNX) file")}
     def run(self, args: argparse.Namespace) -> int | str:
-        from nas3d.report import export_trial
-        return export_trial(_storage(args), args.study_name, args.trial, args.out, args.force, args.picture)
+        from nas3d.report import export_model, export_trial
+        if args.checkpoint:
+            return export_model(args.checkpoint, args.out, args.format, args.onnx, args.force)
+        if args.trial is None:
+            raise ValueError("--study-name needs --trial N (the trial number `nas3d status` shows)")
+        return export_trial(_storage(args), args.study_name, args.trial, args.out, args.force, args.picture,
+                            fmt=args.format, onnx=args.onnx)
+
+
+class Predict(Command):
+    name, help = "predict", "class probabilities for your volumes (a manifest or files) from a checkpoint"
+    flags = ("--checkpoint", "--manifest", "volumes", "--out", "--device", "--batch-size", "--force")
+    overrides = {"--checkpoint": dict(required=True, metavar="FILE", help="a checkpoint (`nas3d export`)"),
+                 "--out": dict(required=True, metavar="CSV", help="the predictions: a row per volume"),
+                 "--batch-size": dict(type=int, default=16)}
+    def run(self, args: argparse.Namespace) -> int | str:
+        from nas3d.checkpoint import write_predictions
+        from nas3d.train import torch_device
+        out, rows = write_predictions(args.checkpoint, args.out, manifest=args.manifest, volumes=args.volumes,
+                                      device=torch_device(args.device), batch_size=args.batch_size,
+                                      overwrite=args.force)
+        return f"predicted {rows} volume{'s' if rows != 1 else ''} into {out}"
 
 
 class Retrain(Command):
@@ -216,8 +247,8 @@ class Compare(Command):
         return format_comparison([(path, load_results(path)) for path in args.runs])
 
 
-_COMMANDS: tuple[Command, ...] = (CreateStudy(), Worker(), Launch(), Status(), Search(), Export(), Retrain(),
-                                  Compare(), Dashboard(), Report())
+_COMMANDS: tuple[Command, ...] = (CreateStudy(), Worker(), Launch(), Status(), Search(), Export(), Predict(),
+                                  Retrain(), Compare(), Dashboard(), Report())
 
 
 def build_parser() -> argparse.ArgumentParser:

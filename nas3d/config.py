@@ -153,10 +153,8 @@ class StudyConfig:
 
 def default_study_config(dataset: str, size: int = 28) -> StudyConfig:
     """The seed study's setup for one dataset, named ``f"{dataset}-{size}"``."""
-    return StudyConfig(
-        study=StudySettings(name=f"{dataset}-{size}"),
-        data=DataConfig(dataset=dataset, size=size),
-    )
+    data = DataConfig(dataset=dataset, size=size)
+    return StudyConfig(study=StudySettings(name=f"{data.name}-{size}"), data=data)
 
 
 def load_study_config(path: str | Path) -> StudyConfig:
@@ -179,7 +177,13 @@ def load_study_config(path: str | Path) -> StudyConfig:
     except tomllib.TOMLDecodeError as e:
         # tomllib's message already ends with "(at line N, column M)"
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    return StudyConfig.from_dict(doc, source=str(path))
+    config = StudyConfig.from_dict(doc, source=str(path))
+    manifest = Path(config.data.dataset).expanduser()
+    if config.data.is_manifest and not manifest.is_absolute():
+        # A manifest named in a study file is relative to that file, wherever the command runs.
+        config = dataclasses.replace(config, data=dataclasses.replace(
+            config.data, dataset=str((path.parent / manifest).absolute())))
+    return config
 
 
 #: Command-line flags that set one study-file key each (``--n-trials 20`` is ``study.n_trials``).

@@ -71,17 +71,64 @@ def exported_line(study_name: str, number: int, out: Any, checkpoint: Any) -> st
 
 
 def export_trial(storage: Any, study_name: str, number: int, out: str | Path, overwrite: bool = False,
-                 picture: bool = False) -> str:
+                 picture: bool = False, *, fmt: str | None = None, onnx: str | Path | None = None) -> str:
     """``nas3d export``: :func:`nas3d.study.export_checkpoint` from ``storage`` (string or spec) and its
-    artifact store; returns what to tell the user."""
+    artifact store, and the model as ONNX to ``onnx`` (or to ``out`` with ``fmt="onnx"``, the
+    checkpoint then not kept); returns what to tell the user."""
+    import tempfile
+
+    from nas3d.checkpoint import export_onnx
     from nas3d.study import export_checkpoint
 
-    # The storage is opened read-only (it must exist) with the artifact store that goes with it.
-    trial, checkpoint = export_checkpoint(storage, None, study_name, number, out, overwrite=overwrite,
-                                          picture=picture)
-    drawn = picture and checkpoint.architecture is not None
-    picture_note = f"; picture {Path(out).with_suffix('.svg')}" if drawn else ""
-    return exported_line(study_name, trial.number, out, checkpoint) + picture_note
+    if fmt == "onnx":
+        if onnx is not None:
+            raise ValueError("--format onnx writes the ONNX file to --out; drop --onnx, or --format")
+        onnx, out = out, None  # type: ignore[assignment]
+    if out is None and onnx is None:
+        raise ValueError("export needs --out FILE (the checkpoint), or --onnx FILE")
+    _check_out(onnx, overwrite)
+    with tempfile.TemporaryDirectory() as tmp:
+        # The storage is opened read-only (it must exist) with the artifact store that goes with it.
+        target = out if out is not None else Path(tmp) / f"trial-{number}.pt"
+        trial, checkpoint = export_checkpoint(storage, None, study_name, number, target, overwrite=overwrite,
+                                              picture=picture and out is not None)
+        if onnx is not None:
+            export_onnx(checkpoint, onnx)
+    drawn = picture and out is not None and checkpoint.architecture is not None
+    notes = f"; picture {Path(target).with_suffix('.svg')}" if drawn else ""
+    notes += f"; ONNX {onnx}" if onnx else ""
+    return exported_line(study_name, trial.number, out if out is not None else onnx, checkpoint) + notes
+
+
+def export_model(checkpoint_path: str | Path, out: str | Path | None, fmt: str | None,
+                 onnx: str | Path | None, overwrite: bool = False) -> str:
+    """``nas3d export --checkpoint FILE --format onnx --out model.onnx`` (or ``--onnx model.onnx``)."""
+    from nas3d.checkpoint import export_onnx, load_checkpoint
+
+    if fmt not in (None, "onnx"):
+        raise ValueError(f"a checkpoint file exports to ONNX only (--format onnx), not --format {fmt}")
+    if out is not None and onnx is not None:
+        raise ValueError("give the ONNX file once: --out model.onnx or --onnx model.onnx")
+    target = out if out is not None else onnx
+    if target is None:
+        raise ValueError("--checkpoint needs --out model.onnx with --format onnx, or --onnx model.onnx")
+    if out is not None and fmt is None:
+        raise ValueError("export --checkpoint writes ONNX: add --format onnx (or give --onnx FILE)")
+    _check_out(target, overwrite)
+    checkpoint = load_checkpoint(checkpoint_path)
+    export_onnx(checkpoint, target)
+    return (f"exported {checkpoint.recipe.describe()} from {checkpoint_path} to {target} (ONNX, input "
+            f"(batch, {checkpoint.in_channels}, {checkpoint.input_size}, {checkpoint.input_size}, "
+            f"{checkpoint.input_size}); classes {', '.join(checkpoint.class_names)})")
+
+
+def _check_out(path: str | Path | None, overwrite: bool) -> None:
+    if path is None:
+        return
+    if Path(path).is_dir():
+        raise ValueError(f"--out {path} is a folder; give a file path, e.g. {Path(path) / 'model.onnx'}")
+    if Path(path).exists() and not overwrite:
+        raise ValueError(f"{path} exists; pass --force to overwrite it, or choose another path")
 
 
 def retrain_header(plan: Any) -> str:

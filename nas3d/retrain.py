@@ -32,9 +32,9 @@ import torch
 
 from nas3d.architecture import Architecture
 from nas3d.baselines import BASELINES
-from nas3d.checkpoint import load_checkpoint, save_checkpoint
+from nas3d.checkpoint import checkpoint_data, load_checkpoint, save_checkpoint
 from nas3d.costs import measure_costs
-from nas3d.data import DATASETS, SYNTHETIC, DataConfig, DeviceData, load_splits
+from nas3d.data import DATASETS, SYNTHETIC, DataConfig, DeviceData, load_splits, resolve_manifest
 from nas3d.metrics import accuracy, auc, evaluator_metrics
 from nas3d.registry import ModelRecipe
 from nas3d.train import (
@@ -219,7 +219,8 @@ def resolve_data(
     if dataset is None and recorded is None:
         what = ("--baseline" if source.recipe.architecture is None
                 else "this checkpoint records no dataset, so it")
-        raise ValueError(f"{what} needs --dataset: one of {', '.join((*DATASETS, SYNTHETIC))}")
+        raise ValueError(f"{what} needs --dataset: one of {', '.join((*DATASETS, SYNTHETIC))}, or a "
+                         "manifest .csv")
     if dataset is not None and (recorded is None or recorded.dataset != dataset):
         keep_size = recorded is not None and SYNTHETIC not in (dataset, recorded.dataset)
         recorded = DataConfig(dataset=dataset, size=recorded.size if keep_size else 28)
@@ -289,7 +290,7 @@ def plan_retrain(options: dict[str, Any], storage: Any) -> RetrainPlan:
         recorded, source, dataset=options.get("dataset"), size=options.get("size"),
         root=options.get("data_root"), overrides=parse_overrides(options.get("set") or (), only_table="data"),
     )
-    out = options.get("out") or storage_home() / "retrain" / f"{source.name}-{data.dataset}-{data.size}"
+    out = options.get("out") or storage_home() / "retrain" / f"{source.name}-{data.name}-{data.size}"
     return RetrainPlan(source=source, data=data, config=config, device=device, out=Path(out))
 
 
@@ -366,6 +367,8 @@ def retrain(
     if results_path.exists() and not overwrite:
         raise ValueError(f"{results_path} exists; pass --force (overwrite=True) to retrain over it, "
                          "or choose another --out")
+    if data_config.is_manifest:  # classes, channels and hash: what the checkpoints record for predict
+        data_config = resolve_manifest(data_config)
     data = load_splits(data_config, device, for_search=False)  # full train and val, and test
     assert data.test is not None
     costs = dataclasses.asdict(measure_costs(source.recipe, data.in_channels, data.num_classes, data.size))
@@ -394,7 +397,7 @@ def retrain(
             "precision": "float32",  # scores are float32 softmax of float32 logits (nas3d.train.predict)
             "channels_last": config.channels_last,
             "kept_epoch": f"best {config.keep}",
-            "metrics": ("nas3d.metrics (MedMNIST getAUC/getACC)" if data_config.dataset == SYNTHETIC
+            "metrics": ("nas3d.metrics (MedMNIST getAUC/getACC)" if not data_config.is_medmnist
                         else "medmnist.Evaluator on the test split"),
         },
         "costs": {**costs, "flops_convention": FLOPS_CONVENTION},
@@ -457,7 +460,7 @@ def _run_seed(
     metadata = {
         **{k: source.source[k] for k in ("study", "trial") if k in source.source},
         "dataset": data.name,
-        "data": dataclasses.asdict(data_config),
+        **checkpoint_data(data_config),
         "seed": seed,
         "best_epoch": trained.best_epoch,
         "metrics": metrics,
@@ -481,7 +484,7 @@ def test_metrics(data_config: DataConfig, split: Any, scores: np.ndarray) -> tup
     """Test AUC and ACC of ``scores``: by ``medmnist.Evaluator`` itself on the real test split (same flag,
     split and size), or by :mod:`nas3d.metrics` (the same functions) for synthetic data."""
     labels = split.labels.cpu().numpy()
-    if data_config.dataset == SYNTHETIC:
+    if not data_config.is_medmnist:  # synthetic data or a manifest: no medmnist split to evaluate on
         return auc(labels, scores, split.task), accuracy(labels, scores, split.task)
     return evaluator_metrics(data_config.dataset, "test", data_config.size, data_config.data_root, labels,
                              scores)

@@ -22,10 +22,10 @@ from optuna.artifacts import upload_artifact
 from optuna.trial import FrozenTrial, TrialState
 
 from nas3d.architecture import Architecture, InfeasibleArchitecture
-from nas3d.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from nas3d.checkpoint import Checkpoint, checkpoint_data, load_checkpoint, save_checkpoint
 from nas3d.config import StudyConfig
 from nas3d.costs import Costs, measure_costs
-from nas3d.data import DataShape, DeviceData, check_data
+from nas3d.data import DataShape, DeviceData, check_manifest_unchanged, prepare_data
 from nas3d.early_stopping import EpochMonitor
 from nas3d.model import build_model
 from nas3d.pareto import EARLY_STOPPED_ATTR
@@ -93,6 +93,12 @@ def create_study(
         # Read back through the current dataclasses, so a setting added since the study was created
         # compares as its default instead of as a difference.
         existing = StudyConfig.from_dict(existing, source=f"study {config.study.name!r}").to_dict()
+        if existing != wanted and _first_difference(existing, wanted).startswith("data.manifest_hash:"):
+            raise ValueError(
+                f"study {config.study.name!r} was created from other contents of manifest "
+                f"{config.data.dataset} (its files' hash changed); restore them, or give a study of the new "
+                "data another name (study.name / --name)"
+            )
         if existing != wanted:
             raise ValueError(
                 f"study {config.study.name!r} already exists with a different configuration "
@@ -125,9 +131,11 @@ def prepare_study(
     see :func:`create_study`), or check the existing one.
 
     The data is checked first (present, and readable as the configured dataset), so a missing or
-    corrupt file never leaves an empty study behind, and nas3d never falls back to other data.
+    corrupt file never leaves an empty study behind, and nas3d never falls back to other data. A
+    manifest's samples are all prepared (and cached), and the study records the manifest's absolute
+    path, class names, channels and content hash (:func:`nas3d.data.prepare_data`).
     """
-    check_data(config.data)
+    config = dataclasses.replace(config, data=prepare_data(config.data))
     return create_study(config, make_storage(storage), artifacts=artifacts)
 
 
@@ -163,9 +171,13 @@ def enqueue_seed_architectures(study: optuna.Study, config: StudyConfig) -> int:
 
 
 def load_study(
-    name: str, storage: optuna.storages.BaseStorage, *, worker_number: int | None = None
+    name: str, storage: optuna.storages.BaseStorage, *, worker_number: int | None = None,
+    check_data: bool = False,
 ) -> tuple[optuna.Study, StudyConfig]:
     """Load study ``name`` with its stored configuration.
+
+    ``check_data``: refuse (:class:`nas3d.data.ManifestChanged`, one line) a study made from a manifest
+    whose files here hash otherwise than when it was created: every worker must train on the same data.
 
     ``worker_number`` (a number no other worker of the study has, from
     :func:`allocate_worker_number`) seeds this worker's own sampler: workers with one seed would
@@ -178,6 +190,8 @@ def load_study(
     if CONFIG_ATTR not in user_attrs:
         raise ValueError(f"study {name!r} was not created by nas3d (no {CONFIG_ATTR!r} user attr)")
     config = StudyConfig.from_dict(user_attrs[CONFIG_ATTR], source=f"study {name!r}")
+    if check_data:
+        check_manifest_unchanged(config.data)
     settings = config.study
     if settings.sampler_seed is not None and worker_number is not None:
         seed = int(np.random.SeedSequence([settings.sampler_seed, worker_number]).generate_state(1)[0])
@@ -433,7 +447,7 @@ class TrialObjective:
             "study": trial.study.study_name,
             "trial": trial.number,
             "dataset": self.data.name,
-            "data": dataclasses.asdict(self.config.data),  # what `nas3d retrain` loads by default
+            **checkpoint_data(self.config.data),  # what `nas3d retrain` loads, what `nas3d predict` does
             "metrics": {"val_auc": val_auc, "val_acc": val_acc, "flops": flops},
         }
         with tempfile.TemporaryDirectory() as tmp:

@@ -530,7 +530,7 @@ def run_worker(
             storage_url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
             retry_window=window, must_exist=True,
         )
-        load_study(study_name, optuna_storage)  # bad input first: unknown study, foreign study
+        load_study(study_name, optuna_storage, check_data=True)  # bad input first: study, changed data
         lock = study_lock(storage_url, study_name)
         _with_retries(lock.acquire, window, optuna_storage)
         try:

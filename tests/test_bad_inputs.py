@@ -72,6 +72,19 @@ ROWS: list[tuple[str, str, str]] = [
     ("typo-data-root-download", "search --dataset adrenalmnist3d --data-root typo/medmnist", "could not download"),
     ("missing-dataset-no-download", "search --dataset nodulemnist3d --data-root typo --set data.download=false",
      "nodulemnist3d.npz not found in"),
+    # your own data: a manifest (labels CSV) and its volumes
+    ("manifest-missing-volume", "search --dataset missing/labels.csv --size 6 --cpu", "labels.csv line 4: volume 'volumes/case002_0.nii.gz' not found"),
+    ("manifest-unreadable-volume", "search --dataset unreadable/labels.csv --size 6 --cpu", "labels.csv line 4: volume case002_0.nii.gz is not readable"),
+    ("manifest-missing-columns", "search --dataset no-label.csv --size 6", "needs the columns 'image', 'label'"),
+    ("manifest-single-class", "search --dataset single/labels.csv --size 6", "every row has label 'benign'; a classifier needs at least two"),
+    ("manifest-class-not-in-train", "search --dataset val-only/labels.csv --size 6", "class 'malignant' is in the val split but not in train"),
+    ("manifest-channel-counts", "search --dataset channels/labels.csv --size 6", "line 4: the sample has 2 channel(s), but line 2's has 1"),
+    ("manifest-empty-split", "search --dataset no-test/labels.csv --size 6", "the test split is empty"),
+    ("manifest-nan-volume", "search --dataset nan/labels.csv --size 6", "line 4: volume case002_0.nii.gz holds 216 NaN or infinite values"),
+    ("manifest-changed-under-study", "worker --study-name own", "changed since the study was created"),
+    ("predict-wrong-channels", "predict --checkpoint own.pt two-channels.npy --out p.csv", "volume two-channels.npy: the sample has 2 channel(s), but the model takes 1"),
+    ("predict-out-exists", "predict --checkpoint own.pt one-channel.npy --out existing.pt", "exists; pass --force"),
+    ("export-checkpoint-needs-format", "export --checkpoint own.pt --out m.onnx", "add --format onnx"),
     # retrain
     ("retrain-needs-dataset", "retrain --baseline resnet18", "--baseline needs --dataset"),
     ("retrain-bad-seeds", "retrain --baseline resnet18 --dataset synthetic --seeds 0,x", "--seeds expects"),
@@ -114,6 +127,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     failed.set_user_attr("failure_reason", "NonFiniteLoss: training loss became nan in epoch 1")
     study.tell(failed, state=TrialState.FAIL)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    _own_data(ws, storage)
     # Nothing of this process may hold the database open while the rows run: a session left behind by
     # the trial's threads closes whenever the garbage collector finds it, and SQLite then checkpoints
     # the WAL into nas3d.db and deletes -wal and -shm, in the middle of a row's snapshot.
@@ -136,6 +150,56 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     raw["model"]["args"]["architecture"] = mish.to_dict()
     torch.save(raw, ws / "swapped.pt")
     return ws
+
+
+def _own_data(ws: Path, storage) -> None:
+    """Manifests for the own-data rows: each folder a small NIfTI set spoiled one way; study "own" made
+    from own/labels.csv, whose volume then changed; a one-channel checkpoint own.pt."""
+    import csv
+    import dataclasses
+
+    import numpy as np
+
+    from nas3d.architecture import Architecture
+    from nas3d.checkpoint import save_checkpoint
+    from nas3d.config import load_study_config
+    from nas3d.data import prepare_data
+    from nas3d.model import build_model
+    from nas3d.study import create_study
+    from tests.test_own_data import nifti_folder, write_volume
+
+    def folder(name: str, **kwargs: object) -> Path:
+        nifti_folder(ws / name, n=9, shape=(6, 6, 6), **kwargs)
+        return ws / name
+
+    def rewrite(path: Path, edit) -> None:
+        rows = list(csv.DictReader(open(path)))
+        edit(rows)
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    case = "volumes/case002_0.nii.gz"  # the third row: line 4 of the CSV
+    (folder("missing") / case).unlink()
+    (folder("unreadable") / case).write_bytes(b"not a NIfTI file")
+    write_volume(folder("nan") / case, np.full((6, 6, 6), np.nan, np.float32))
+    write_volume(folder("channels") / case, np.zeros((6, 6, 6, 2), np.float32))
+    rewrite(folder("single") / "labels.csv", lambda rows: [r.update(label="benign") for r in rows])
+    splits = ["train", "val", "test"]
+    rewrite(folder("val-only") / "labels.csv", lambda rows: [
+        r.update(split="val" if r["label"] == "malignant" else splits[i % 3]) for i, r in enumerate(rows)])
+    rewrite(folder("no-test") / "labels.csv", lambda rows: [r.update(split=splits[i % 2]) for i, r in enumerate(rows)])
+    (ws / "no-label.csv").write_text("image,diagnosis\nmissing/volumes/case000_0.npy,benign\n")
+
+    config = load_study_config(SMOKE).with_overrides({"study.name": "own", "data.size": 6,
+                                                      "data.dataset": str(folder("own") / "labels.csv")})
+    create_study(dataclasses.replace(config, data=prepare_data(config.data)), storage)  # as prepare_study
+    write_volume(ws / "own" / case, np.ones((6, 6, 6), np.float32))  # changed under the study
+    relu = Architecture(("relu_conv3",), ((0, 1), (1, 2)), 1, 1, 8)
+    save_checkpoint(ws / "own.pt", build_model(relu), relu, in_channels=1, num_classes=2, input_size=6)
+    np.save(ws / "two-channels.npy", np.zeros((2, 6, 6, 6), np.float32))
+    np.save(ws / "one-channel.npy", np.zeros((6, 6, 6), np.float32))
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int] | None]:

@@ -1,0 +1,395 @@
+"""Your own volumes in (a labels CSV naming NIfTI and NumPy files), a deployable model out: manifests,
+their cache, splits and checks, `nas3d predict`, ONNX export, and the walk-through of docs/own-data.md."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel
+import numpy as np
+import pytest
+import torch
+
+from nas3d import data as data_module
+from nas3d.baselines import BASELINES
+from nas3d.checkpoint import export_onnx, load_checkpoint, save_checkpoint, write_predictions
+from nas3d.data import (
+    CACHE_DIR,
+    DataConfig,
+    ManifestChanged,
+    ManifestError,
+    Preprocessing,
+    load_splits,
+    prepare_manifest,
+    prepare_volume,
+    resolve_manifest,
+    write_synthetic_npz,
+)
+from nas3d.registry import ModelRecipe
+from nas3d.seeds import seed_architectures
+from nas3d.space import SearchSpace, sample_architecture
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_ADRENAL = REPO.parent / "shared" / "data" / "adrenalmnist3d.npz"
+
+
+def write_volume(path: Path, array: np.ndarray) -> Path:
+    """``array`` as NIfTI (``.nii``/``.nii.gz``, identity affine) or NumPy (``.npy``), by suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name.endswith((".nii", ".nii.gz")):
+        nibabel.save(nibabel.Nifti1Image(array, np.eye(4)), str(path))
+    else:
+        np.save(path, array)
+    return path
+
+
+def write_manifest(folder: Path, rows: list[dict[str, str]], name: str = "labels.csv") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def nifti_folder(folder: Path, *, n: int = 24, classes: tuple[str, ...] = ("benign", "malignant"),
+                 shape: tuple[int, int, int] = (10, 11, 9), seed: int = 0, channels: int = 1) -> Path:
+    """A folder of small NIfTI and .npy volumes (every third one .npy) whose class shifts their
+    brightness, and its labels CSV (``channels`` > 1: image, image_2, ... columns)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = classes[i % len(classes)]
+        row = {}
+        for c in range(channels):
+            vol = (rng.normal(size=shape) + 2.0 * classes.index(label) + c).astype(np.float32)
+            name = f"case{i:03d}_{c}.{'npy' if i % 3 == 0 else 'nii.gz'}"
+            write_volume(folder / "volumes" / name, vol)
+            row["image" if c == 0 else f"image_{c + 1}"] = f"volumes/{name}"
+        rows.append({**row, "label": label})
+    return write_manifest(folder, rows)
+
+
+def medmnist_as_nifti(npz: Path, folder: Path) -> Path:
+    """A MedMNIST-format npz written out as one NIfTI per volume plus a CSV with its official splits."""
+    rows = []
+    with np.load(npz) as arrays:
+        for split in ("train", "val", "test"):
+            for i, (image, label) in enumerate(zip(arrays[f"{split}_images"], arrays[f"{split}_labels"],
+                                                   strict=True)):
+                name = f"{split}/{i:05d}.nii"
+                write_volume(folder / name, image)
+                rows.append({"image": name, "label": str(int(label[0])), "split": split})
+    return write_manifest(folder, rows)
+
+
+def manifest_config(csv_path: Path, **changes: object) -> DataConfig:
+    return DataConfig(**{"dataset": str(csv_path), "size": 8, "search_fraction": 1.0, **changes})
+
+
+# --- manifests -------------------------------------------------------------------------------------
+
+
+def test_a_manifest_resolves_to_classes_channels_and_a_content_hash(tmp_path: Path) -> None:
+    csv_path = nifti_folder(tmp_path / "own", channels=2)
+    resolved = resolve_manifest(manifest_config(csv_path))
+    assert resolved.classes == ("benign", "malignant") and resolved.channels == 2
+    assert resolved.task == "binary-class" and resolved.num_classes == 2 and resolved.in_channels == 2
+    assert len(resolved.manifest_hash) == 64 and Path(resolved.dataset).is_absolute()
+    data = load_splits(resolved, "cpu", for_search=False)
+    assert data.train.images.dtype == torch.float32 and tuple(data.train.images.shape[1:]) == (2, 8, 8, 8)
+    assert len(data.train) + len(data.val) + len(data.test) == 24
+    images, _ = data.train.batch(slice(None))
+    assert images.min() >= 0 and images.max() <= 1  # minmax, the default
+    assert len(list((csv_path.parent / CACHE_DIR).glob("*.npy"))) == 24
+
+
+def test_integer_labels_keep_their_numbers_and_multi_class_works(tmp_path: Path) -> None:
+    csv_path = nifti_folder(tmp_path, n=30, classes=("2", "0", "1"))
+    resolved = resolve_manifest(manifest_config(csv_path))
+    assert resolved.classes == ("0", "1", "2") and resolved.task == "multi-class"
+
+
+def test_the_second_read_comes_from_the_cache_and_a_changed_volume_misses_only_its_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    csv_path = nifti_folder(tmp_path)
+    cfg = manifest_config(csv_path)
+    first = prepare_manifest(cfg)
+    read = []
+    original = data_module.read_volume
+    monkeypatch.setattr(data_module, "read_volume", lambda path: read.append(path.name) or original(path))
+    again = prepare_manifest(cfg)
+    assert read == [] and np.array_equal(first.images, again.images)
+    write_volume(tmp_path / "volumes" / "case001_0.nii.gz", np.ones((10, 11, 9), np.float32))
+    changed = prepare_manifest(cfg)
+    assert read == ["case001_0.nii.gz"] and changed.config.manifest_hash != first.config.manifest_hash
+    # other preprocessing settings are other entries
+    prepare_manifest(dataclasses.replace(cfg, normalise="zscore"))
+    assert len(read) == 25
+
+
+def test_a_recorded_hash_the_files_no_longer_have_is_refused(tmp_path: Path) -> None:
+    csv_path = nifti_folder(tmp_path)
+    resolved = resolve_manifest(manifest_config(csv_path))
+    data_module.check_manifest_unchanged(resolved)
+    write_volume(tmp_path / "volumes" / "case002_0.nii.gz", np.zeros((10, 11, 9), np.float32))
+    with pytest.raises(ManifestChanged, match="changed since the study was created") as info:
+        load_splits(resolved, "cpu", for_search=True)
+    assert "\n" not in str(info.value)
+
+
+def test_a_study_made_again_from_changed_files_is_refused(tmp_path: Path) -> None:
+    from nas3d.config import StudyConfig, StudySettings
+    from nas3d.study import prepare_study
+
+    csv_path = nifti_folder(tmp_path / "own")
+    config = StudyConfig(study=StudySettings(name="mine"), data=manifest_config(csv_path))
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    prepare_study(config, url)
+    prepare_study(config, url)  # the same files: the same study
+    write_volume(tmp_path / "own" / "volumes" / "case001_0.nii.gz", np.ones((10, 11, 9), np.float32))
+    with pytest.raises(ValueError, match="was created from other contents of manifest"):
+        prepare_study(config, url)
+
+
+def test_without_a_split_column_the_split_is_stratified_and_seeded(tmp_path: Path) -> None:
+    csv_path = nifti_folder(tmp_path, n=40)
+    cfg = manifest_config(csv_path, split_fractions=(0.5, 0.25, 0.25))
+    a, b = prepare_manifest(cfg), prepare_manifest(cfg)
+    assert all(np.array_equal(a.splits[s], b.splits[s]) for s in ("train", "val", "test"))
+    assert [len(a.splits[s]) for s in ("train", "val", "test")] == [20, 10, 10]
+    for split in a.splits.values():  # each class half of each split
+        assert np.bincount(a.labels[split]).tolist() == [len(split) // 2] * 2
+    other = prepare_manifest(dataclasses.replace(cfg, split_seed=1))
+    assert not np.array_equal(a.splits["val"], other.splits["val"])
+
+
+def test_a_split_column_is_followed(tmp_path: Path) -> None:
+    rows = [{"image": f"v{i}.npy", "label": str(i % 2), "split": ("train", "val", "test")[i % 3]}
+            for i in range(18)]
+    for i in range(18):
+        write_volume(tmp_path / f"v{i}.npy", np.full((6, 6, 6), float(i), np.float32))
+    prepared = prepare_manifest(manifest_config(write_manifest(tmp_path, rows), size=6))
+    assert prepared.splits["val"].tolist() == [1, 4, 7, 10, 13, 16]
+
+
+@pytest.mark.parametrize("normalise", ["minmax", "zscore", "window"])
+def test_normalisations(normalise: str) -> None:
+    volume = np.arange(4 * 4 * 4, dtype=np.float32).reshape(1, 4, 4, 4) * 10
+    out = prepare_volume(volume, Preprocessing(4, 1, normalise, (0.0, 100.0)))
+    if normalise == "minmax":
+        assert out.min() == 0 and out.max() == 1
+    elif normalise == "zscore":
+        assert abs(out.mean()) < 1e-5 and abs(out.std() - 1) < 1e-5
+    else:
+        assert out.min() == 0 and out.max() == 1 and np.count_nonzero(out == 1) == 64 - 10
+
+
+def test_resampling_is_trilinear_on_the_whole_volume() -> None:
+    volume = np.random.default_rng(0).random((1, 10, 7, 13)).astype(np.float32)
+    out = prepare_volume(volume, Preprocessing(6, 1, "window", (0.0, 1.0)))
+    expected = torch.nn.functional.interpolate(torch.from_numpy(volume)[None], size=(6, 6, 6),
+                                               mode="trilinear", align_corners=False)[0]
+    assert np.allclose(out, expected.numpy())
+
+
+def _medmnist_equivalence(npz: Path, medmnist_cfg: DataConfig, tmp_path: Path) -> None:
+    csv_path = medmnist_as_nifti(npz, tmp_path / "nifti")
+    own = DataConfig(dataset=str(csv_path), size=medmnist_cfg.size, normalise="window", window=(0.0, 255.0),
+                     search_fraction=1.0)
+    mine = load_splits(own, "cpu", for_search=False)
+    theirs = load_splits(medmnist_cfg, "cpu", for_search=False)
+    assert mine.num_classes == theirs.num_classes and mine.in_channels == theirs.in_channels
+    for split in ("train", "val", "test"):
+        a, b = getattr(mine, split).batch(slice(None)), getattr(theirs, split).batch(slice(None))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), split
+
+
+def test_a_medmnist_npz_as_a_nifti_folder_gives_the_same_tensors(tmp_path: Path) -> None:
+    npz = write_synthetic_npz(tmp_path / "data" / "synthetic.npz", num_classes=3, n_train=18, n_val=9,
+                              n_test=9, size=10, seed=3)
+    cfg = DataConfig(dataset="synthetic", size=10, root=str(tmp_path / "data"), synthetic_classes=3,
+                     synthetic_samples=36, search_fraction=1.0)
+    npz.rename(cfg.data_root / cfg.file_name)
+    _medmnist_equivalence(cfg.data_root / cfg.file_name, cfg, tmp_path)
+
+
+@pytest.mark.skipif(not REAL_ADRENAL.parent.is_dir(), reason="no ../shared/data beside the repo")
+def test_the_real_adrenalmnist3d_as_a_nifti_folder_gives_the_same_tensors(tmp_path: Path) -> None:
+    cfg = DataConfig(dataset="adrenalmnist3d", size=28, root=str(REAL_ADRENAL.parent), download=False,
+                     search_fraction=1.0)
+    _medmnist_equivalence(REAL_ADRENAL, cfg, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda folder: (folder / "volumes" / "case004_0.nii.gz").unlink(), "line 6: volume 'volumes/case"),
+        (lambda folder: (folder / "volumes" / "case004_0.nii.gz").write_bytes(b"garbage"), "line 6: volume "),
+        (lambda folder: write_volume(folder / "volumes" / "case004_0.nii.gz",
+                                     np.full((4, 4, 4), np.nan, np.float32)), "NaN or infinite"),
+        (lambda folder: write_volume(folder / "volumes" / "case004_0.nii.gz",
+                                     np.zeros((4, 4, 4, 2), np.float32)), "has 2 channel(s), but line 2"),
+    ],
+    ids=["missing", "unreadable", "nan", "channels"],
+)
+def test_a_bad_volume_is_one_line_naming_its_row_and_caches_nothing(tmp_path: Path, edit, expected) -> None:
+    csv_path = nifti_folder(tmp_path)
+    edit(tmp_path)
+    with pytest.raises(ManifestError) as info:
+        resolve_manifest(manifest_config(csv_path))
+    assert expected in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / CACHE_DIR).exists()
+
+
+# --- checkpoints, predict, ONNX --------------------------------------------------------------------
+
+TINY = seed_architectures()["adrenalmnist3d"]
+
+
+def _checkpoint(path: Path, recipe, data: DataConfig, size: int = 8, in_channels: int = 1) -> Path:
+    from nas3d.checkpoint import checkpoint_data
+
+    torch.manual_seed(0)
+    model = ModelRecipe.of(recipe).build(in_channels, data.num_classes)
+    return save_checkpoint(path, model, recipe, in_channels=in_channels, num_classes=data.num_classes,
+                           input_size=size, metadata={"dataset": data.name, **checkpoint_data(data)})
+
+
+def test_predict_writes_a_row_per_volume_with_class_columns(tmp_path: Path) -> None:
+    csv_path = nifti_folder(tmp_path / "own")
+    resolved = resolve_manifest(manifest_config(csv_path))
+    checkpoint = load_checkpoint(_checkpoint(tmp_path / "m.pt", TINY, resolved))
+    assert checkpoint.class_names == ("benign", "malignant")
+    assert checkpoint.preprocessing == Preprocessing(8, 1, "minmax", (0.0, 255.0))
+    out, rows = write_predictions(tmp_path / "m.pt", tmp_path / "p.csv", manifest=csv_path)
+    table = list(csv.DictReader(open(out)))
+    assert rows == 24 and list(table[0]) == ["image", "label", "benign", "malignant", "predicted"]
+    # the same probabilities as the model on the training tensors of those volumes
+    prepared = prepare_manifest(resolved)
+    expected = torch.softmax(checkpoint.build()(torch.from_numpy(prepared.images)), 1).detach().numpy()
+    got = np.array([[float(r["benign"]), float(r["malignant"])] for r in table])
+    assert np.allclose(got, expected, atol=1e-5)
+    assert [r["predicted"] for r in table] == [("benign", "malignant")[i] for i in expected.argmax(1)]
+    volumes = [str(tmp_path / "own" / "volumes" / "case000_0.npy")]
+    write_predictions(tmp_path / "m.pt", tmp_path / "one.csv", volumes=volumes)
+    assert list(csv.DictReader(open(tmp_path / "one.csv")))[0]["image"] == volumes[0]
+
+
+def test_retrain_on_a_manifest_tests_on_its_test_split_and_its_checkpoint_predicts(tmp_path: Path) -> None:
+    from nas3d.retrain import RetrainConfig, RetrainSource, retrain
+
+    csv_path = nifti_folder(tmp_path / "own")
+    source = RetrainSource.from_architecture("tiny", TINY)
+    report = retrain(source, manifest_config(csv_path), RetrainConfig(epochs=1, seeds=(0,), batch_size=8),
+                     "cpu", tmp_path / "out")
+    assert report.results["samples"] == {"train": 16, "val": 4, "test": 4} and not report.failed
+    checkpoint = load_checkpoint(tmp_path / "out" / "seed-0.pt")
+    assert checkpoint.class_names == ("benign", "malignant") and checkpoint.preprocessing.channels == 1
+    _, rows = write_predictions(tmp_path / "out" / "seed-0.pt", tmp_path / "p.csv", manifest=csv_path)
+    assert rows == 24
+
+
+def test_a_medmnist_checkpoint_predicts_with_medmnist_class_names(tmp_path: Path) -> None:
+    data = DataConfig(dataset="adrenalmnist3d", size=28)
+    path = _checkpoint(tmp_path / "m.pt", TINY, data, size=28)
+    raw = torch.load(path, weights_only=True)
+    for key in ("classes", "preprocessing", "data"):  # as written before these were recorded
+        raw["metadata"].pop(key)
+    torch.save(raw, path)
+    checkpoint = load_checkpoint(path)
+    assert checkpoint.class_names == ("normal", "hyperplasia")
+    assert checkpoint.preprocessing == Preprocessing(28, 1, "window", (0.0, 255.0))
+
+
+def _random_architectures(count: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+
+    class RandomTrial:
+        def suggest_categorical(self, name, choices):
+            return choices[int(rng.integers(len(choices)))]
+
+    found = []
+    while len(found) < count:
+        try:
+            found.append(sample_architecture(RandomTrial(), SearchSpace()))
+        except ValueError:
+            continue
+    return found
+
+
+ONNX_MODELS = ([pytest.param(a, id=f"seed-{k}") for k, a in seed_architectures().items()]
+               + [pytest.param(a, id=f"random-{i}") for i, a in enumerate(_random_architectures(3))]
+               + [pytest.param(name, id=name) for name in BASELINES])
+
+
+@pytest.mark.parametrize("recipe", ONNX_MODELS)
+def test_the_onnx_export_matches_torch(tmp_path: Path, recipe) -> None:
+    import onnxruntime
+
+    data = DataConfig(dataset="synthetic", size=12, synthetic_classes=3, synthetic_samples=12)
+    checkpoint = load_checkpoint(_checkpoint(tmp_path / "m.pt", recipe, data, size=12))
+    path = export_onnx(checkpoint, tmp_path / "m.onnx")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((3, 1, 12, 12, 12), dtype=np.float32)  # batch 3: the axis is dynamic
+    logits, probabilities = session.run(None, {"input": x})
+    with torch.no_grad():
+        expected = checkpoint.build()(torch.from_numpy(x)).numpy()
+    assert np.abs(logits - expected).max() < 1e-4
+    assert np.allclose(probabilities.sum(1), 1, atol=1e-5)
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["nas3d.classes"] == '["0", "1", "2"]'
+
+
+# --- the walk-through of docs/own-data.md ----------------------------------------------------------
+
+
+def nas3d(*args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    import os
+
+    full = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    result = subprocess.run([sys.executable, "-m", "nas3d", *args], cwd=cwd, env=full, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+SMALL_SPACE = ["--set", "space.ops=['relu_conv3', 'conv3_in_relu']", "--set", "space.stacks=[1]",
+               "--set", "space.cells_per_stack=[1]", "--set", "space.initial_filters=[8]",
+               "--set", "data.search_fraction=1.0", "--set", "train.batch_size=16"]
+
+
+def _walk_through(folder: Path, storage: str, workers: list[str]) -> None:
+    nas3d("search", "--dataset", "labels.csv", "--size", "8", "--n-trials", "3", "--max-epochs", "2",
+          "--name", "mine", "--storage", storage, *workers, *SMALL_SPACE, cwd=folder)
+    status = nas3d("status", "--study-name", "mine", "--storage", storage, cwd=folder)
+    trial = int(status.split("architecture\n")[1].split()[0])  # the first row of the front
+    nas3d("export", "--study-name", "mine", "--trial", str(trial), "--out", "best.pt", "--storage", storage,
+          cwd=folder)
+    nas3d("predict", "--checkpoint", "best.pt", "--manifest", "labels.csv", "--out", "predictions.csv",
+          cwd=folder)
+    nas3d("export", "--checkpoint", "best.pt", "--format", "onnx", "--out", "model.onnx", cwd=folder)
+    rows = list(csv.DictReader(open(folder / "predictions.csv")))
+    assert len(rows) == 24 and {r["predicted"] for r in rows} <= {"benign", "malignant"}
+    assert (folder / "model.onnx").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_the_walk_through_on_sqlite(tmp_path: Path) -> None:
+    nifti_folder(tmp_path)
+    _walk_through(tmp_path, f"sqlite:///{tmp_path / 'nas3d.db'}", ["--cpu"])
+
+
+@pytest.mark.slow
+def test_the_walk_through_on_postgresql_with_two_workers(postgres_server: str, tmp_path: Path) -> None:
+    from nas3d.testing.storages import temporary_database
+
+    nifti_folder(tmp_path)
+    with temporary_database(postgres_server, "nas3d_own_data") as url:
+        _walk_through(tmp_path, url, ["--cpu", "--workers", "2"])
