@@ -327,6 +327,11 @@ def run_cpu_variants(args: argparse.Namespace) -> dict:
         **{f"{t} thread{'s' * (t > 1)}": {"threads": t}
            for t in sorted({1, max(1, cores // 2)}) if t != cores},
     }
+    if args.skip:
+        unknown = set(args.skip) - set(variants) | ({"defaults"} & set(args.skip))
+        if unknown:
+            raise SystemExit(f"--skip: cannot skip {sorted(unknown)}; variants: {', '.join(variants)}")
+        variants = {name: v for name, v in variants.items() if name not in args.skip}
     with tempfile.TemporaryDirectory() as root:
         path = write_synthetic_npz(Path(root) / "volumes.npz", num_classes=2, n_train=args.samples,
                                    n_val=2, n_test=2, size=args.size, seed=0)
@@ -402,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-variants", action="store_true",
                         help="the trainer's loop in several CPU settings against its defaults (see above)")
     parser.add_argument("--table", type=Path, help="with --cpu-variants: the architecture table to draw from")
+    parser.add_argument("--skip", type=lambda text: [v.strip() for v in text.split(",")], default=[],
+                        help="with --cpu-variants: variants to leave out, e.g. 'torch.compile'")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
