@@ -74,7 +74,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas3d.architecture import Architecture, InfeasibleArchitecture, prune_cell
 from nas3d.pareto import crowding_distances
-from nas3d.samplers import ODE_MODES
+from nas3d.samplers._settings import ODE_MODES, ODESettings
 from nas3d.seeds import seed_document
 from nas3d.space import SearchSpace, params_for
 from nas3d.util import check_choice
@@ -373,8 +373,6 @@ class ODESampler(BaseSampler):
         mode: str = "multi",
         seed: int | None = None,
     ) -> None:
-        from nas3d.samplers import ODESettings
-
         ODESettings(population=population, F=F, CR=CR, jumping_rate=jumping_rate, mode=mode)  # validates
         check_choice("mode", mode, ODE_MODES)
         self.space = space
