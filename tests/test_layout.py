@@ -5,6 +5,8 @@
   imports inside functions included), and the same rules once more at run time in a fresh interpreter.
 - No import cycle anywhere in the package (an AST walk of every import, below), so that each module can
   be read, imported and tested after the ones it uses.
+- A module over :data:`MAX_LINES` lines says why at its top, in a comment that starts with
+  :data:`LONG_MARK`: a long module is a choice, not what happens to a file.
 - Only the CLI prints: no ``print`` or ``sys.stdout`` in any other module's source, and a real search
   run through the library writes nothing to file descriptor 1.
 """
@@ -40,6 +42,9 @@ TRAIN_FORBIDDEN = ("nas3d.storages", "nas3d.study", "nas3d.worker", "sqlalchemy"
 #: The modules allowed to write to standard output: the command line (nas3d.report returns the text).
 PRINTERS = ("cli.py", "cli/")
 PRINT_CALLS = ("print", "pprint")
+#: A module longer than this says why, in a comment at its top that starts with LONG_MARK.
+MAX_LINES = 450
+LONG_MARK = "# Long module:"
 
 
 def _env() -> dict[str, str]:
@@ -230,6 +235,18 @@ def test_no_import_cycle_in_the_package() -> None:
     assert len({importer for importer, _, _ in edges}) >= 20, edges  # the package, not an empty folder
     cycles = [_describe(c) for c in import_cycles(edges)]
     assert cycles == [], "import cycles in nas3d (each: who imports whom, where):\n" + "\n".join(cycles)
+
+
+def test_a_long_module_says_why_at_its_top() -> None:
+    unexplained = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        if len(lines) > MAX_LINES and not lines[0].startswith(LONG_MARK):
+            unexplained.append(f"nas3d/{path.relative_to(PACKAGE).as_posix()}: {len(lines)} lines")
+    assert unexplained == [], (
+        f"modules over {MAX_LINES} lines: split them, or say why in a first line '{LONG_MARK} ...':\n"
+        + "\n".join(unexplained)
+    )
 
 
 def writes_to_stdout(tree: ast.AST) -> list[tuple[int, str]]:

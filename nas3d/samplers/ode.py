@@ -1,3 +1,5 @@
+# Long module: one algorithm (encoding, opposition, DE operators, selection, the sampler) whose parts
+# only make sense together, documented as the seed study's method.
 """The seed study's search algorithm, opposition-based differential evolution (ODE), as an Optuna sampler.
 
 **Encoding.** ODE evolves the seed's own chromosome, 29 reals in [0, 1] (:func:`decode`):
