@@ -14,6 +14,7 @@ from typing import Any
 import optuna
 from optuna.storages import BaseStorage
 
+from nas3d.budget import budget_state
 from nas3d.early_stopping import CURVE_ATTR, format_learning_curve
 from nas3d.front import FrontPoint, StudyFront, collect_retrain_results, study_front
 from nas3d.front import fmt_or_dash as _fmt
@@ -107,7 +108,7 @@ def format_status(study: optuna.Study) -> str:
         f"study {study.study_name}: {len(trials)} trials (budget {budget}); "
         + ", ".join(f"{state.lower()} {n}" for state, n in sorted(counts.items())),
     ]
-    duplicates = sum("duplicate_of" in t.user_attrs for t in trials)
+    duplicates = budget_state(study).duplicates  # counted as the budget counts them (nas3d.budget)
     if duplicates:
         lines[0] += f"; {duplicates} duplicates not retrained"
     # The front and hypervolume of fully trained trials (nas3d.pareto), as the dashboard note shows it.
