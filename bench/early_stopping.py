@@ -11,7 +11,7 @@ FLOPs, training, recording; no checkpoints, in every run alike):
     moasha    kind = "moasha" (--eta, --min-epochs), the same budget and the same sampler seed
     moasha=E  kind = "moasha", as many architectures as fit in the epochs ``full`` trained
 
-The budget counts architectures the way a worker does (``nas3d.worker.budget_state``: duplicates of
+The budget counts architectures the way a worker does (``nas3d.budget.budget_state``: duplicates of
 an evaluated architecture are free; a stopped trial counts). The hypervolume is
 ``nas3d.pareto.study_hypervolume`` of each study's fully trained trials (val AUC, log10 FLOPs; box
 from the seed space at the study's input size). Wall time is the whole ``study.optimize``.
@@ -39,6 +39,7 @@ import _common  # noqa: F401  (puts this checkout first on sys.path)
 import optuna
 from _common import REPO, format_table, smoke_config
 
+from nas3d.budget import budget_state
 from nas3d.config import StudyConfig, load_study_config
 from nas3d.data import load_splits
 from nas3d.early_stopping import decide, learning_curve, rung_entry, rung_epochs
@@ -46,7 +47,6 @@ from nas3d.pareto import fully_trained, hypervolume, hypervolume_box, study_hype
 from nas3d.storages import make_storage
 from nas3d.study import TrialObjective, create_study, load_study
 from nas3d.train import TrainingFailure
-from nas3d.worker import budget_state
 
 # Small enough for a 2-core CPU shared with other jobs: k=3 operations, at most two per cell, one
 # stack of one cell, 4 or 8 filters (AdrenalMNIST3D 28³: about 10 to 30 s per epoch there, batch 32).

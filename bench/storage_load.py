@@ -57,6 +57,7 @@ from optuna.trial import TrialState  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 from storage_overhead import estimated_costs  # noqa: E402
 
+import nas3d.budget  # noqa: E402
 import nas3d.study  # noqa: E402
 import nas3d.worker  # noqa: E402
 from nas3d.costs import Costs  # noqa: E402
@@ -242,7 +243,7 @@ def run_once(target: str, n: int, args: argparse.Namespace, bouncer: tuple[str, 
         for p in procs:
             p.join(timeout=30)
         trials = study.get_trials(deepcopy=False)
-        state = nas3d.worker.budget_state(study)
+        state = nas3d.budget.budget_state(study)
         finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
         failed = [t for t in trials if t.state == TrialState.FAIL]
         worker_errors = [r["error"] for r in reports if r["error"]]

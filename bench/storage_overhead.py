@@ -28,7 +28,7 @@ calls give:
 
     lock     the study lock (file lock for SQLite, advisory lock for PostgreSQL)
     stale    optuna.storages.fail_stale_trials (the worker's call)
-    budget   nas3d.worker.budget_state
+    budget   nas3d.budget.budget_state
     ask      study.ask(): trial creation (or popping a queued trial) and the sampler's before_trial
     suggest  nas3d.space.sample_architecture: one param write per choice, and the sampling itself.
              Optuna 5 computes a trial's relative (multivariate) params lazily, on its first
@@ -129,6 +129,7 @@ from optuna.distributions import BaseDistribution
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
+import nas3d.claims
 import nas3d.study
 import nas3d.worker
 from nas3d.architecture import Architecture
@@ -370,7 +371,7 @@ def instrumented_worker(recorder: _IterationRecorder, standin: StandinTraining) 
         for target, name, value in (
             (nas3d.worker, "study_lock", study_lock),
             (nas3d.worker, "load_study", load_study),
-            (nas3d.worker, "budget_state", timer.wrap("budget", nas3d.worker.budget_state)),
+            (nas3d.claims, "budget_state", timer.wrap("budget", nas3d.claims.budget_state)),
             (optuna.storages, "fail_stale_trials", timer.wrap("stale", optuna.storages.fail_stale_trials)),
             (nas3d.worker, "run_trial", run_trial),
             (optuna.Study, "ask", timer.wrap("ask", optuna.Study.ask)),
@@ -401,7 +402,7 @@ class _Timeline:
 def instrumented_claim_ahead(timeline: _Timeline, standin: StandinTraining) -> Iterator[None]:
     """Record the real ``run_worker``'s timeline with claims made ahead (in its claim process); replace
     only ``train_trial``."""
-    real_result = nas3d.worker._ClaimProcess.result
+    real_result = nas3d.claims.ClaimProcess.result
 
     def result(self: Any) -> Any:
         try:
@@ -427,7 +428,7 @@ def instrumented_claim_ahead(timeline: _Timeline, standin: StandinTraining) -> I
 
     with ExitStack() as stack:
         for target, name, value in (
-            (nas3d.worker._ClaimProcess, "result", result),
+            (nas3d.claims.ClaimProcess, "result", result),
             (nas3d.study, "train_trial", train),
             (nas3d.study, "build_model", timed(timeline.builds, nas3d.study.build_model)),
             (nas3d.study.TrialObjective, "_store_checkpoint",

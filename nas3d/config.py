@@ -54,7 +54,7 @@ class StudySettings:
 
     name: str
     # budget: architectures evaluated (complete + pruned + failed) across all workers; duplicates of
-    # an evaluated architecture are free, up to n_trials of them (see nas3d.worker)
+    # an evaluated architecture are free, up to n_trials of them (see nas3d.budget)
     n_trials: int = 200
     sampler: str = "tpe"
     sampler_seed: int | None = None

@@ -220,8 +220,8 @@ def requeue_killed(study_name: str, storage_url: str, pids: list[int], *, retry_
     import optuna
     from optuna.trial import TrialState
 
+    from nas3d.budget import WORKER_ATTR, requeue
     from nas3d.storages import make_storage
-    from nas3d.worker import WORKER_ATTR, requeue
 
     storage = make_storage(storage_url, retry_window=retry_window)
     study = optuna.load_study(study_name=study_name, storage=storage)

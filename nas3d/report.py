@@ -1,5 +1,5 @@
-"""What nas3d shows people: status tables, one trial, retrain rows, the comparison with published numbers,
-Pareto fronts (shared by the dashboard's figure and note) and ``nas3d report``.
+"""What nas3d shows people: status tables, one trial, retrain rows, the comparison with published numbers
+and ``nas3d report`` (its Pareto fronts come from :mod:`nas3d.front`, as the dashboard's do).
 
 Every function here returns text, except :func:`run_retrain`, which prints each seed's row as it ends.
 """
@@ -8,31 +8,26 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage
 
+from nas3d.budget import budget_state
 from nas3d.early_stopping import CURVE_ATTR, format_learning_curve
+from nas3d.front import FrontPoint, StudyFront, collect_retrain_results, study_front
+from nas3d.front import fmt_or_dash as _fmt
+from nas3d.front import int_or_dash as _int
 
 __all__ = [
     "REPORT_FILES",
     "SEED_HEADER",
-    "FrontPoint",
-    "Reference",
-    "StudyFront",
-    "collect_retrain_results",
     "export_trial",
     "exported_line",
     "format_comparison",
     "format_status",
-    "front_markdown",
-    "pareto_points",
     "report_markdown",
-    "study_front",
     "trial_report",
     "write_report",
     "mean_line",
@@ -160,7 +155,7 @@ def format_status(study: optuna.Study) -> str:
         f"study {study.study_name}: {len(trials)} trials (budget {budget}); "
         + ", ".join(f"{state.lower()} {n}" for state, n in sorted(counts.items())),
     ]
-    duplicates = sum("duplicate_of" in t.user_attrs for t in trials)
+    duplicates = budget_state(study).duplicates  # counted as the budget counts them (nas3d.budget)
     if duplicates:
         lines[0] += f"; {duplicates} duplicates not retrained"
     # The front and hypervolume of fully trained trials (nas3d.pareto), as the dashboard note shows it.
@@ -306,182 +301,12 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     ]
 
 
-# -- fronts: what the dashboard figure, its note, `nas3d report` and `nas3d status` share -------------
-
-
-@dataclass(frozen=True)
-class FrontPoint:
-    """One fully trained trial as the front shows it."""
-
-    number: int
-    val_auc: float
-    flops: float
-    val_acc: float | None
-    params: int | None
-    arch: str
-    pareto: bool
-
-
-@dataclass(frozen=True)
-class Reference:
-    """A point to compare against: a seed architecture (``val_auc`` None: the seed published no
-    validation AUC, so it marks FLOPs only) or a retrained baseline (its mean val AUC)."""
-
-    label: str
-    flops: float
-    val_auc: float | None = None
-    val_auc_std: float | None = None
-
-
-@dataclass(frozen=True)
-class StudyFront:
-    """A study's fully trained trials, its Pareto front among them, its hypervolume and references."""
-
-    study_name: str
-    study_id: int
-    data: Any  # nas3d.data.DataConfig, or None for a study nas3d did not create
-    points: tuple[FrontPoint, ...]
-    hypervolume: float | None
-    references: tuple[Reference, ...] = ()
-
-    @property
-    def front(self) -> list[FrontPoint]:
-        """The Pareto trials, by descending val AUC."""
-        return sorted((p for p in self.points if p.pareto), key=lambda p: (-p.val_auc, p.flops))
-
-    @property
-    def dataset(self) -> str:
-        return self.data.dataset if self.data is not None else "?"
-
-
-def study_data_config(study: optuna.Study) -> Any:
-    """The DataConfig of a nas3d study (from its stored configuration), or None for another study."""
-    from nas3d.config import StudyConfig
-    from nas3d.study import CONFIG_ATTR
-
-    stored = study.user_attrs.get(CONFIG_ATTR)
-    if stored is None:
-        return None
-    return StudyConfig.from_dict(stored, source=f"study {study.study_name!r}").data
-
-
-def pareto_points(trials: Sequence[Any]) -> list[FrontPoint]:
-    """The fully trained trials (``nas3d.pareto.fully_trained``, as the hypervolume counts them), each
-    marked whether it is on their Pareto front (max val AUC, min FLOPs; ties both kept)."""
-    import moocore
-    import numpy as np
-
-    from nas3d.pareto import fully_trained
-
-    done = fully_trained(trials)
-    if not done:
-        return []
-    values = np.array([[t.values[0], t.values[1]] for t in done], dtype=float)
-    on_front = moocore.is_nondominated(values, maximise=[True, False], keep_weakly=True)
-    return [
-        FrontPoint(number=t.number, val_auc=float(t.values[0]), flops=float(t.values[1]),
-                   val_acc=t.user_attrs.get("val_acc"), params=t.user_attrs.get("params"),
-                   arch=t.user_attrs.get("arch", ""), pareto=bool(keep))
-        for t, keep in zip(done, on_front, strict=True)
-    ]
-
-
-def study_front(study: optuna.Study, retrain_runs: Sequence[dict[str, Any]] = (),
-                seed_references: str = "all") -> StudyFront:
-    """:class:`StudyFront` of ``study``. References: the seed study's architectures at this study's
-    input shape (``seed_references`` "all", "same-dataset" or "none") and the retrained baselines among
-    ``retrain_runs`` (results.json documents) on the same dataset and size."""
-    from nas3d.pareto import study_hypervolume
-
-    data = study_data_config(study)
-    trials = study.get_trials(deepcopy=False)
-    hypervolume = study_hypervolume(trials, data) if data is not None else None
-    references: list[Reference] = []
-    if data is not None and seed_references != "none":
-        references += _seed_references(data, same_dataset_only=seed_references == "same-dataset")
-    if data is not None:
-        for run in retrain_runs:
-            summary = run.get("summary", {})
-            if (run["model"]["kind"] == "baseline" and run["dataset"] == data.dataset
-                    and run["size"] == data.size and summary.get("val_auc")):
-                references.append(Reference(label=f"{run['model']['baseline']} (retrained)",
-                                            flops=float(run["costs"]["flops"]),
-                                            val_auc=summary["val_auc"]["mean"],
-                                            val_auc_std=summary["val_auc"]["std"]))
-    return StudyFront(study_name=study.study_name, study_id=study._study_id, data=data,
-                      points=tuple(pareto_points(trials)), hypervolume=hypervolume,
-                      references=tuple(references))
-
-
-def _seed_references(data: Any, same_dataset_only: bool) -> list[Reference]:
-    return [
-        Reference(label=f"seed study: {dataset}", flops=float(flops))
-        for dataset, flops in _seed_flops(data.size, data.in_channels, data.num_classes)
-        if not same_dataset_only or dataset == data.dataset
-    ]
-
-
-@cache
-def _seed_flops(size: int, in_channels: int, num_classes: int) -> tuple[tuple[str, int], ...]:
-    """FLOPs of each published seed architecture at this input shape (meta device, once per shape)."""
-    from nas3d.costs import measure_costs
-    from nas3d.seeds import seed_architectures
-
-    return tuple((dataset, measure_costs(arch, in_channels, num_classes, size, with_thop=False).flops)
-                 for dataset, arch in seed_architectures().items())
-
-
-def collect_retrain_results(paths: Sequence[str | Path] = ()) -> list[dict[str, Any]]:
-    """The results.json documents under ``paths`` (each a folder written by ``nas3d retrain`` or a
-    folder of them); without paths, those under ``<storage home>/retrain`` if it exists."""
-    from nas3d.retrain import RESULTS_FILE, load_results
-    from nas3d.storages import storage_home
-
-    folders = [Path(p) for p in paths]
-    if not paths:
-        default = storage_home() / "retrain"
-        folders = [default] if default.is_dir() else []
-    found: list[dict[str, Any]] = []
-    for folder in folders:
-        if not folder.exists():
-            raise FileNotFoundError(f"{folder} not found; give folders written by `nas3d retrain`")
-        files = [folder] if folder.is_file() or (folder / RESULTS_FILE).is_file() else sorted(
-            folder.glob(f"*/{RESULTS_FILE}"))
-        found += [load_results(f) for f in files]
-    return found
-
-
 def retrained(runs: Sequence[dict[str, Any]], study_name: str, number: int) -> dict[str, Any] | None:
     """The retrain result of trial ``number`` of ``study_name`` among ``runs`` (the latest, if several)."""
     matches = [r for r in runs if r["model"]["kind"] == "nas3d"
                and r["model"].get("source", {}).get("study") == study_name
                and r["model"].get("source", {}).get("trial") == number]
     return matches[-1] if matches else None
-
-
-def front_markdown(front: StudyFront) -> str:
-    """The study note: its front as a Markdown table, with the hypervolume."""
-    lines = [f"## Pareto front of {front.study_name}", ""]
-    if front.hypervolume is not None:
-        lines.append(f"Hypervolume (val AUC × log10 FLOPs, DESIGN §9): **{front.hypervolume:.4f}** "
-                     f"over {len(front.points)} fully trained trials.")
-        lines.append("")
-    if not front.front:
-        return "\n".join([*lines, "No fully trained trial yet."])
-    lines += ["| trial | val AUC | val ACC | MFLOPs | params | architecture |",
-              "|---:|---:|---:|---:|---:|---|"]
-    for p in front.front:
-        lines.append(f"| {p.number} | {p.val_auc:.4f} | {_fmt(p.val_acc)} | {p.flops / 1e6:,.2f} | "
-                     f"{_int(p.params)} | `{p.arch}` |")
-    return "\n".join(lines)
-
-
-def _fmt(value: float | None, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _int(value: int | None) -> str:
-    return "-" if value is None else f"{value:,}"
 
 
 # -- nas3d report ------------------------------------------------------------------------------------
@@ -494,7 +319,7 @@ def write_report(storage: Any, study_names: Sequence[str], out: str | Path,
                  retrain_paths: Sequence[str | Path] = ()) -> str:
     """``nas3d report``: write pareto.png, pareto.html (the dashboard's front figure) and report.md
     (the paper-style table) for ``study_names`` into ``out``; returns what to tell the user."""
-    from nas3d.dashboard import front_figure, write_front_png
+    from nas3d.front import front_figure, write_front_png
     from nas3d.storages import make_storage
     from nas3d.study import load_study
     from nas3d.util import atomic_write

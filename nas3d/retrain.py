@@ -1,3 +1,5 @@
+# Long module: the final-training protocol (plan, per-seed runs, metrics, results.json) is one
+# procedure, best read top to bottom.
 """Final training by the seed study's protocol, for a searched architecture or a ResNet baseline.
 
 The protocol (DESIGN.md §4): the full train split (no search subset), Adam lr 1e-3, batch 128,

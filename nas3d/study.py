@@ -1,3 +1,5 @@
+# Long module: creating studies, the objective each trial runs and checkpoint export share one set of
+# study records (config attr, trial attrs, artifacts); TrialObjective is the part to move out next.
 """Studies: creating and loading them, and the objective every worker runs on each trial.
 
 A study is multi-objective: ``val_auc`` (maximise) and ``flops`` (minimise). Its resolved

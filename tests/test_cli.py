@@ -17,8 +17,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from nas3d.budget import budget_state
 from nas3d.storages import make_storage
-from nas3d.worker import budget_state
 
 REPO = Path(__file__).resolve().parents[1]
 #: Marks every process a CLI test starts, so that a leftover can be found whoever its parent is now.

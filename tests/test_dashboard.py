@@ -118,7 +118,7 @@ def test_dashboard_shows_objectives_constraints_checkpoints_and_pictures(dashboa
 
 
 def test_dashboard_holds_the_log_flops_front_figure_and_the_front_note(dashboard) -> None:
-    from nas3d.report import study_front
+    from nas3d.front import study_front
 
     base, study = dashboard
     detail = get_json(f"{base}/api/studies/{study._study_id}")
@@ -251,8 +251,8 @@ def _table_rows(markdown: str, first_header: str) -> list[list[str]]:
 def test_report_writes_png_html_and_a_table_equal_to_the_storage(search, tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     from nas3d.cli import main
+    from nas3d.front import pareto_points
     from nas3d.pareto import fully_trained, study_hypervolume
-    from nas3d.report import pareto_points
     from nas3d.retrain import RetrainConfig, RetrainSource, retrain
     from nas3d.study import load_study
 
@@ -326,8 +326,8 @@ def _screenshot_report(out: Path, tmp_path: Path) -> None:
 
 def test_status_prints_the_hypervolume_and_each_pareto_architecture(search, capsys) -> None:
     from nas3d.cli import main
+    from nas3d.front import pareto_points
     from nas3d.pareto import study_hypervolume
-    from nas3d.report import pareto_points
     from nas3d.study import load_study
 
     storage_url, _, study = search

@@ -14,6 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from nas3d.architecture import Architecture
+from nas3d.budget import budget_state
 from nas3d.config import ConfigError, StudyConfig, load_study_config
 from nas3d.data import load_splits
 from nas3d.early_stopping import (
@@ -38,7 +39,6 @@ from nas3d.space import SearchSpace, params_for, sample_architecture
 from nas3d.storages import make_storage
 from nas3d.study import CONFIG_ATTR, create_study, load_study
 from nas3d.train import EpochRecord, TrainConfig, TrainResult, train_trial
-from nas3d.worker import budget_state
 from tests.test_study import make_objective, smoke_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,6 +3,10 @@
 - The model, training and data code never imports optuna; training never touches storage; no module
   imports back up the layers: the import-linter contracts in pyproject.toml (a static import graph,
   imports inside functions included), and the same rules once more at run time in a fresh interpreter.
+- No import cycle anywhere in the package (an AST walk of every import, below), so that each module can
+  be read, imported and tested after the ones it uses.
+- A module over :data:`MAX_LINES` lines says why at its top, in a comment that starts with
+  :data:`LONG_MARK`: a long module is a choice, not what happens to a file.
 - Only the CLI prints: no ``print`` or ``sys.stdout`` in any other module's source, and a real search
   run through the library writes nothing to file descriptor 1.
 """
@@ -15,6 +19,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -36,6 +42,9 @@ TRAIN_FORBIDDEN = ("nas3d.storages", "nas3d.study", "nas3d.worker", "sqlalchemy"
 #: The modules allowed to write to standard output: the command line (nas3d.report returns the text).
 PRINTERS = ("cli.py", "cli/")
 PRINT_CALLS = ("print", "pprint")
+#: A module longer than this says why, in a comment at its top that starts with LONG_MARK.
+MAX_LINES = 450
+LONG_MARK = "# Long module:"
 
 
 def _env() -> dict[str, str]:
@@ -91,6 +100,153 @@ def test_core_modules_load_no_optuna_and_training_no_storage_in_a_fresh_interpre
     assert [module for module, _ in found] == [module for module, _ in rules]
     assert [(module, hits) for module, hits in found if hits] == []
     assert result.stdout == "", f"importing nas3d's modules wrote to stdout: {result.stdout!r}"
+
+
+Edge = tuple[str, str, str]  # importer, imported, where ("nas3d/x.py:12")
+
+
+def _module_names(root: Path, package: str) -> dict[str, Path]:
+    names = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = [package, *path.relative_to(root).with_suffix("").parts]
+        if parts[-1] == "__init__":
+            parts.pop()
+        names[".".join(parts)] = path
+    return names
+
+
+def import_edges(root: Path, package: str) -> list[Edge]:
+    """Every import of one module of the package by another, read from the source of ``root``.
+
+    All imports count: at module level, inside functions, under ``if TYPE_CHECKING:``. A function-level
+    import only defers the cycle to run time (and is how the known cycles hid from a module-level look);
+    a type-only one still means neither module can be read or type-checked without the other; and
+    import-linter's graph counts both, so this check and the layer contracts judge the same graph.
+    ``from pkg import name`` is an import of ``pkg.name`` where that is a module, else of ``pkg``. Not
+    counted: the import of a package's ``__init__`` that Python makes before any of its submodules;
+    that one is the interpreter's, not the author's, and counting it would make every package whose
+    ``__init__`` re-exports its submodules (``nas3d.storages``) a cycle.
+    """
+    modules = _module_names(root, package)
+    edges = []
+    for name, path in modules.items():
+        is_package = path.name == "__init__.py"
+        where = f"{package}/{path.relative_to(root).as_posix()}"
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the importing module's package, up level - 1
+                    anchor = name.split(".") if is_package else name.split(".")[:-1]
+                    anchor = anchor[: len(anchor) - (node.level - 1)]
+                    base = ".".join([*anchor, *([base] if base else [])])
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            for target in targets:
+                if target in modules and target != name:
+                    edges.append((name, target, f"{where}:{node.lineno}"))
+    return edges
+
+
+def import_cycles(edges: list[Edge]) -> Iterator[list[Edge]]:
+    """Import cycles, as their edges: in each strongly connected group of modules (Tarjan's algorithm),
+    the shortest cycle through each of its modules, each cycle once."""
+    graph: dict[str, dict[str, str]] = {}
+    for importer, imported, where in edges:
+        graph.setdefault(importer, {}).setdefault(imported, where)
+        graph.setdefault(imported, {})
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    seen: set[frozenset[tuple[str, str]]] = set()
+    for group in sorted(groups):
+        members = set(group)
+        for start in group:  # the shortest cycle through each module of the group, each cycle once
+            paths = {start: [start]}
+            queue = [start]
+            while queue:  # breadth first, inside the group, back to start
+                node = queue.pop(0)
+                for nxt in sorted(graph[node]):
+                    if nxt == start:
+                        cycle = [*paths[node], start]
+                        key = frozenset(pairwise(cycle))
+                        if key not in seen:
+                            seen.add(key)
+                            yield [(a, b, graph[a][b]) for a, b in pairwise(cycle)]
+                        queue = []
+                        break
+                    if nxt in members and nxt not in paths:
+                        paths[nxt] = [*paths[node], nxt]
+                        queue.append(nxt)
+
+
+def _describe(cycle: list[Edge]) -> str:
+    return " -> ".join([cycle[0][0], *(f"{b} ({where})" for _, b, where in cycle)])
+
+
+def test_the_cycle_check_sees_function_level_type_only_and_relative_imports(tmp_path: Path) -> None:
+    root = tmp_path / "pkg"
+    (root / "sub").mkdir(parents=True)
+    files = {
+        "__init__.py": "from pkg.sub import leaf\n",  # re-exports: no cycle with its submodules
+        "a.py": "from pkg.b import x\n",
+        "b.py": "def f():\n    from pkg import a\n",  # function level: a <-> b
+        "c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import pkg.sub.d\n",
+        "sub/__init__.py": "",
+        "sub/d.py": "from .. import c\n",  # relative, two levels: c <-> sub.d
+        "sub/leaf.py": "import os\nimport pkg.sub\n",
+    }
+    for name, text in files.items():
+        (root / name).write_text(text)
+    cycles = [_describe(c) for c in import_cycles(import_edges(root, "pkg"))]
+    assert cycles == [
+        "pkg.a -> pkg.b (pkg/a.py:1) -> pkg.a (pkg/b.py:2)",
+        "pkg.c -> pkg.sub.d (pkg/c.py:3) -> pkg.c (pkg/sub/d.py:1)",
+    ]
+
+
+def test_no_import_cycle_in_the_package() -> None:
+    edges = import_edges(PACKAGE, "nas3d")
+    assert len({importer for importer, _, _ in edges}) >= 20, edges  # the package, not an empty folder
+    cycles = [_describe(c) for c in import_cycles(edges)]
+    assert cycles == [], "import cycles in nas3d (each: who imports whom, where):\n" + "\n".join(cycles)
+
+
+def test_a_long_module_says_why_at_its_top() -> None:
+    unexplained = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        if len(lines) > MAX_LINES and not lines[0].startswith(LONG_MARK):
+            unexplained.append(f"nas3d/{path.relative_to(PACKAGE).as_posix()}: {len(lines)} lines")
+    assert unexplained == [], (
+        f"modules over {MAX_LINES} lines: split them, or say why in a first line '{LONG_MARK} ...':\n"
+        + "\n".join(unexplained)
+    )
 
 
 def writes_to_stdout(tree: ast.AST) -> list[tuple[int, str]]:

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
+from nas3d.budget import budget_state
 from nas3d.storages import make_storage
 from nas3d.study import NOT_TRAINED_ATTR, create_study
 from nas3d.testing.storages import PostgresCluster
-from nas3d.worker import budget_state
 from tests.test_study import smoke_config
 from tests.test_worker import wait_for
 

@@ -11,12 +11,12 @@ import pytest
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
+from nas3d.budget import budget_state
 from nas3d.storages import make_storage, study_lock
 from nas3d.storages._rdb import pg_connect_args
 from nas3d.study import create_study
 from nas3d.testing.servers import ServerUnavailable, pgbouncer
 from nas3d.testing.storages import temporary_database
-from nas3d.worker import budget_state
 from tests.test_storage import _check_lock_excludes_other_workers
 from tests.test_study import smoke_config
 from tests.test_worker import finish, start_worker

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from optuna.trial import TrialState, create_trial
 
-from nas3d.report import front_markdown, pareto_points, study_front
+from nas3d.front import front_markdown, pareto_points, study_front
 
 
 def _trial(auc: float, flops: float, **attrs) -> object:

@@ -18,11 +18,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from nas3d.budget import budget_state
 from nas3d.storages import make_storage
 from nas3d.study import create_study
 from nas3d.testing.servers import ServerUnavailable, slurm_cluster
 from nas3d.testing.storages import temporary_database
-from nas3d.worker import budget_state
 from tests.test_study import smoke_config
 from tests.test_worker import counted, long_trials_study, wait_for
 

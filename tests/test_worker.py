@@ -15,10 +15,11 @@ import pytest
 from optuna.trial import TrialState
 
 from nas3d.architecture import Architecture
+from nas3d.budget import WORKER_ATTR, budget_state
 from nas3d.space import params_for
 from nas3d.storages import make_storage
 from nas3d.study import NOT_TRAINED_ATTR, create_study
-from nas3d.worker import WORKER_ATTR, budget_state, run_worker
+from nas3d.worker import run_worker
 from tests.test_study import smoke_config
 
 pytestmark = pytest.mark.slow
@@ -217,21 +218,22 @@ def test_the_claim_process_waits_out_an_outage_its_worker_met(tmp_path: Path) ->
     counts for the claim process too."""
     import math
 
-    from nas3d.worker import StopFlag, _Claim, _ClaimProcess, _TrialSource
+    from nas3d.claims import Claim, ClaimProcess, TrialSource
+    from nas3d.heartbeat import StopFlag
 
     storage_url, storage, busy = _study_with_a_silent_trial(tmp_path, "outage-age")
     storage.last_outage = time.monotonic()  # the worker just met an outage (its heartbeat was skipped)
     study = optuna.load_study(study_name="outage-age", storage=storage)
-    source = _TrialSource(study, storage, None, None, config=None,
-                          marker={"worker": 0, "host": "here", "pid": os.getpid()}, beats=True,
-                          heartbeat_interval=1, grace=2, window=0, max_free_streak=100, stop=StopFlag())
-    claims = _ClaimProcess(source, {"study_name": "outage-age", "storage": storage_url, "worker_number": 0,
-                                    "shape": {"in_channels": 1, "num_classes": 3, "size": 12},
-                                    "log_level": "WARNING"})
+    source = TrialSource(study, storage, None, None, config=None,
+                         marker={"worker": 0, "host": "here", "pid": os.getpid()}, beats=True,
+                         heartbeat_interval=1, grace=2, window=0, max_free_streak=100, stop=StopFlag())
+    claims = ClaimProcess(source, {"study_name": "outage-age", "storage": storage_url, "worker_number": 0,
+                                   "shape": {"in_channels": 1, "num_classes": 3, "size": 12},
+                                   "log_level": "WARNING"})
     try:
         claims.request(wait=True)
         first = claims.result()
-        assert isinstance(first, _Claim)
+        assert isinstance(first, Claim)
         assert storage.get_trial(busy).state == TrialState.RUNNING  # within a grace period of the outage
         time.sleep(3)
         storage.last_outage = -math.inf  # nothing new: the claim process remembers the outage's time
@@ -255,9 +257,9 @@ def _study_with_a_silent_trial(tmp_path: Path, name: str):
 
 
 def _assert_failed_as_stale(storage, busy: int, *claims) -> None:
-    from nas3d.worker import _Claim
+    from nas3d.claims import Claim
 
-    assert all(isinstance(claim, _Claim) for claim in claims)
+    assert all(isinstance(claim, Claim) for claim in claims)
     failed = storage.get_trial(busy)
     assert failed.state == TrialState.FAIL
     assert failed.user_attrs["failure_reason"].startswith("stale heartbeat")
@@ -268,15 +270,15 @@ def _assert_failed_as_stale(storage, busy: int, *claims) -> None:
 def test_an_outage_met_waiting_for_the_study_lock_holds_off_stale_failures(tmp_path: Path) -> None:
     """A claim that waited for the study lock through an outage made no storage call that noticed it;
     live trials whose workers have not beaten since the database came back are not stale yet."""
+    from nas3d.claims import Claim, claim_source
     from nas3d.storages import StorageUnavailable
-    from nas3d.worker import _Claim, _claim_source
 
     storage_url, storage, busy = _study_with_a_silent_trial(tmp_path, "lock-outage")
-    source = _claim_source({"storage": storage_url, "study_name": "lock-outage", "worker_number": 0,
-                            "shape": {"in_channels": 1, "num_classes": 3, "size": 12},
-                            "marker": {"worker": 0, "host": "here", "pid": os.getpid()},
-                            "heartbeat_interval": 1, "grace": 2, "retry_window": 30, "max_free_streak": 100,
-                            "worker_pid": os.getppid()})  # as if this process were a claim process
+    source = claim_source({"storage": storage_url, "study_name": "lock-outage", "worker_number": 0,
+                           "shape": {"in_channels": 1, "num_classes": 3, "size": 12},
+                           "marker": {"worker": 0, "host": "here", "pid": os.getpid()},
+                           "heartbeat_interval": 1, "grace": 2, "retry_window": 30, "max_free_streak": 100,
+                           "worker_pid": os.getppid()})  # as if this process were a claim process
 
     class LockBehindAnOutage:  # the study lock's connection, refused once (the server was down)
         def __init__(self, lock) -> None:
@@ -293,7 +295,7 @@ def test_an_outage_met_waiting_for_the_study_lock_holds_off_stale_failures(tmp_p
 
     source.lock = LockBehindAnOutage(source.lock)
     first = source.claim(wait=True)
-    assert isinstance(first, _Claim)
+    assert isinstance(first, Claim)
     assert storage.get_trial(busy).state == TrialState.RUNNING  # its worker may not have beaten yet
     time.sleep(2.5)  # a grace period after the outage: now it is stale
     _assert_failed_as_stale(storage, busy, first, source.claim(wait=True))
@@ -308,13 +310,14 @@ def test_a_claim_process_whose_worker_ended_claims_nothing(tmp_path: Path) -> No
     script = (
         "import os, sys, optuna\n"
         "from nas3d.storages import make_storage\n"
-        "from nas3d.worker import StopFlag, _ClaimProcess, _TrialSource\n"
+        "from nas3d.claims import ClaimProcess, TrialSource\n"
+        "from nas3d.heartbeat import StopFlag\n"
         f"storage = make_storage({storage_url!r}, heartbeat_interval=1, grace_period=2)\n"
         "study = optuna.load_study(study_name='orphaned', storage=storage)\n"
-        "source = _TrialSource(study, storage, None, None, config=None, marker={'worker': 0, 'host': 'here',"
+        "source = TrialSource(study, storage, None, None, config=None, marker={'worker': 0, 'host': 'here',"
         " 'pid': os.getpid()}, beats=True, heartbeat_interval=1, grace=2, window=0, max_free_streak=100,"
         " stop=StopFlag())\n"
-        "claims = _ClaimProcess(source, {'study_name': 'orphaned', 'storage': %r, 'worker_number': 0,"
+        "claims = ClaimProcess(source, {'study_name': 'orphaned', 'storage': %r, 'worker_number': 0,"
         " 'shape': {'in_channels': 1, 'num_classes': 3, 'size': 12}, 'log_level': 'WARNING'})\n"
         "claims.request(wait=True)\n"
         "print(claims._process.pid, flush=True)\n"

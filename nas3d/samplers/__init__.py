@@ -6,27 +6,21 @@ is imported only when :func:`make_sampler` builds one.
 
 from __future__ import annotations
 
-import math
 import warnings
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+from nas3d.samplers._settings import ODE_MODES, ODESettings
 from nas3d.util import check_choice
 
 if TYPE_CHECKING:
     import optuna
 
-    from nas3d.config import StudySettings
     from nas3d.space import SearchSpace
 
-__all__ = ["ODE_MODES", "SAMPLERS", "TPE_OPTIONS", "ODESettings", "make_sampler"]
+__all__ = ["ODE_MODES", "SAMPLERS", "TPE_OPTIONS", "ODESettings", "SamplerChoice", "make_sampler"]
 
 #: The sampler names a study file or ``--sampler`` may give.
 SAMPLERS = ("tpe", "nsga2", "random", "ode")
-
-#: ``[ode] mode``: "multi" selects by non-dominated rank and crowding distance on all objectives;
-#: "single" is the seed study's greedy one-to-one selection on the first objective (val_auc).
-ODE_MODES = ("multi", "single")
 
 #: The TPE settings of every nas3d study. group=True (experimental in Optuna) is what makes TPE model
 #: define-by-run, conditional params jointly; multivariate: ops and edges interact; constant_liar:
@@ -34,37 +28,19 @@ ODE_MODES = ("multi", "single")
 TPE_OPTIONS: dict[str, bool] = {"multivariate": True, "group": True, "constant_liar": True}
 
 
-@dataclass(frozen=True)
-class ODESettings:
-    """The ``[ode]`` table: opposition-based differential evolution (``sampler = "ode"``).
+class SamplerChoice(Protocol):
+    """What :func:`make_sampler` reads of a study's settings (``nas3d.config.StudySettings`` has it):
+    declared here, so that the samplers need nothing from the configuration that names them."""
 
-    The defaults are the seed study's: population 20, rand/1 mutation with ``F`` 0.5, binomial
-    crossover with ``CR`` 0.5, generation jumping with probability 0.3. Used only by ``ode``.
-    """
+    @property
+    def sampler(self) -> str: ...
 
-    population: int = 20
-    F: float = 0.5
-    CR: float = 0.5
-    jumping_rate: float = 0.3
-    mode: str = "multi"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.population, bool) or not isinstance(self.population, int) or self.population < 4:
-            # rand/1 mutation draws three members besides the target
-            raise ValueError(
-                f"population must be an integer >= 4 (rand/1 needs 3 others), got {self.population!r}"
-            )
-        if not (math.isfinite(self.F) and 0.0 < self.F <= 2.0):
-            raise ValueError(f"F must be in (0, 2], got {self.F!r}")
-        for name in ("CR", "jumping_rate"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-        check_choice("mode", self.mode, ODE_MODES)
+    @property
+    def sampler_seed(self) -> int | None: ...
 
 
 def make_sampler(
-    settings: StudySettings, *, space: SearchSpace | None = None, ode: ODESettings | None = None
+    settings: SamplerChoice, *, space: SearchSpace | None = None, ode: ODESettings | None = None
 ) -> optuna.samplers.BaseSampler:
     """The study's sampler. Constraints need no ``constraints_func``: Optuna 5 samplers read them
     from the trials (see ``nas3d.study.record_constraints``). ``space`` and ``ode`` matter to

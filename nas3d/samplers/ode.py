@@ -1,3 +1,5 @@
+# Long module: one algorithm (encoding, opposition, DE operators, selection, the sampler) whose parts
+# only make sense together, documented as the seed study's method.
 """The seed study's search algorithm, opposition-based differential evolution (ODE), as an Optuna sampler.
 
 **Encoding.** ODE evolves the seed's own chromosome, 29 reals in [0, 1] (:func:`decode`):
@@ -74,7 +76,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas3d.architecture import Architecture, InfeasibleArchitecture, prune_cell
 from nas3d.pareto import crowding_distances
-from nas3d.samplers import ODE_MODES
+from nas3d.samplers._settings import ODE_MODES, ODESettings
 from nas3d.seeds import seed_document
 from nas3d.space import SearchSpace, params_for
 from nas3d.util import check_choice
@@ -373,8 +375,6 @@ class ODESampler(BaseSampler):
         mode: str = "multi",
         seed: int | None = None,
     ) -> None:
-        from nas3d.samplers import ODESettings
-
         ODESettings(population=population, F=F, CR=CR, jumping_rate=jumping_rate, mode=mode)  # validates
         check_choice("mode", mode, ODE_MODES)
         self.space = space

@@ -14,7 +14,7 @@ Accepted storage strings (``--storage`` flag, else env ``NAS3D_STORAGE``, else t
 Crash recovery (RDB only): the worker's heartbeat thread writes every ``heartbeat_interval`` seconds;
 the next ``study.optimize`` on any worker fails trials silent for ``grace_period`` seconds and
 re-queues them (``RetryHeartbeatStaleTrialCallback``); such a trial gets a ``failure_reason``.
-nas3d workers run their own heartbeat thread around ask/tell (``nas3d.worker``).
+nas3d workers run their own heartbeat thread around ask/tell (``nas3d.heartbeat``).
 
 Outages: a worker's storage retries every call through transient database errors for
 ``$NAS3D_STORAGE_RETRY_WINDOW`` seconds (default 600). Artifacts: one store per study, recorded in

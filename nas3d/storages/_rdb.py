@@ -275,7 +275,7 @@ def _retried(name: str) -> Callable[..., Any]:
 # either. The private ones are what Optuna's _CachedStorage (which wraps every RDBStorage a Study
 # uses) calls on it instead of the public ones. create_new_trial is not idempotent (a retry after a
 # lost reply can leave an orphan RUNNING trial); the worker fails such orphans under the study lock
-# (nas3d.worker).
+# (nas3d.claims.fail_orphans).
 for _name in (
     "_create_new_trial", "_get_trials", "_get_best_trial_id", "_set_trial_param",
     "create_new_trial", "set_trial_param", "set_trial_intermediate_value", "set_trial_user_attr",

@@ -1,0 +1,114 @@
+"""The study's budget: which trials count against ``n_trials``, which are free, and when a study is done.
+
+The budget counts trained architectures: a trial decided without training (duplicate, over the
+constraints, failed before training, orphaned) is free, as is a failed trial that was queued again
+(its retry counts). A study stops once ``max_free_streak`` trials in a row were free, so a sampler
+that can only find known or over-cap architectures cannot run forever. A trial the early stopper
+ended counts: its architecture was trained (to a rung and ranked there), only not to the end.
+
+Workers count the budget under the study lock before each ``ask`` (:mod:`nas3d.claims`); ``nas3d
+launch`` queues again the trials of workers it killed, as a worker does its interrupted trial, with
+:func:`requeue`; ``nas3d status`` shows what :func:`budget_state` counts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import TrialState
+
+from nas3d.pareto import EARLY_STOPPED_ATTR
+from nas3d.study import NOT_TRAINED_ATTR
+
+__all__ = [
+    "DEFAULT_MAX_FREE_STREAK",
+    "WORKER_ATTR",
+    "BudgetState",
+    "budget_state",
+    "log_spent",
+    "requeue",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Trial system attr naming the worker that runs it: ``{"worker": N, "host": ..., "pid": ...}``.
+WORKER_ATTR = "nas3d:worker"
+#: How many trials in a row may be free (duplicates, over the constraints, ...) before a study stops.
+DEFAULT_MAX_FREE_STREAK = 100
+
+
+@dataclass(frozen=True)
+class BudgetState:
+    used: int  # trials that count against the budget: trained or training, and queued ones
+    free: int  # trials decided without training (duplicates, over the constraints, ...)
+    free_streak: int  # free trials after the last counted trial that has started
+    duplicates: int
+    waiting: int
+    running: int
+    stopped: int = 0  # trials the early stopper ended (counted in ``used``)
+    workers: int = 0  # distinct workers with a RUNNING trial
+
+    def left(self, budget: int) -> int:
+        """Trials that may still start: the unused budget and the queued trials."""
+        return max(0, budget - self.used) + self.waiting
+
+    def spent(self, budget: int, max_free_streak: int = DEFAULT_MAX_FREE_STREAK) -> bool:
+        """No trial may start: the budget is used (queued trials count already and still run), or
+        the last ``max_free_streak`` trials were all free."""
+        return self.free_streak >= max_free_streak or (self.waiting == 0 and self.used >= budget)
+
+
+def _is_free(trial: optuna.trial.FrozenTrial) -> bool:
+    # duplicate_of alone: a study from before NOT_TRAINED_ATTR existed
+    return NOT_TRAINED_ATTR in trial.user_attrs or "duplicate_of" in trial.user_attrs
+
+
+def budget_state(study: optuna.Study) -> BudgetState:
+    """Count the study's trials the way the budget does (see this module's docstring)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    counted = [t for t in trials if t.number not in retried and not _is_free(t)]
+    last = max((t.number for t in counted if t.state != TrialState.WAITING), default=-1)
+    return BudgetState(
+        used=len(counted),
+        free=sum(_is_free(t) for t in trials),
+        free_streak=sum(_is_free(t) for t in trials if t.number > last),
+        duplicates=sum("duplicate_of" in t.user_attrs for t in trials),
+        waiting=sum(t.state == TrialState.WAITING for t in trials),
+        running=sum(t.state == TrialState.RUNNING for t in trials),
+        stopped=sum(bool(t.user_attrs.get(EARLY_STOPPED_ATTR)) for t in trials),
+        workers=len({(t.system_attrs.get(WORKER_ATTR) or {}).get("worker") for t in trials
+                     if t.state == TrialState.RUNNING}),
+    )
+
+
+def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue a failed trial again with its parameters; the retry replaces it in the budget."""
+    user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in ("failure_reason", NOT_TRAINED_ATTR)}
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.WAITING,
+            params=trial.params,
+            distributions=trial.distributions,
+            user_attrs=user_attrs,
+            system_attrs={
+                "failed_trial": trial.system_attrs.get("failed_trial", trial.number),
+                "retry_history": history,
+            },
+        )
+    )
+    logger.info("trial %d was interrupted and queued again", trial.number)
+
+
+def log_spent(study_name: str, state: BudgetState, budget: int, max_free_streak: int) -> None:
+    if state.free_streak >= max_free_streak:
+        logger.warning(
+            "study %r stops early: the last %d trials were all duplicates of evaluated architectures or "
+            "over the constraints (%d trained of %d); widen the space, relax [constraints], or use "
+            "another sampler", study_name, state.free_streak, state.used, budget,
+        )
+    else:
+        logger.info("study %r has used its budget of %d trained architectures", study_name, budget)
