@@ -1,3 +1,6 @@
+# Long module: every way a dataset reaches the device (MedMNIST files, synthetic npz, manifests) shares
+# DataConfig, Split and the split checks, and load_splits dispatches between them; the manifest half
+# (Preprocessing to prepare_for_model) is the part to move out next, with the dispatch beside it.
 """MedMNIST3D data and the user's own volumes: the medmnist loaders, a synthetic npz writer, manifests
 (a labels CSV naming NIfTI or NumPy volumes), and splits held on the device.
 

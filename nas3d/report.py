@@ -1,3 +1,5 @@
+# Long module: every text a command returns to people (status, a trial, export and ONNX export, retrain
+# rows, comparisons, nas3d report) is composed here, so that only the CLI prints.
 """What nas3d shows people: status tables, one trial, retrain rows, the comparison with published numbers
 and ``nas3d report`` (its Pareto fronts come from :mod:`nas3d.front`, as the dashboard's do).
 
