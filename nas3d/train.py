@@ -23,7 +23,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -102,7 +102,9 @@ class EpochRecord:
     val_loss: float
     val_auc: float
     val_acc: float
-    seconds: float | None = None  # wall time of the epoch's training pass and search validation
+    # Wall time of the epoch's training pass and search validation; not part of a record's equality, so
+    # that the same trial run twice gives equal records.
+    seconds: float | None = field(default=None, compare=False)
     # Scores on the whole validation split, where the data holds one beside the search share
     # (``DataConfig.record_full_val``): recorded for benchmarks, never used to choose or stop.
     full_val_auc: float | None = None

@@ -19,6 +19,7 @@ from nas3d.config import ConfigError, StudyConfig, load_study_config
 from nas3d.data import load_splits
 from nas3d.early_stopping import (
     CURVE_ATTR,
+    CURVE_KEYS,
     DECISIONS_ATTR,
     EARLY_STOPPED_VALUES_ATTR,
     EarlyStoppingConfig,
@@ -210,7 +211,9 @@ def test_learning_curve_round_trips_through_storage(tmp_path: Path) -> None:
     assert DECISIONS_ATTR not in trial.user_attrs  # no stopper, no decisions
     text = format_learning_curve(trial)
     assert f"trial {trial.number} (complete)" in text and len(text.splitlines()) == 3 + 3
-    assert learning_curve(optuna.trial.create_trial(state=TrialState.FAIL)) == {k: [] for k in curve}
+    # Without a recorded curve: empty lists for the standard keys, none of the optional ones.
+    assert learning_curve(optuna.trial.create_trial(state=TrialState.FAIL)) == {k: [] for k in CURVE_KEYS}
+    assert set(curve) == {*CURVE_KEYS, "seconds"}  # seconds per epoch; no full-val scores asked for
 
 
 def add_dominating_peer(study: optuna.Study, epochs: int = 3) -> int:
