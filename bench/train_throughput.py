@@ -362,6 +362,7 @@ def run_cpu_variants(args: argparse.Namespace) -> dict:
 
         for name in variants:  # warm-up: oneDNN primitives, and torch.compile's compilation
             first[name] = epoch(name)
+            print(f"  {model_name}: {name} warmed up in {first[name]:.1f} s", file=sys.stderr, flush=True)
         for _ in range(args.epochs):
             for name in variants:
                 seconds[name] += epoch(name)
