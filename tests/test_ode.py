@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import statistics
 import subprocess
@@ -42,6 +41,7 @@ from nas3d.seeds import seed_architectures, seed_document
 from nas3d.space import SearchSpace, sample_architecture
 from nas3d.storages import make_storage
 from nas3d.study import DIRECTIONS, create_study, record_constraints
+from tests._bench import load_bench
 from tests.test_study import smoke_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -381,16 +381,7 @@ def test_cli_search_with_the_ode_sampler(tmp_path: Path) -> None:
 
 
 def _compare_samplers():
-    path = REPO / "bench" / "compare_samplers.py"
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("compare_samplers", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    return module
+    return load_bench("compare_samplers")
 
 
 @pytest.mark.slow

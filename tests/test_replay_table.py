@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests._bench import load_bench
+
 EPOCHS = 6
-
-
-def _replay_module():
-    path = REPO / "bench" / "replay_table.py"
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("replay_table", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    return module
 
 
 def synthetic_table(n: int = 12) -> dict:
@@ -45,7 +31,7 @@ def synthetic_table(n: int = 12) -> dict:
 
 @pytest.fixture(scope="module")
 def bench():
-    return _replay_module()
+    return load_bench("replay_table")
 
 
 def test_correlations_find_a_perfect_proxy_and_its_negative(bench) -> None:
