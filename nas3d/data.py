@@ -101,6 +101,10 @@ class DataConfig:
     root: str | None = None  # folder holding {flag}.npz / {flag}_{size}.npz; None = medmnist's default
     download: bool = True  # try medmnist's download when the file is missing
     search_fraction: float = 0.25  # deterministic share of train and val used during search
+    # The share of val used during search when it should differ from train's; None = search_fraction
+    # (the seed's quarter). The CPU profile scores on the whole split: the quarter of a small split
+    # (25 volumes for AdrenalMNIST3D) misranks architectures, and scoring is cheap next to training.
+    search_val_fraction: float | None = None
     subset_seed: int = 0
     # Also score every search epoch on the whole validation split (recorded in the learning curve,
     # never used to choose or stop): how benchmarks such as bench/arch_table.py see how well the
@@ -144,8 +148,10 @@ class DataConfig:
                 raise ValueError(f"data.size must be in [4, 256] for {what}, but got {self.size!r}")
         elif self.size not in SIZES:
             raise ValueError(f"data.size must be one of {SIZES} for {self.dataset}, but got {self.size!r}")
-        if not 0.0 < self.search_fraction <= 1.0:
-            raise ValueError(f"data.search_fraction must be in (0, 1], but got {self.search_fraction!r}")
+        for name in ("search_fraction", "search_val_fraction"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ValueError(f"data.{name} must be in (0, 1], but got {value!r}")
         if not 2 <= self.synthetic_classes <= 255:
             raise ValueError(
                 f"data.synthetic_classes must be in [2, 255], but got {self.synthetic_classes!r}"
@@ -159,6 +165,12 @@ class DataConfig:
     @property
     def is_manifest(self) -> bool:
         return is_manifest(self.dataset)
+
+    def fraction(self, split: str) -> float:
+        """The share of ``split`` ("train" or "val") a search trains or scores on."""
+        if split == "val" and self.search_val_fraction is not None:
+            return self.search_val_fraction
+        return self.search_fraction
 
     @property
     def is_medmnist(self) -> bool:
@@ -311,8 +323,8 @@ class DataShape:
 def load_splits(cfg: DataConfig, device: torch.device | str, *, for_search: bool) -> DeviceData:
     """Load ``cfg``'s dataset onto ``device``.
 
-    With ``for_search`` only a deterministic ``search_fraction`` of train and of val is kept (stratified
-    by class, at least one sample per class, chosen by ``subset_seed``) and test is not loaded.
+    With ``for_search`` only a deterministic share of train and of val is kept (``cfg.fraction``:
+    stratified by class, at least one sample per class, chosen by ``subset_seed``) and test is not loaded.
     Raises :class:`DatasetUnavailable` or :class:`DatasetCorrupt` with a one-line reason.
     A manifest is read through its cache (:func:`prepare_manifest`): a recorded ``manifest_hash`` that
     the files no longer have is a :class:`ManifestChanged`.
@@ -323,10 +335,11 @@ def load_splits(cfg: DataConfig, device: torch.device | str, *, for_search: bool
     arrays = read_arrays(cfg, path, ("train", "val") if for_search else SPLITS)
     splits: dict[str, Split] = {}
     for index, (split, (images, labels)) in enumerate(arrays.items()):
-        if split == "val" and for_search and cfg.record_full_val and cfg.search_fraction < 1.0:
+        fraction = cfg.fraction(split) if for_search else 1.0
+        if split == "val" and for_search and cfg.record_full_val and fraction < 1.0:
             splits["full_val"] = Split.from_arrays(images, labels, task=cfg.task, device=device)
-        if for_search and cfg.search_fraction < 1.0:
-            keep = stratified_subset(labels, cfg.search_fraction, seed=(cfg.subset_seed, index))
+        if fraction < 1.0:
+            keep = stratified_subset(labels, fraction, seed=(cfg.subset_seed, index))
             images, labels = images[keep], labels[keep]
         splits[split] = Split.from_arrays(images, labels, task=cfg.task, device=device)
     return DeviceData(
@@ -976,14 +989,22 @@ def _manifest_splits(cfg: DataConfig, device: torch.device | str, *, for_search:
     splits: dict[str, Split] = {}
     for index, split in enumerate(("train", "val") if for_search else SPLITS):
         members = prepared.splits[split]
-        if for_search and cfg.search_fraction < 1.0:
-            members = members[stratified_subset(prepared.labels[members], cfg.search_fraction,
+        fraction = cfg.fraction(split) if for_search else 1.0
+        if split == "val" and for_search and cfg.record_full_val and fraction < 1.0:
+            splits["full_val"] = _manifest_split(prepared, members, device)
+        if fraction < 1.0:
+            members = members[stratified_subset(prepared.labels[members], fraction,
                                                 seed=(cfg.subset_seed, index))]
-        images = torch.from_numpy(prepared.images[members])
-        labels = torch.from_numpy(prepared.labels[members])
-        splits[split] = Split(images.to(device), labels.to(device), resolved.task)
+        splits[split] = _manifest_split(prepared, members, device)
     return DeviceData(name=resolved.name, num_classes=resolved.num_classes, in_channels=resolved.in_channels,
-                      size=resolved.size, train=splits["train"], val=splits["val"], test=splits.get("test"))
+                      size=resolved.size, train=splits["train"], val=splits["val"], test=splits.get("test"),
+                      full_val=splits.get("full_val"))
+
+
+def _manifest_split(prepared: PreparedManifest, members: np.ndarray, device: torch.device | str) -> Split:
+    images = torch.from_numpy(prepared.images[members])
+    labels = torch.from_numpy(prepared.labels[members])
+    return Split(images.to(device), labels.to(device), prepared.config.task)
 
 
 def prepare_for_model(

@@ -218,6 +218,25 @@ def test_search_subset_is_deterministic_and_stratified(tmp_path: Path) -> None:
     assert len(stratified_subset(np.arange(10) % 5, 0.01, seed=0)) == 5
 
 
+def test_search_val_fraction_scores_on_another_share_of_val(tmp_path: Path) -> None:
+    cfg = DataConfig(dataset="synthetic", size=6, synthetic_classes=3, synthetic_samples=120, root=str(tmp_path),
+                     search_fraction=0.25, search_val_fraction=1.0, record_full_val=True)
+    data = load_splits(cfg, "cpu", for_search=True)
+    whole = load_splits(cfg, "cpu", for_search=False)
+    assert len(data.train) == 30  # train keeps search_fraction
+    assert torch.equal(data.val.images, whole.val.images)  # val is the whole split
+    assert data.full_val is None  # nothing beside it to record
+    half = load_splits(DataConfig(**{**cfg.__dict__, "search_val_fraction": 0.5}), "cpu", for_search=True)
+    assert len(half.val) == 15 and len(half.full_val) == 30 and len(half.train) == 30
+    assert cfg.fraction("train") == 0.25 and DataConfig(search_fraction=0.5).fraction("val") == 0.5
+
+
+@pytest.mark.parametrize("value", [0.0, 1.5, -0.25])
+def test_search_val_fraction_out_of_range_is_named(value: float) -> None:
+    with pytest.raises(ValueError, match=r"data.search_val_fraction must be in \(0, 1\]"):
+        DataConfig(search_val_fraction=value)
+
+
 def test_split_batches_cover_the_split_once(tmp_path: Path) -> None:
     cfg = DataConfig(dataset="synthetic", size=5, synthetic_samples=40, root=str(tmp_path))
     split = load_splits(cfg, "cpu", for_search=False).train

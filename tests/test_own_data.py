@@ -109,6 +109,17 @@ def test_a_manifest_resolves_to_classes_channels_and_a_content_hash(tmp_path: Pa
     assert len(list((csv_path.parent / CACHE_DIR).glob("*.npy"))) == 24
 
 
+def test_a_manifest_search_records_the_whole_val_split_beside_its_share(tmp_path: Path) -> None:
+    csv_path = nifti_folder(tmp_path, n=40)
+    resolved = resolve_manifest(manifest_config(csv_path, search_fraction=0.5, record_full_val=True))
+    search = load_splits(resolved, "cpu", for_search=True)
+    whole = load_splits(resolved, "cpu", for_search=False)
+    assert torch.equal(search.full_val.images, whole.val.images)
+    assert 0 < len(search.val) < len(whole.val) and 0 < len(search.train) < len(whole.train)
+    scored_whole = load_splits(dataclasses.replace(resolved, search_val_fraction=1.0), "cpu", for_search=True)
+    assert torch.equal(scored_whole.val.images, whole.val.images) and scored_whole.full_val is None
+
+
 def test_integer_labels_keep_their_numbers_and_multi_class_works(tmp_path: Path) -> None:
     csv_path = nifti_folder(tmp_path, n=30, classes=("2", "0", "1"))
     resolved = resolve_manifest(manifest_config(csv_path))
