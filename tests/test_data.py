@@ -219,8 +219,8 @@ def test_search_subset_is_deterministic_and_stratified(tmp_path: Path) -> None:
 
 
 def test_search_val_fraction_scores_on_another_share_of_val(tmp_path: Path) -> None:
-    cfg = DataConfig(dataset="synthetic", size=6, synthetic_classes=3, synthetic_samples=120, root=str(tmp_path),
-                     search_fraction=0.25, search_val_fraction=1.0, record_full_val=True)
+    cfg = DataConfig(dataset="synthetic", size=6, synthetic_classes=3, synthetic_samples=120,
+                     root=str(tmp_path), search_fraction=0.25, search_val_fraction=1.0, record_full_val=True)
     data = load_splits(cfg, "cpu", for_search=True)
     whole = load_splits(cfg, "cpu", for_search=False)
     assert len(data.train) == 30  # train keeps search_fraction

@@ -44,6 +44,22 @@ def test_synflow_of_a_linear_map_is_the_sum_of_its_absolute_weights() -> None:
     assert synflow(layer, torch.rand(4, 5), torch.zeros(4, dtype=torch.long)) == pytest.approx(expected)
 
 
+def test_synflow_in_float32_matches_float64_and_falls_back_where_float32_overflows() -> None:
+    torch.manual_seed(0)
+    model = build_model(ARCH, 1, 2)
+    images, labels = batch()
+    reference = synflow(model, images, labels, dtype=torch.float64)
+    assert synflow(model, images, labels) == pytest.approx(reference, rel=1e-5)
+    # Weights of 1e30: the float32 saliency overflows (inf), float64 holds it.
+    big = nn.Sequential(nn.Linear(5, 5, bias=False), nn.Linear(5, 1, bias=False))
+    with torch.no_grad():
+        for layer in big:
+            layer.weight.fill_(1e30)
+    # R = 25a² for a = 1e30: the 25 first-layer weights each have saliency a², the 5 last ones 5a².
+    expected = math.log10(50 * 1e30 * 1e30)
+    assert synflow(big, torch.rand(2, 5), torch.zeros(2, dtype=torch.long)) == pytest.approx(expected)
+
+
 def test_grad_norm_is_the_norm_of_the_weight_gradient() -> None:
     torch.manual_seed(0)
     layer = nn.Linear(6, 2)
