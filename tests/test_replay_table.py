@@ -39,6 +39,9 @@ def test_correlations_find_a_perfect_proxy_and_its_negative(bench) -> None:
     assert found["naswot"][:2] == (pytest.approx(1.0), pytest.approx(1.0))
     assert found["zico"][:2] == (pytest.approx(-1.0), pytest.approx(-1.0))
     assert found["synflow"][2] == 0  # no finite scores: not correlated, not silently zero
+    # The synthetic search quarter sees what the whole split sees: it ranks perfectly.
+    quarter = found["search-quarter AUC (what a search ranks by)"]
+    assert quarter[:2] == (pytest.approx(1.0), pytest.approx(1.0))
 
 
 def test_training_everything_recovers_the_whole_table(bench) -> None:
@@ -46,6 +49,7 @@ def test_training_everything_recovers_the_whole_table(bench) -> None:
     full = result["strategies"]["full"]
     assert full["saving"] == 1.0 and full["hv_share"] == pytest.approx(1.0)
     assert full["true_front_recall"] == 1.0 and full["fully_trained"] == 12
+    assert full["hv_full_same_epochs"] == pytest.approx(full["hv_mean"])
     # Curves are monotone in epochs spent and end at the whole table's hypervolume.
     assert full["curve_mean"][-1] == pytest.approx(result["full_hypervolume"])
     assert all(a <= b + 1e-12 for a, b in zip(full["curve_mean"], full["curve_mean"][1:], strict=False))
@@ -56,6 +60,12 @@ def test_cheaper_strategies_spend_what_they_should(bench) -> None:
     assert result["low 3 epochs"]["saving"] == pytest.approx(2.0)
     assert result["screen naswot k=2"]["fully_trained"] == 6
     assert result["screen naswot k=2"]["saving"] == pytest.approx(2.0)
+    assert result["screen random k=2"]["fully_trained"] == 6
+    # Equal epochs: training everything had reached no more than the whole table, and screening by a
+    # perfect proxy beats both it and screening at random after the same epochs.
+    perfect, chance = result["screen naswot k=2"], result["screen random k=2"]
+    assert perfect["hv_full_same_epochs"] <= result["full"]["hv_mean"] + 1e-12
+    assert perfect["hv_mean"] >= perfect["hv_full_same_epochs"] and perfect["hv_mean"] >= chance["hv_mean"]
     asha = result["moasha eta=3 min=2"]
     assert 12 * 2 <= asha["epochs_mean"] < 12 * EPOCHS and asha["fully_trained"] < 12
 
