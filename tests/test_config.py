@@ -60,6 +60,22 @@ def test_dataset_studies_reproduce_the_seed_setup(dataset: str) -> None:
     assert config.study.name == f"{dataset}-28"
 
 
+def test_the_cpu_profile_follows_the_architecture_table() -> None:
+    """studies/adrenalmnist3d-cpu.toml says it uses the table's protocol and range; hold it to that."""
+    config = load_study_config(STUDIES / "adrenalmnist3d-cpu.toml")
+    table = json.loads((STUDIES.parent / "bench" / "data" / "arch_table_adrenalmnist3d_28.json").read_text())
+    protocol = table["protocol"]
+    assert (config.data.dataset, config.data.size) == (protocol["dataset"], protocol["size"])
+    train = config.train
+    assert (config.data.search_fraction, train.max_epochs, train.batch_size, train.lr) == (
+        protocol["search_fraction"], protocol["epochs"], protocol["batch_size"], protocol["lr"])
+    assert config.data.search_val_fraction == 1.0 and config.train.patience >= config.train.max_epochs
+    assert all(op.replace("conv3", "") != op for op in config.space.ops)  # kernel 3 only
+    assert config.space.initial_filters == (8, 16) and config.constraints.max_flops == 5e8
+    assert max(row["flops"] for row in table["rows"]) <= config.constraints.max_flops
+    assert config.early_stopping.kind == "none"
+
+
 def test_smoke_study_is_tiny() -> None:
     config = load_study_config(STUDIES / "smoke.toml")
     assert config.data.dataset == "synthetic" and config.space.initial_filters == (8,)

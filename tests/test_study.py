@@ -212,3 +212,17 @@ def test_without_record_full_val_no_full_validation_is_scored(tmp_path: Path) ->
     study.optimize(objective, n_trials=1)
     assert objective.data.full_val is None
     assert "full_val_auc" not in study.trials[0].user_attrs["learning_curve"]
+
+
+def test_the_cpu_profile_trains_on_a_quarter_and_scores_on_the_whole_val_split(tmp_path: Path) -> None:
+    config = load_study_config(REPO / "studies" / "adrenalmnist3d-cpu.toml").with_overrides({
+        "data.dataset": "synthetic", "data.size": 8, "data.root": str(tmp_path / "data"),
+        "data.synthetic_samples": 64, "train.max_epochs": 1, "train.patience": 1,
+    })
+    study, objective = make_objective(config, f"sqlite:///{tmp_path / 'db.sqlite'}")
+    study.optimize(objective, n_trials=2)
+    whole = load_splits(config.data, "cpu", for_search=False)
+    assert len(objective.data.train) == len(whole.train) // 4
+    assert torch.equal(objective.data.val.images, whole.val.images)
+    trained = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert trained and all(t.values[1] <= 5e8 for t in trained)
