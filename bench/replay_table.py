@@ -12,6 +12,9 @@ params alone (a proxy no better than counting parameters is reported as such), a
 search itself ranks by after all epochs (the search quarter's AUC): how well a 25-volume share of val
 stands for the whole split.
 
+Fidelity: the rank correlation, with the full-fidelity score, of what a search would record after
+fewer epochs, scored on the search quarter or on the whole val split (``data.search_val_fraction``).
+
 Strategies, each over ``--orders`` random proposal orders (the table's architectures stand for a
 sampler's proposals; the order is the only randomness), with the epochs each spends:
 
@@ -28,7 +31,9 @@ sampler's proposals; the order is the only randomness), with the epochs each spe
 For each, the hypervolume (nas3d.pareto, DESIGN §9) of the front it keeps is taken with the whole-val
 AUC of what it trained (at the epochs it trained), against the epochs spent; beside it, what training
 everything in the same order had reached after the same epochs (the comparison at equal epochs); and
-how many true-front members its own final front (by the search-quarter scores it saw) contains.
+how many true-front members its own final front (by the search-quarter scores it saw) contains, and
+the hypervolume of that front at its members' true scores ("retrained front": what a user holds after
+retraining what the search found; it judges a cheap fidelity by its choices, not by its short runs).
 
     python bench/replay_table.py bench/data/arch_table_adrenalmnist3d_28.json --png docs/replays.png
 """
@@ -124,6 +129,22 @@ def correlations(rows: Sequence[Row]) -> list[tuple[str, float, float, int]]:
     return out
 
 
+def fidelity_correlations(rows: Sequence[Row]) -> list[tuple[int, float, float]]:
+    """``(epochs, by quarter, by whole val)`` for every epoch count: the Spearman correlation with the
+    full-fidelity score of what a search would record after that many epochs, scored on the search
+    quarter (its AUC at the kept epoch, against the true score) or on the whole val split (its best
+    AUC so far, against its best over all epochs). How far a cheaper fidelity keeps the ranking."""
+    whole_final = [max(r.full_val_auc) for r in rows]
+    truth = [r.true() for r in rows]
+    out = []
+    for e in range(1, rows[0].epochs + 1):
+        quarter = [r.seen(e) for r in rows]
+        whole = [max(r.full_val_auc[:e]) for r in rows]
+        out.append((e, float(stats.spearmanr(quarter, truth).statistic),
+                    float(stats.spearmanr(whole, whole_final).statistic)))
+    return out
+
+
 @dataclass
 class Trace:
     """What a strategy trained, in the order it spent epochs: ``(epochs so far, row, epochs trained)``
@@ -209,6 +230,17 @@ def curve(trace: Trace, box, grid: np.ndarray) -> np.ndarray:
     return out
 
 
+def retrained_front_hypervolume(trace: Trace, box) -> float:
+    """Hypervolume of the strategy's own final front (chosen by the search-quarter scores it saw) at the
+    architectures' true scores: the front a user ends with after retraining what the search found, as
+    ``nas3d retrain`` does. A cheap fidelity is judged here by the choices it makes, not by how far its
+    own short runs got."""
+    seen = [(row.index, row.seen(e), row.flops) for _, row, e in trace.steps]
+    chosen = pareto_members(seen)
+    rows = {row.index: row for _, row, _ in trace.steps}
+    return hypervolume([(rows[i].true(), rows[i].flops) for i in chosen], box)
+
+
 def true_front_recall(trace: Trace, true_front: set[int]) -> float:
     """Share of the true front in the strategy's own final front (by the quarter scores it saw)."""
     seen = [(row.index, row.seen(e), row.flops) for _, row, e in trace.steps]
@@ -247,7 +279,7 @@ def replay(rows: Sequence[Row], orders: int, seed: int) -> dict:
     results = {}
     everything = [full([rows[i] for i in perm]) for perm in perms]
     for label, strategy in strategies(epochs).items():
-        curves, spent, hvs, recalls, trained, same_epochs = [], [], [], [], [], []
+        curves, spent, hvs, recalls, trained, same_epochs, retrained = [], [], [], [], [], [], []
         for perm, baseline in zip(perms, everything, strict=True):
             trace = strategy([rows[i] for i in perm])
             curves.append(curve(trace, box, grid))
@@ -255,6 +287,7 @@ def replay(rows: Sequence[Row], orders: int, seed: int) -> dict:
             hvs.append(curve(trace, box, np.array([trace.spent]))[0])
             same_epochs.append(curve(baseline, box, np.array([trace.spent]))[0])
             recalls.append(true_front_recall(trace, truth))
+            retrained.append(retrained_front_hypervolume(trace, box))
             trained.append(len(trace.steps))
         results[label] = {
             "epochs_mean": float(np.mean(spent)), "saving": len(rows) * epochs / float(np.mean(spent)),
@@ -262,6 +295,8 @@ def replay(rows: Sequence[Row], orders: int, seed: int) -> dict:
             "hv_share": float(np.mean(hvs)) / full_hv if full_hv > 0 else math.nan,
             # What training everything in the same orders had reached after the same epochs.
             "hv_full_same_epochs": float(np.mean(same_epochs)),
+            "hv_retrained_front": float(np.mean(retrained)),
+            "hv_retrained_front_std": float(np.std(retrained)),
             "true_front_recall": float(np.mean(recalls)), "fully_trained": float(np.mean(trained)),
             "curve_mean": np.mean(curves, axis=0).tolist(), "curve_std": np.std(curves, axis=0).tolist(),
         }
@@ -307,14 +342,18 @@ def main(argv: list[str] | None = None) -> int:
     print("\nproxy correlation with the true score (whole-val AUC at the kept epoch):")
     print(format_table(("score", "spearman", "kendall", "n"),
                        [(n, f"{s:+.3f}", f"{k:+.3f}", c) for n, s, k, c in correlations(rows)]))
+    print("\nfewer epochs: Spearman with the full-fidelity score of what a search records after e epochs:")
+    print(format_table(("epochs", "scored on the search quarter", "scored on the whole val split"),
+                       [(e, f"{q:+.2f}", f"{w:+.2f}") for e, q, w in fidelity_correlations(rows)]))
     result = replay(rows, args.orders, args.seed)
     print(f"\nreplays, mean ± std over {args.orders} orders; whole table hypervolume "
           f"{result['full_hypervolume']:.4f}, true front {len(result['true_front'])} architectures:")
     print(format_table(
-        ("strategy", "epochs", "saving", "hypervolume", "share", "full at same epochs", "true front found",
-         "trained"),
+        ("strategy", "epochs", "saving", "hypervolume", "share", "full at same epochs", "retrained front",
+         "true front found", "trained"),
         [(label, f"{s['epochs_mean']:.0f}", f"{s['saving']:.2f}x", f"{s['hv_mean']:.4f} ± {s['hv_std']:.4f}",
           f"{100 * s['hv_share']:.1f} %", f"{s['hv_full_same_epochs']:.4f}",
+          f"{s['hv_retrained_front']:.4f} ± {s['hv_retrained_front_std']:.4f}",
           f"{100 * s['true_front_recall']:.0f} %", f"{s['fully_trained']:.1f}")
          for label, s in result["strategies"].items()]))
     adopt = [(label, s) for label, s in result["strategies"].items()

@@ -82,3 +82,17 @@ def test_main_prints_the_tables_and_writes_the_png(bench, tmp_path: Path, capsys
     assert bench.main([str(path), "--orders", "2", "--png", str(tmp_path / "r.png")]) == 0
     out = capsys.readouterr().out
     assert "spearman" in out and "moasha eta=3 min=2" in out and (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_fidelity_correlations_are_perfect_where_curves_keep_their_order(bench) -> None:
+    found = bench.fidelity_correlations(bench.load_rows(synthetic_table()))
+    assert [e for e, _, _ in found] == list(range(1, EPOCHS + 1))
+    assert all(q == pytest.approx(1.0) and w == pytest.approx(1.0) for _, q, w in found)
+
+
+def test_the_retrained_front_scores_the_choices_at_their_true_values(bench) -> None:
+    rows = bench.load_rows(synthetic_table())
+    result = bench.replay(rows, orders=2, seed=0)["strategies"]
+    # Fewer epochs rank as all epochs do here: the same front, retrained, is the whole table's front.
+    assert result["low 3 epochs"]["hv_retrained_front"] == pytest.approx(result["full"]["hv_retrained_front"])
+    assert result["low 3 epochs"]["hv_mean"] < result["full"]["hv_mean"]  # its own short runs score less
