@@ -14,6 +14,12 @@ file (one row per architecture: costs, proxies, per-epoch curves, seconds), the 
     python bench/arch_table.py --data-root ../shared/data                     # build, then export
     python bench/arch_table.py --data-root ../shared/data --export-only       # export what is done
 
+A second table at another train fraction, on architectures of the first (spread over its FLOPs), is
+what lets the replays judge a smaller train share as a fidelity (the first table cannot):
+
+    python bench/arch_table.py --data-root ../shared/data --search-fraction 0.125 --archs 16 \
+        --from-table bench/data/arch_table_adrenalmnist3d_28.json
+
 The study lives in ``storage/arch-table/`` (git-ignored); only the JSON is committed.
 """
 
@@ -81,13 +87,27 @@ def select_architectures(count: int, max_flops: float, *, seed: int, candidates:
     return [items[i] for i in sorted(chosen)]
 
 
+def from_table(path: Path, count: int) -> list[tuple[Architecture, int]]:
+    """``count`` architectures of an exported table, evenly over its rows sorted by FLOPs (the cheapest
+    and the dearest included), so that two tables can be compared on the same architectures."""
+    rows = sorted(json.loads(path.read_text())["rows"], key=lambda r: (r["flops"], r["arch_hash"]))
+    if count > len(rows):
+        raise ValueError(f"--archs {count}: {path} holds only {len(rows)} architectures")
+    picked = [rows[round(i * (len(rows) - 1) / (count - 1))] for i in range(count)] if count > 1 else rows[:1]
+    return [(Architecture.from_json(r["arch_json"]), int(r["flops"])) for r in picked]
+
+
 def table_config(args: argparse.Namespace) -> StudyConfig:
     config = load_study_config(REPO / "studies" / "adrenalmnist3d.toml")
+    # Every table scores on the same quarter of val, whatever share of train it trains on.
+    val = {} if args.search_fraction == 0.25 else {"data.search_val_fraction": 0.25}
     return config.with_overrides({
+        **val,
         "study.name": args.name,
         "study.n_trials": args.archs,
         "study.sampler": "random",  # every trial is enqueued: the sampler never proposes one
         "study.sampler_seed": args.seed,
+        "data.search_fraction": args.search_fraction,
         "data.root": str(Path(args.data_root).resolve()),
         "data.download": False,
         "data.record_full_val": True,
@@ -104,8 +124,14 @@ def build(args: argparse.Namespace, storage_url: str) -> None:
     study = create_study(config, storage, artifacts=str(args.workdir / "artifacts"))
     if not study.trials:
         start = time.perf_counter()
-        chosen = select_architectures(args.archs, args.max_flops, seed=args.seed, candidates=args.candidates)
-        print(f"selected {len(chosen)} architectures from {args.candidates} candidates in "
+        if args.from_table:
+            chosen = from_table(args.from_table, args.archs)
+            source = f"of {args.from_table}"
+        else:
+            chosen = select_architectures(args.archs, args.max_flops, seed=args.seed,
+                                          candidates=args.candidates)
+            source = f"from {args.candidates} candidates"
+        print(f"selected {len(chosen)} architectures {source} in "
               f"{time.perf_counter() - start:.0f} s: {chosen[0][1] / 1e6:.0f} to "
               f"{chosen[-1][1] / 1e6:.0f} MFLOPs", flush=True)
         # In a seeded random order, so that a table still being built is spread over FLOPs too.
@@ -156,7 +182,8 @@ def finished_trial(row: dict, arch: Architecture, config: StudyConfig) -> optuna
 def protocol(config: StudyConfig) -> dict:
     return {
         "dataset": config.data.dataset, "size": config.data.size,
-        "search_fraction": config.data.search_fraction, "subset_seed": config.data.subset_seed,
+        "search_fraction": config.data.search_fraction, "search_val_fraction": config.data.fraction("val"),
+        "subset_seed": config.data.subset_seed,
         "epochs": config.train.max_epochs, "batch_size": config.train.batch_size, "lr": config.train.lr,
         "seed": config.train.seed,
         "curves": "val_* on the search quarter of val, full_val_* on all of it",
@@ -220,11 +247,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--name", default="arch-table-adrenalmnist3d-28")
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--search-fraction", type=float, default=0.25,
+                        help="share of train each architecture trains on (val: always its quarter)")
+    parser.add_argument("--from-table", type=Path,
+                        help="take --archs architectures of this exported table instead of sampling")
+    parser.add_argument("--name", help="study name (default: by the train fraction)")
+    parser.add_argument("--workdir", type=Path, help="the study's folder (default: by the train fraction)")
+    parser.add_argument("--out", type=Path, help="the JSON (default: by the train fraction)")
     parser.add_argument("--export-only", action="store_true")
     args = parser.parse_args(argv)
+    # The seed protocol's quarter keeps the names the committed table has; another fraction is its own table.
+    suffix = "" if args.search_fraction == 0.25 else f"-f{args.search_fraction:g}"
+    args.name = args.name or f"arch-table-adrenalmnist3d-28{suffix}"
+    args.workdir = args.workdir or Path(f"{DEFAULT_WORKDIR}{suffix}")
+    args.out = args.out or DEFAULT_OUT.with_name(f"{DEFAULT_OUT.stem}{suffix.replace('-', '_')}.json")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     args.workdir.mkdir(parents=True, exist_ok=True)
     storage_url = f"sqlite:///{(args.workdir / 'table.db').resolve()}"
