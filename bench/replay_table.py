@@ -71,6 +71,7 @@ class Row:
     val_auc: tuple[float, ...]  # search quarter, per epoch
     val_loss: tuple[float, ...]
     full_val_auc: tuple[float, ...]  # whole val split, per epoch
+    arch_hash: str = ""
 
     @property
     def epochs(self) -> int:
@@ -94,7 +95,8 @@ def load_rows(table: dict) -> list[Row]:
     for i, r in enumerate(table["rows"]):
         c = r["curve"]
         rows.append(Row(i, int(r["flops"]), int(r["params"]), dict(r.get("proxies") or {}),
-                        tuple(c["val_auc"]), tuple(c["val_loss"]), tuple(c["full_val_auc"])))
+                        tuple(c["val_auc"]), tuple(c["val_loss"]), tuple(c["full_val_auc"]),
+                        r.get("arch_hash", "")))
     epochs = {r.epochs for r in rows}
     if len(epochs) != 1:
         raise ValueError(f"every row must have the same number of epochs, but got {sorted(epochs)}")
@@ -142,6 +144,40 @@ def fidelity_correlations(rows: Sequence[Row]) -> list[tuple[int, float, float]]
         whole = [max(r.full_val_auc[:e]) for r in rows]
         out.append((e, float(stats.spearmanr(quarter, truth).statistic),
                     float(stats.spearmanr(whole, whole_final).statistic)))
+    return out
+
+
+def train_fraction(rows: Sequence[Row], low: Sequence[Row], fraction: float, base_fraction: float,
+                   box) -> list[tuple[str, float, float, float, float]]:
+    """A smaller train share as a fidelity, on the architectures both tables hold (``low`` trained on
+    ``fraction`` of train, ``rows`` on ``base_fraction``; the same val quarter). For each of (the base
+    table, the low table) at several epoch counts: ``(label, cost, spearman, retrained front, share)``:
+    the cost in base-table epochs, the Spearman correlation of the search's score with the true score,
+    and the hypervolume of the front it picks at its members' true scores, also as a share of the base
+    table's own pick. Every architecture is trained, so there is no order to average over."""
+    by_hash = {r.arch_hash: r for r in rows}
+    pairs = [(by_hash[r.arch_hash], r) for r in low if r.arch_hash in by_hash]
+    if len(pairs) < 3:
+        raise ValueError(f"the tables share {len(pairs)} architectures; the train-fraction replay needs 3")
+    base = [b for b, _ in pairs]
+    truth = [b.true() for b in base]
+
+    def pick(scored: Sequence[tuple[Row, float]]) -> float:
+        chosen = pareto_members([(b.index, score, b.flops) for b, score in scored])
+        return hypervolume([(b.true(), b.flops) for b in base if b.index in chosen], box)
+
+    epochs = base[0].epochs
+    out, reference = [], None
+    for label, table, scale in (("base", [b for b, _ in pairs], 1.0),
+                                (f"train x{fraction / base_fraction:g}", [r for _, r in pairs],
+                                 fraction / base_fraction)):
+        for e in sorted({epochs, max(1, epochs // 2)}, reverse=True):
+            scores = [r.seen(e) for r in table]
+            hv = pick(list(zip(base, scores, strict=True)))
+            reference = hv if reference is None else reference
+            rho = float(stats.spearmanr(scores, truth).statistic)
+            out.append((f"{label}, {e} epochs", len(pairs) * e * scale, rho, hv,
+                        hv / reference if reference else math.nan))
     return out
 
 
@@ -335,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--png", type=Path)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--fraction-table", type=Path,
+                        help="a table of the same architectures at another train fraction (arch_table.py "
+                             "--search-fraction): replays that fidelity against this table")
     args = parser.parse_args(argv)
     table = json.loads(args.table.read_text())
     rows = load_rows(table)
@@ -345,6 +384,16 @@ def main(argv: list[str] | None = None) -> int:
     print("\nfewer epochs: Spearman with the full-fidelity score of what a search records after e epochs:")
     print(format_table(("epochs", "scored on the search quarter", "scored on the whole val split"),
                        [(e, f"{q:+.2f}", f"{w:+.2f}") for e, q, w in fidelity_correlations(rows)]))
+    if args.fraction_table:
+        low_table = json.loads(args.fraction_table.read_text())
+        base_fraction = table["protocol"]["search_fraction"]
+        fraction = low_table["protocol"]["search_fraction"]
+        print(f"\ntrain fraction {fraction:g} against {base_fraction:g}, on the architectures both tables "
+              "hold (cost in epochs of this table; every architecture trained):")
+        found = train_fraction(rows, load_rows(low_table), fraction, base_fraction, hypervolume_box(28, 1, 2))
+        print(format_table(("search", "cost", "spearman with truth", "retrained front", "share"),
+                           [(label, f"{cost:.0f}", f"{s:+.2f}", f"{hv:.4f}", f"{100 * share:.1f} %")
+                            for label, cost, s, hv, share in found]))
     result = replay(rows, args.orders, args.seed)
     print(f"\nreplays, mean ± std over {args.orders} orders; whole table hypervolume "
           f"{result['full_hypervolume']:.4f}, true front {len(result['true_front'])} architectures:")

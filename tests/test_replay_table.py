@@ -22,7 +22,7 @@ def synthetic_table(n: int = 12) -> dict:
         final = float(rng.uniform(0.55, 0.95))
         aucs = [0.5 + (final - 0.5) * (e + 1) / EPOCHS for e in range(EPOCHS)]
         flops = int(10 ** rng.uniform(8.0, 8.7))
-        rows.append({"flops": flops, "params": flops // 1000,
+        rows.append({"flops": flops, "params": flops // 1000, "arch_hash": f"arch{i}",
                      "proxies": {"naswot": final, "synflow": None, "grad_norm": float(i), "zico": -final},
                      "curve": {"epoch": list(range(1, EPOCHS + 1)), "val_auc": aucs,
                                "val_loss": [1.0 - a for a in aucs], "full_val_auc": aucs}})
@@ -96,3 +96,15 @@ def test_the_retrained_front_scores_the_choices_at_their_true_values(bench) -> N
     # Fewer epochs rank as all epochs do here: the same front, retrained, is the whole table's front.
     assert result["low 3 epochs"]["hv_retrained_front"] == pytest.approx(result["full"]["hv_retrained_front"])
     assert result["low 3 epochs"]["hv_mean"] < result["full"]["hv_mean"]  # its own short runs score less
+
+
+def test_a_smaller_train_fraction_is_replayed_on_the_architectures_both_tables_hold(bench) -> None:
+    rows = bench.load_rows(synthetic_table())
+    low = bench.load_rows({"rows": synthetic_table()["rows"][:8]})  # ranks as the base table does
+    box = bench.hypervolume_box(28, 1, 2)
+    found = {label: rest for label, *rest in bench.train_fraction(rows, low, 0.125, 0.25, box)}
+    cost, rho, _, share = found[f"train x0.5, {EPOCHS} epochs"]
+    assert cost == 8 * EPOCHS / 2 and rho == pytest.approx(1.0) and share == pytest.approx(1.0)
+    assert found[f"base, {EPOCHS} epochs"][0] == 8 * EPOCHS
+    with pytest.raises(ValueError, match="share 2 architectures"):
+        bench.train_fraction(rows, low[:2], 0.125, 0.25, box)
