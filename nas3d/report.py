@@ -208,16 +208,26 @@ def mean_line(summary: dict[str, Any], seeds: int) -> str:
 def format_comparison(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
     """One table of retrain results (label, results.json) beside the published MedMNIST numbers.
 
-    Each run's row carries the published ResNet-18/50+3D test AUC/ACC for its dataset; when a retrained
-    ResNet on the same data (dataset and size: costs depend on the input shape and the classes) is
-    among the runs, its FLOPs and params divided by the run's are shown too.
+    Each run's row carries the published ResNet-18/50+3D test AUC/ACC for its dataset, and the FLOPs and
+    params of a ResNet on the same data (dataset and size: costs depend on the input shape and the
+    classes) divided by the run's: a retrained ResNet's among the runs, else, for a dataset with
+    published numbers, the ResNets' costs counted on the meta device (no training needed to count).
     """
-    from nas3d.baselines import PUBLISHED, PUBLISHED_MODELS, SEED_STUDY_MEAN
+    from nas3d.baselines import PUBLISHED, PUBLISHED_MODELS, PUBLISHED_NAME_OF_BASELINE, SEED_STUDY_MEAN
+    from nas3d.costs import measure_costs
 
     references: dict[tuple[str, int], dict[str, dict[str, int]]] = {}
     for _, r in runs:
         if r["model"]["kind"] == "baseline":
             references.setdefault((r["dataset"], r["size"]), {})[r["model"]["baseline"]] = r["costs"]
+    for _, r in runs:
+        if r["dataset"] in PUBLISHED[PUBLISHED_MODELS[0]]:
+            refs = references.setdefault((r["dataset"], r["size"]), {})
+            for name in PUBLISHED_NAME_OF_BASELINE:
+                if name not in refs:
+                    counted = measure_costs(name, r["in_channels"], r["num_classes"], r["size"],
+                                            with_thop=False)
+                    refs[name] = {"flops": counted.flops, "params": counted.params}
     reference_names = sorted({name for refs in references.values() for name in refs})
     resnets = PUBLISHED_MODELS[:2]
     header = ["run", "dataset", "size", "seeds", "test AUC", "test ACC", "MFLOPs", "params",

@@ -384,6 +384,14 @@ def test_compare_prints_the_published_numbers_for_the_runs_dataset(
     run_row = out.splitlines()[1]  # the run's row: its own numbers beside the published ResNets'
     assert "organmnist3d" in run_row and "0.996/0.907" in run_row and "0.994/0.883" in run_row
     assert "0.977/0.814" not in run_row
+    # No ResNet retrained beside it: their costs on the run's data are counted (not trained) for the ratios.
+    from nas3d.costs import measure_costs
+
+    for name in ("resnet18", "resnet50"):
+        ref = measure_costs(name, results["in_channels"], results["num_classes"], 28, with_thop=False)
+        costs = results["costs"]
+        ratio = f"{ref.flops / costs['flops']:.1f}x, {ref.params / costs['params']:.1f}x"
+        assert f"{name} FLOPs,params / run" in out and ratio in run_row
 
     # the headline: nas3d's best run per dataset, averaged, beside the published means over the same
     # datasets; a second, better OrganMNIST3D run replaces the first, and a NoduleMNIST3D run joins
