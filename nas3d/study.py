@@ -467,7 +467,9 @@ class TrialObjective:
 
 def _upload_picture(artifact_store: Any, trial: optuna.Trial, arch: Any, folder: Path) -> str | None:
     """Upload the architecture's picture beside its checkpoint; None (and a warning) without Graphviz's
-    ``dot``: a missing picture must not fail a trained trial."""
+    ``dot`` or when it fails: a missing picture must not fail a trained trial."""
+    from subprocess import CalledProcessError
+
     from graphviz import ExecutableNotFound
 
     from nas3d.drawing import PICTURE_SUFFIX, write_picture
@@ -478,6 +480,11 @@ def _upload_picture(artifact_store: Any, trial: optuna.Trial, arch: Any, folder:
     except ExecutableNotFound:
         logger.warning("no architecture picture for trial %d: Graphviz's `dot` is not installed "
                        "(apt-get install graphviz)", trial.number)
+        return None
+    except CalledProcessError as e:  # e.g. a Graphviz without its layout plugins (`dot -c` not run)
+        stderr = (e.stderr or b"").decode(errors="replace").strip().splitlines()
+        logger.warning("no architecture picture for trial %d: Graphviz's `dot` failed: %s", trial.number,
+                       stderr[0] if stderr else f"exit status {e.returncode}")
         return None
     return upload_artifact(artifact_store=artifact_store, file_path=str(path), study_or_trial=trial)
 

@@ -81,6 +81,32 @@ def test_an_architecture_the_early_stopper_ended_is_not_trained_again(tmp_path: 
     assert "early stopper" in again.user_attrs["failure_reason"]
 
 
+@pytest.mark.parametrize("broken", ["missing", "failing"])
+def test_a_picture_that_cannot_be_drawn_does_not_fail_a_trained_trial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, broken: str
+) -> None:
+    import graphviz
+
+    from nas3d import drawing
+
+    def no_dot(*args: object, **kwargs: object) -> None:
+        if broken == "missing":
+            raise graphviz.ExecutableNotFound(("dot",))
+        # As a Graphviz installed without its layout plugins answers (seen while apt-get ran).
+        message = b'There is no layout engine support for "dot"'
+        raise graphviz.CalledProcessError(1, ["dot", "-Tsvg"], stderr=message)
+
+    monkeypatch.setattr(drawing, "write_picture", no_dot)
+    study, objective = make_objective(smoke_config(tmp_path), f"sqlite:///{tmp_path / 'db.sqlite'}")
+    study.optimize(objective, n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == TrialState.COMPLETE and "picture_artifact" not in trial.user_attrs
+    names = {m.filename for m in optuna.artifacts.get_all_artifact_meta(trial, storage=study._storage)}
+    assert names == {"trial-0.pt"}
+    assert "no architecture picture for trial 0" in caplog.text
+    assert broken == "missing" or "no layout engine support" in caplog.text
+
+
 def test_completed_trial_records_attrs_and_a_loadable_checkpoint(tmp_path: Path) -> None:
     config = smoke_config(tmp_path)
     storage_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
