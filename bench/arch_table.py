@@ -146,10 +146,33 @@ def build(args: argparse.Namespace, storage_url: str) -> None:
         if done:
             print(f"{len(done)} architectures taken from {args.out} (a build made elsewhere goes on here)",
                   flush=True)
+    else:
+        again = requeue_failed(study)
+        if again:
+            print(f"queued again {again} architecture(s) whose training failed", flush=True)
     command = [sys.executable, "-m", "nas3d", "launch", "--storage", storage_url,
                "--study-name", args.name, "--cpu", "--workers", str(args.workers)]
     print("running", " ".join(command), flush=True)
     subprocess.run(command, check=True, cwd=REPO)
+
+
+def requeue_failed(study: optuna.Study) -> int:
+    """Queue again each architecture whose trial FAILED (its reason stays on that trial) and that no
+    other trial has finished or holds: a table row is only ever missing because it is still to come."""
+    def key(trial: optuna.trial.FrozenTrial) -> tuple:  # a queued trial has its params as fixed_params
+        return tuple(sorted((trial.params or trial.system_attrs.get("fixed_params", {})).items()))
+
+    trials = study.get_trials(deepcopy=False)
+    states = optuna.trial.TrialState
+    live = (states.COMPLETE, states.WAITING, states.RUNNING)
+    covered = {key(t) for t in trials if t.state in live}
+    queued = 0
+    for trial in trials:
+        if trial.state == states.FAIL and key(trial) not in covered:
+            study.enqueue_trial(trial.params)
+            covered.add(key(trial))
+            queued += 1
+    return queued
 
 
 def committed_rows(path: Path, config: StudyConfig) -> dict[str, dict]:

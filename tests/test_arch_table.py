@@ -49,3 +49,19 @@ def test_another_train_fraction_is_its_own_table_on_the_same_val_quarter(bench, 
     table.write_text(json.dumps({"format": bench.FORMAT, "protocol": protocol, "rows": [{"arch_hash": "a"}]}))
     assert bench.committed_rows(table, config) == {"a": {"arch_hash": "a"}}
     assert bench.committed_rows(table, bench.table_config(args)) == {}
+
+
+def test_a_resumed_build_queues_failed_architectures_again_once(bench) -> None:
+    import optuna
+
+    states = optuna.trial.TrialState
+    choice = {"f": optuna.distributions.CategoricalDistribution([4, 8, 12])}
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for filters, state in ((4, states.FAIL), (8, states.FAIL), (8, states.COMPLETE), (12, states.FAIL)):
+        study.enqueue_trial({"f": filters})
+        study.tell(study.ask(choice), [0.5, 1.0] if state == states.COMPLETE else None, state=state)
+    study.enqueue_trial({"f": 12})  # already queued again by hand
+    assert bench.requeue_failed(study) == 1  # 4 only: 8 finished, 12 waits
+    waiting = [t.system_attrs["fixed_params"]["f"] for t in study.trials if t.state == states.WAITING]
+    assert sorted(waiting) == [4, 12]
+    assert bench.requeue_failed(study) == 0  # nothing twice
