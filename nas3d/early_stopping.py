@@ -93,7 +93,7 @@ class EarlyStoppingConfig:
 
     kind: str = "none"
     eta: int = 3  # keep the top 1/eta at each rung; rungs are eta times apart
-    min_epochs: int = 2  # the first rung (epoch-1 AUCs on a quarter of val were at chance: see README)
+    min_epochs: int = 2  # the first rung (epoch-1 AUCs on a quarter of val were at chance: docs/performance.md, "Early stopping")
 
     def __post_init__(self) -> None:
         check_choice("early_stopping.kind", self.kind, KINDS)

@@ -37,7 +37,8 @@ __all__ = ["PROXIES", "PROXY_BATCH", "ProxyScores", "grad_norm", "naswot", "prox
            "synflow", "zico"]
 
 #: Samples a trial's proxies see: enough for NASWOT's kernel and ZiCo's two mini-batches, few enough
-#: that the four proxies stay near a second on a 2-core CPU at 28³ (README, "Zero-cost proxies").
+#: that each proxy stays well under a second on a 2-core CPU at 28³ (bench/proxy_cost.py,
+#: docs/arch-table.md).
 PROXY_BATCH = 8
 
 Proxy = Callable[[nn.Module, torch.Tensor, torch.Tensor], float]

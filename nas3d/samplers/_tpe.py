@@ -13,7 +13,7 @@ of it, but it also repeats two things that do not depend on the group:
 for the same seed and the same trials it proposes the same parameters as ``TPESampler`` (tested in
 ``tests/test_samplers.py``). It relies on private parts of Optuna's TPE that Optuna 5.0.0 has; for any
 other Optuna version it behaves exactly as ``TPESampler`` does. Measured effect:
-``bench/storage_overhead.py`` (README, "Storage and sampler overhead").
+``bench/storage_overhead.py`` (docs/performance.md, "Storage and sampler overhead").
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def pg_connect_args(url: URL) -> tuple[URL, dict[str, Any]]:
     where psycopg's prepared statement does not exist (``DuplicatePreparedStatement "_pg3_0"`` or
     ``prepared statement does not exist``), and a URL cannot say whether a pooler is in between.
     On a direct connection ``bench/storage_load.py`` measured no throughput cost and 5-12 % more
-    PostgreSQL CPU per trial (README, "Running on a cluster"). ``?prepare_threshold=N`` in the URL
+    PostgreSQL CPU per trial (docs/hosts.md, "Running on a cluster"). ``?prepare_threshold=N`` in the URL
     turns them back on for a direct connection.
     """
     value = url.query.get(PREPARE_THRESHOLD_PARAM)
