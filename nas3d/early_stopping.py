@@ -93,7 +93,8 @@ class EarlyStoppingConfig:
 
     kind: str = "none"
     eta: int = 3  # keep the top 1/eta at each rung; rungs are eta times apart
-    min_epochs: int = 2  # the first rung (epoch-1 AUCs on a quarter of val were at chance: docs/performance.md, "Early stopping")
+    # the first rung (epoch-1 AUCs on a quarter of val were at chance: docs/performance.md, "Early stopping")
+    min_epochs: int = 2
 
     def __post_init__(self) -> None:
         check_choice("early_stopping.kind", self.kind, KINDS)
