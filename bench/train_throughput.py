@@ -300,14 +300,19 @@ def _table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _variant_architectures(table: Path | None) -> dict[str, nn.Module]:
-    """Name -> untrained network: three rows of the table spanning its FLOPs, or the seed ones."""
+ROW_CHOICES = ("cheapest", "median", "dearest")
+
+
+def _variant_architectures(table: Path | None, which: tuple[str, ...] = ROW_CHOICES) -> dict[str, nn.Module]:
+    """Name -> untrained network: rows of the table by FLOPs (``which`` of its cheapest, median and
+    dearest), or the seed ones."""
     from nas3d.architecture import Architecture
 
     if table is None:
         return {f"seed-{flag}": _seed(flag)(1, 2) for flag in ("adrenalmnist3d", "synapsemnist3d")}
     rows = sorted(json.loads(table.read_text())["rows"], key=lambda r: r["flops"])
-    picked = {id(r): r for r in (rows[0], rows[len(rows) // 2], rows[-1])}.values()
+    by_name = {"cheapest": rows[0], "median": rows[len(rows) // 2], "dearest": rows[-1]}
+    picked = {id(by_name[w]): by_name[w] for w in which}.values()
     out = {}
     for row in picked:
         torch.manual_seed(0)
@@ -339,7 +344,7 @@ def run_cpu_variants(args: argparse.Namespace) -> dict:
             split = Split.from_arrays(npz["train_images"], npz["train_labels"], task="binary-class",
                                       device="cpu")
     report: dict = {"threads": cores, "samples": args.samples, "batch_size": args.batch_size, "models": {}}
-    for model_name, reference in _variant_architectures(args.table).items():
+    for model_name, reference in _variant_architectures(args.table, tuple(args.rows)).items():
         runs = {}
         for name, v in variants.items():
             model = copy.deepcopy(reference)
@@ -410,11 +415,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", type=Path, help="with --cpu-variants: the architecture table to draw from")
     parser.add_argument("--skip", type=lambda text: [v.strip() for v in text.split(",")], default=[],
                         help="with --cpu-variants: variants to leave out, e.g. 'torch.compile'")
+    parser.add_argument("--rows", type=lambda text: [v.strip() for v in text.split(",")],
+                        default=list(ROW_CHOICES),
+                        help="with --cpu-variants --table: which rows, of cheapest,median,dearest")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     if args.cpu_variants:
+        unknown_rows = sorted(set(args.rows) - set(ROW_CHOICES))
+        if unknown_rows or not args.rows:
+            parser.error(f"--rows: {unknown_rows or 'none given'}; choose from {', '.join(ROW_CHOICES)}")
         if args.threads:
             torch.set_num_threads(args.threads)
         report = run_cpu_variants(args)
