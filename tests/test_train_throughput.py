@@ -24,8 +24,8 @@ def test_cpu_variants_report_each_against_the_defaults(bench, tmp_path: Path, ca
     table = tmp_path / "table.json"
     table.write_text(json.dumps({"rows": [{"arch": "tiny", "arch_json": ARCH.to_json(), "flops": 1}]}))
     out = tmp_path / "variants.json"
-    argv = ["--cpu-variants", "--table", str(table), "--rows", "median", "--samples", "8", "--batch-size", "4",
-            "--epochs", "1", "--skip", "torch.compile", "--json", str(out)]
+    argv = ["--cpu-variants", "--table", str(table), "--rows", "median", "--samples", "8",
+            "--batch-size", "4", "--epochs", "1", "--skip", "torch.compile", "--json", str(out)]
     assert bench.main(argv) == 0
     (variants,) = json.loads(out.read_text())["models"].values()
     assert "torch.compile" not in variants and {"defaults", "channels-first", "mkldnn off"} <= set(variants)
