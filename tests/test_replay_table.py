@@ -103,8 +103,9 @@ def test_a_smaller_train_fraction_is_replayed_on_the_architectures_both_tables_h
     low = bench.load_rows({"rows": synthetic_table()["rows"][:8]})  # ranks as the base table does
     box = bench.hypervolume_box(28, 1, 2)
     found = {label: rest for label, *rest in bench.train_fraction(rows, low, 0.125, 0.25, box)}
-    cost, rho, _, share = found[f"train x0.5, {EPOCHS} epochs"]
+    cost, rho, _, share, whole = found[f"train x0.5, {EPOCHS} epochs"]
     assert cost == 8 * EPOCHS / 2 and rho == pytest.approx(1.0) and share == pytest.approx(1.0)
+    assert whole == pytest.approx(1.0)
     assert found[f"base, {EPOCHS} epochs"][0] == 8 * EPOCHS
     with pytest.raises(ValueError, match="share 2 architectures"):
         bench.train_fraction(rows, low[:2], 0.125, 0.25, box)
