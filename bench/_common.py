@@ -98,6 +98,15 @@ class PhaseTimer:
         return out
 
 
+def spread(rows: Sequence[dict], count: int) -> list[dict]:
+    """``count`` rows of an architecture table evenly over its rows sorted by FLOPs, its cheapest and
+    dearest included (all of them when it holds no more)."""
+    rows = sorted(rows, key=lambda r: (r["flops"], r.get("arch_hash", "")))
+    if count >= len(rows):
+        return rows
+    return [rows[round(i * (len(rows) - 1) / (count - 1))] for i in range(count)] if count > 1 else rows[:1]
+
+
 def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 

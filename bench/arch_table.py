@@ -37,7 +37,7 @@ from pathlib import Path
 import _common  # noqa: F401  (puts this checkout first on sys.path)
 import numpy as np
 import optuna
-from _common import REPO
+from _common import REPO, spread
 
 from nas3d.architecture import Architecture
 from nas3d.config import StudyConfig, load_study_config
@@ -90,11 +90,10 @@ def select_architectures(count: int, max_flops: float, *, seed: int, candidates:
 def from_table(path: Path, count: int) -> list[tuple[Architecture, int]]:
     """``count`` architectures of an exported table, evenly over its rows sorted by FLOPs (the cheapest
     and the dearest included), so that two tables can be compared on the same architectures."""
-    rows = sorted(json.loads(path.read_text())["rows"], key=lambda r: (r["flops"], r["arch_hash"]))
+    rows = json.loads(path.read_text())["rows"]
     if count > len(rows):
         raise ValueError(f"--archs {count}: {path} holds only {len(rows)} architectures")
-    picked = [rows[round(i * (len(rows) - 1) / (count - 1))] for i in range(count)] if count > 1 else rows[:1]
-    return [(Architecture.from_json(r["arch_json"]), int(r["flops"])) for r in picked]
+    return [(Architecture.from_json(r["arch_json"]), int(r["flops"])) for r in spread(rows, count)]
 
 
 def table_config(args: argparse.Namespace) -> StudyConfig:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import _common  # noqa: F401  (puts this checkout first on sys.path)
 import torch
-from _common import REPO, format_table
+from _common import REPO, format_table, spread
 
 from nas3d.architecture import Architecture
 from nas3d.data import Split
@@ -39,14 +39,6 @@ def fastest(fn: Callable[[], object], repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
-
-
-def spread(rows: list[dict], count: int) -> list[dict]:
-    """``count`` rows evenly over the table sorted by FLOPs (its cheapest and dearest included)."""
-    rows = sorted(rows, key=lambda r: r["flops"])
-    if count >= len(rows):
-        return rows
-    return [rows[round(i * (len(rows) - 1) / (count - 1))] for i in range(count)] if count > 1 else rows[:1]
 
 
 def measure(row: dict, *, samples: int, batch_size: int, size: int, repeats: int) -> dict:
