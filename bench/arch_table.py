@@ -53,6 +53,8 @@ DEFAULT_WORKDIR = REPO / "storage" / "arch-table"
 
 
 SEED_SPACE = SearchSpace()
+#: The seed protocol's share of train (and val): the committed table's, and its names' default.
+SEED_FRACTION = 0.25
 
 
 def select_architectures(count: int, max_flops: float, *, seed: int, candidates: int,
@@ -99,7 +101,7 @@ def from_table(path: Path, count: int) -> list[tuple[Architecture, int]]:
 def table_config(args: argparse.Namespace) -> StudyConfig:
     config = load_study_config(REPO / "studies" / "adrenalmnist3d.toml")
     # Every table scores on the same quarter of val, whatever share of train it trains on.
-    val = {} if args.search_fraction == 0.25 else {"data.search_val_fraction": 0.25}
+    val = {} if args.search_fraction == SEED_FRACTION else {"data.search_val_fraction": SEED_FRACTION}
     return config.with_overrides({
         **val,
         "study.name": args.name,
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--search-fraction", type=float, default=0.25,
+    parser.add_argument("--search-fraction", type=float, default=SEED_FRACTION,
                         help="share of train each architecture trains on (val: always its quarter)")
     parser.add_argument("--from-table", type=Path,
                         help="take --archs architectures of this exported table instead of sampling")
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export-only", action="store_true")
     args = parser.parse_args(argv)
     # The seed protocol's quarter keeps the names the committed table has; another fraction is its own table.
-    suffix = "" if args.search_fraction == 0.25 else f"-f{args.search_fraction:g}"
+    suffix = "" if args.search_fraction == SEED_FRACTION else f"-f{args.search_fraction:g}"
     args.name = args.name or f"arch-table-adrenalmnist3d-28{suffix}"
     args.workdir = args.workdir or Path(f"{DEFAULT_WORKDIR}{suffix}")
     args.out = args.out or DEFAULT_OUT.with_name(f"{DEFAULT_OUT.stem}{suffix.replace('-', '_')}.json")

@@ -57,6 +57,7 @@ def measure(row: dict, *, samples: int, batch_size: int, size: int, repeats: int
     trained.to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(trained.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
+
     def epoch() -> None:
         train_epoch(trained, split, optimizer, scaler, batch_size=batch_size,
                     generator=torch.Generator().manual_seed(0), channels_last=True)

@@ -85,6 +85,11 @@ class Row:
         """The search-quarter AUC the study records after ``epochs`` epochs."""
         return self.val_auc[self.kept(epochs)]
 
+    def whole(self, epochs: int | None = None) -> float:
+        """Best whole-val AUC after ``epochs`` (default: all) epochs: what a search scored on the whole
+        val split (``data.search_val_fraction = 1``) records."""
+        return max(self.full_val_auc[:self.epochs if epochs is None else epochs])
+
     def true(self, epochs: int | None = None) -> float:
         """Whole-val AUC at the kept epoch after ``epochs`` (default: all) epochs."""
         return self.full_val_auc[self.kept(self.epochs if epochs is None else epochs)]
@@ -136,12 +141,12 @@ def fidelity_correlations(rows: Sequence[Row]) -> list[tuple[int, float, float]]
     full-fidelity score of what a search would record after that many epochs, scored on the search
     quarter (its AUC at the kept epoch, against the true score) or on the whole val split (its best
     AUC so far, against its best over all epochs). How far a cheaper fidelity keeps the ranking."""
-    whole_final = [max(r.full_val_auc) for r in rows]
+    whole_final = [r.whole() for r in rows]
     truth = [r.true() for r in rows]
     out = []
     for e in range(1, rows[0].epochs + 1):
         quarter = [r.seen(e) for r in rows]
-        whole = [max(r.full_val_auc[:e]) for r in rows]
+        whole = [r.whole(e) for r in rows]
         out.append((e, float(stats.spearmanr(quarter, truth).statistic),
                     float(stats.spearmanr(whole, whole_final).statistic)))
     return out
@@ -163,7 +168,7 @@ def train_fraction(rows: Sequence[Row], low: Sequence[Row], fraction: float, bas
         raise ValueError(f"the tables share {len(pairs)} architectures; the train-fraction replay needs 3")
     base = [b for b, _ in pairs]
     truth = [b.true() for b in base]
-    whole_final = [max(b.full_val_auc) for b in base]
+    whole_final = [b.whole() for b in base]
 
     def pick(scored: Sequence[tuple[Row, float]]) -> float:
         chosen = pareto_members([(b.index, score, b.flops) for b, score in scored])
@@ -171,7 +176,7 @@ def train_fraction(rows: Sequence[Row], low: Sequence[Row], fraction: float, bas
 
     epochs = base[0].epochs
     out, reference = [], None
-    for label, table, scale in (("base", [b for b, _ in pairs], 1.0),
+    for label, table, scale in (("base", base, 1.0),
                                 (f"train x{fraction / base_fraction:g}", [r for _, r in pairs],
                                  fraction / base_fraction)):
         for e in sorted({epochs, max(1, epochs // 2)}, reverse=True):
@@ -179,7 +184,7 @@ def train_fraction(rows: Sequence[Row], low: Sequence[Row], fraction: float, bas
             hv = pick(list(zip(base, scores, strict=True)))
             reference = hv if reference is None else reference
             rho = float(stats.spearmanr(scores, truth).statistic)
-            whole = float(stats.spearmanr([max(r.full_val_auc[:e]) for r in table], whole_final).statistic)
+            whole = float(stats.spearmanr([r.whole(e) for r in table], whole_final).statistic)
             out.append((f"{label}, {e} epochs", len(pairs) * e * scale, rho, hv,
                         hv / reference if reference else math.nan, whole))
     return out

@@ -336,7 +336,7 @@ def load_splits(cfg: DataConfig, device: torch.device | str, *, for_search: bool
     splits: dict[str, Split] = {}
     for index, (split, (images, labels)) in enumerate(arrays.items()):
         fraction = cfg.fraction(split) if for_search else 1.0
-        if split == "val" and for_search and cfg.record_full_val and fraction < 1.0:
+        if split == "val" and cfg.record_full_val and fraction < 1.0:
             splits["full_val"] = Split.from_arrays(images, labels, task=cfg.task, device=device)
         if fraction < 1.0:
             keep = stratified_subset(labels, fraction, seed=(cfg.subset_seed, index))
@@ -990,7 +990,7 @@ def _manifest_splits(cfg: DataConfig, device: torch.device | str, *, for_search:
     for index, split in enumerate(("train", "val") if for_search else SPLITS):
         members = prepared.splits[split]
         fraction = cfg.fraction(split) if for_search else 1.0
-        if split == "val" and for_search and cfg.record_full_val and fraction < 1.0:
+        if split == "val" and cfg.record_full_val and fraction < 1.0:
             splits["full_val"] = _manifest_split(prepared, members, device)
         if fraction < 1.0:
             members = members[stratified_subset(prepared.labels[members], fraction,

@@ -9,7 +9,7 @@ Each proxy maps ``(model, images, labels)`` to one float, higher meaning "predic
   network with all weights made positive on an all-ones input (data-free). Reported as log10 because
   the sum spans many orders of magnitude. Computed in float32, and again in float64 only when float32
   overflows: the reference implementations use float64 throughout, which gives the same log10 to six
-  digits on the seed space at 28³ and costs 1.4-4x more (``bench/proxy_cost.py``).
+  digits on the seed space at 28³ and costs 1.3-3x more (``bench/proxy_cost.py``).
 - ``grad_norm`` (Abdelfattah et al., 2021): ``Σ ‖∂L/∂W‖₂`` over the conv and linear weights, ``L`` the
   cross-entropy of the batch.
 - ``zico`` (Li et al., 2023): ``Σ_layers log Σ_θ mean|g_θ| / std(g_θ)``, the per-weight gradient
