@@ -1,0 +1,110 @@
+"""What nas3d records on a study and its trials: every attribute name it writes, in one place, and the
+helpers for the records written in more than one module (a failure reason, a trial not trained, a retry).
+
+Optuna stores the attributes; nas3d writes user attrs (shown by ``nas3d status --trial`` and the
+dashboard) and a few system attrs (bookkeeping). No other module spells an attribute name out.
+This module imports Optuna only when a helper runs: ``pareto`` and the core layers import it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+__all__ = [
+    "ARCH", "ARCH_HASH", "ARCH_JSON", "ARTIFACTS", "BEST_EPOCH", "CHECKPOINT_ARTIFACT", "CONFIG", "CURVE",
+    "DECISIONS", "DEVICE", "DUPLICATE_OF", "DUPLICATE_VALUES", "EARLY_STOPPED", "EARLY_STOPPED_VALUES",
+    "EPOCHS", "FAILED_TRIAL", "FAILURE_REASON", "FIXED_PARAMS", "FLOPS", "NOT_TRAINED", "PARAMS",
+    "PICTURE_ARTIFACT", "PROXIES", "PROXY_SECONDS", "RESULT_ATTRS", "RETRY_HISTORY", "THOP_MACS",
+    "TRAIN_SECONDS", "VAL_ACC", "WARM_START", "WORKER", "WORKERS",
+    "failure_reason", "fail_with_reason", "mark_not_trained", "retry_of",
+]
+
+# --- study user attrs ------------------------------------------------------------------------------
+
+#: The study's configuration as created (``StudyConfig.to_dict()``); its presence marks a nas3d study.
+CONFIG = "nas3d_config"
+#: Where the study's checkpoints and pictures are stored (a folder or ``s3://bucket/prefix``).
+ARTIFACTS = "nas3d_artifacts"
+
+# --- study system attrs ----------------------------------------------------------------------------
+
+#: How many worker numbers were handed out (the next worker gets this number).
+WORKERS = "nas3d:workers"
+
+# --- trial user attrs: the architecture --------------------------------------------------------------
+
+ARCH = "arch"  # the architecture in short form (``Architecture.short_str()``)
+ARCH_JSON = "arch_json"  # the architecture as JSON: what export and retrain rebuild it from
+ARCH_HASH = "arch_hash"  # the canonical hash: equal architectures, equal hashes (deduplication)
+PARAMS = "params"  # trainable parameters
+THOP_MACS = "thop_macs"  # multiply-accumulates as thop counts them
+FLOPS = "flops"  # FLOPs, recorded before training: the early stopper ranks by it
+WARM_START = "warm_start"  # on a trial queued from a published architecture: ``seed:<dataset>``
+
+# --- trial user attrs: the training and its result ---------------------------------------------------
+
+DEVICE = "device"  # the device it trained on
+VAL_ACC = "val_acc"  # validation accuracy of the best epoch (the AUC is the first objective)
+TRAIN_SECONDS = "train_seconds"
+EPOCHS = "epochs"  # epochs run
+BEST_EPOCH = "best_epoch"  # the epoch whose weights were kept
+CURVE = "learning_curve"  # ``{"epoch": [...], "val_auc": [...], ...}``: lists by key, one entry an epoch
+DECISIONS = "early_stopping"  # the early stopper's decisions at each rung, as JSON
+EARLY_STOPPED = "early_stopped"  # True: the early stopper ended it (PRUNED, counted, off the front)
+EARLY_STOPPED_VALUES = "early_stopped_values"  # ``[val_auc, flops]`` where the early stopper ended it
+PROXIES = "proxies"  # zero-cost proxy scores by name (None where not finite)
+PROXY_SECONDS = "proxy_seconds"  # time spent computing them
+CHECKPOINT_ARTIFACT = "checkpoint_artifact"  # artifact id of the trained weights
+PICTURE_ARTIFACT = "picture_artifact"  # artifact id of the cell drawn as SVG
+
+#: What a duplicate copies from the trial that trained its architecture.
+RESULT_ATTRS = (VAL_ACC, PARAMS, THOP_MACS, TRAIN_SECONDS, EPOCHS, BEST_EPOCH, DEVICE)
+
+# --- trial user attrs: a trial that ended without a result -------------------------------------------
+
+#: Why the trial failed or was pruned, one line. Only unfinished business carries one: a retry does
+#: not inherit it, and a completed trial never has one.
+FAILURE_REASON = "failure_reason"
+#: Why it was decided without training (it is free in the budget): ``duplicate``,
+#: ``over_constraints``, ``error`` (failed before training) or ``lost`` (an orphan of a lost ask).
+NOT_TRAINED = "not_trained"
+DUPLICATE_OF = "duplicate_of"  # the number of the trial that trained the same architecture
+DUPLICATE_VALUES = "duplicate_values"  # that trial's values, for samplers that learn from duplicates
+
+# --- trial system attrs ----------------------------------------------------------------------------
+
+#: The worker that runs the trial: ``{"worker": N, "host": ..., "pid": ...}``, set right after ``ask``.
+WORKER = "nas3d:worker"
+# Optuna's own, read by nas3d: the parameters of a queued trial (``enqueue_trial``), and a retry's
+# original and predecessors (written by Optuna's ``RetryHeartbeatStaleTrialCallback``, which
+# :func:`fail_and_requeue` calls).
+FIXED_PARAMS = "fixed_params"
+FAILED_TRIAL = "failed_trial"
+RETRY_HISTORY = "retry_history"
+
+
+def failure_reason(trial: FrozenTrial, default: str | None = None) -> str | None:
+    """The trial's recorded failure reason, or ``default``."""
+    return trial.user_attrs.get(FAILURE_REASON, default)
+
+
+def fail_with_reason(trial: optuna.Trial, reason: str, *, not_trained: str | None = None) -> None:
+    """Record why ``trial`` (still running) is failed or pruned, and, with ``not_trained``, that it
+    is free (see :data:`NOT_TRAINED`). The caller then tells it."""
+    if not_trained is not None:
+        trial.set_user_attr(NOT_TRAINED, not_trained)
+    trial.set_user_attr(FAILURE_REASON, reason)
+
+
+def mark_not_trained(storage: Any, trial_id: int, kind: str) -> None:
+    """Through the storage, for a trial this process does not run: it was decided without training."""
+    storage.set_trial_user_attr(trial_id, NOT_TRAINED, kind)
+
+
+def retry_of(trial: FrozenTrial) -> list[int]:
+    """The numbers of the attempts before ``trial``, oldest first; empty unless it is a retry."""
+    return list(trial.system_attrs.get(RETRY_HISTORY, ()))
