@@ -4,15 +4,21 @@ PostgreSQL comes from ``$NAS3D_TEST_POSTGRES_URL`` (any database on a server whe
 CREATE DATABASE), else from a throwaway server started with initdb/pg_ctl for this session. With
 neither, PostgreSQL tests are skipped — unless ``CI=true`` or the variable is set, where a missing
 server is a failure, so a broken CI database cannot pass as "skipped".
+
+External programs (Graphviz's ``dot``, Chromium and chromedriver, Slurm, PgBouncer) follow the same
+rule through :func:`requires_tool`: a fresh machine without them skips the tests that need them, with
+the reason; under ``CI=true`` (``.ci/run`` installs them all) a missing one is a failure.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -38,10 +44,64 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NAS3D_ARTIFACTS", raising=False)
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI", "").lower() == "true" or os.environ.get(PG_ENV):
+def under_ci() -> bool:
+    """``CI=true``: everything the suite needs must be there, and what is missing fails its tests."""
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip the test with ``reason``; under ``CI=true`` fail it instead."""
+    if under_ci():
         pytest.fail(reason, pytrace=False)
     pytest.skip(reason)
+
+
+#: ``why`` of the programs several test files need.
+GRAPHVIZ_WHY = "Graphviz draws the architecture pictures (Debian: apt-get install graphviz)"
+CHROMIUM_WHY = ("the dashboard and report pages are loaded in headless Chromium "
+                "(Debian: apt-get install chromium chromium-driver)")
+
+#: Where Debian installs daemons (slurmctld, munged, pgbouncer): not on an ordinary user's PATH.
+_SYSTEM_BIN = (Path("/usr/sbin"), Path("/sbin"))
+
+
+def find_tool(program: str) -> str | None:
+    """The path of ``program`` on the PATH or in the system binary folders; None if absent."""
+    found = shutil.which(program)
+    if found is None:
+        found = next((str(d / program) for d in _SYSTEM_BIN if (d / program).is_file()), None)
+    return found
+
+
+def requires_tool(*programs: str, why: str) -> None:
+    """Skip the calling test (or fixture) unless every one of ``programs`` is installed; under
+    ``CI=true`` fail it instead. ``why`` says what needs them and how to install them."""
+    missing = [p for p in programs if find_tool(p) is None]
+    if missing:
+        unavailable(f"{', '.join(missing)} not installed: {why}")
+
+
+def tool_available(program: str, *, why: str) -> bool:
+    """Whether ``program`` is installed, for a test that checks less without it; under ``CI=true`` its
+    absence fails the test instead."""
+    if find_tool(program) is not None:
+        return True
+    if under_ci():
+        pytest.fail(f"{program} not installed: {why}", pytrace=False)
+    return False
+
+
+@pytest.fixture
+def graphviz_dot() -> str:
+    """Graphviz's ``dot``, for tests that draw pictures (skipped without it, failed under ``CI=true``)."""
+    requires_tool("dot", why=GRAPHVIZ_WHY)
+    return find_tool("dot")
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get(PG_ENV):  # a named server that does not answer is never "skipped"
+        pytest.fail(reason, pytrace=False)
+    unavailable(reason)
 
 
 @pytest.fixture(scope="session")

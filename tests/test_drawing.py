@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -12,7 +11,6 @@ from nas3d.drawing import architecture_graph, architecture_svg, vertex_name
 from nas3d.seeds import seed_architectures
 
 SVG = "{http://www.w3.org/2000/svg}"
-needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="needs Graphviz's dot (Debian: graphviz)")
 
 
 def parse(svg: bytes) -> tuple[dict[str, str], set[tuple[str, str]], list[str]]:
@@ -32,7 +30,7 @@ def parse(svg: bytes) -> tuple[dict[str, str], set[tuple[str, str]], list[str]]:
     return nodes, edges, labels
 
 
-@needs_dot
+@pytest.mark.usefixtures("graphviz_dot")
 @pytest.mark.parametrize("dataset", sorted(seed_architectures()))
 def test_picture_shows_every_op_and_edge_and_the_macro_settings(dataset: str) -> None:
     arch = seed_architectures()[dataset]

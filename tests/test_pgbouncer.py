@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from nas3d.storages._rdb import pg_connect_args
 from nas3d.study import create_study
 from nas3d.testing.servers import ServerUnavailable, pgbouncer
 from nas3d.testing.storages import temporary_database
+from tests.conftest import requires_tool, unavailable
 from tests.test_storage import _check_lock_excludes_other_workers
 from tests.test_study import smoke_config
 from tests.test_worker import finish, start_worker
@@ -33,6 +33,8 @@ POOL_SIZE = 2
 @pytest.fixture
 def bouncer_url(postgres_server: str) -> Iterator[str]:
     """A fresh database, reached through a PgBouncer in transaction mode started for this test."""
+    requires_tool("pgbouncer", why="nas3d is tested through a PgBouncer in transaction mode "
+                  "(Debian: apt-get install pgbouncer)")
     with temporary_database(postgres_server, "nas3d_test_pgb") as direct:
         try:
             # PgBouncer's own default wait (120 s): a real deadlock still fails, a busy CI machine whose
@@ -40,9 +42,7 @@ def bouncer_url(postgres_server: str) -> Iterator[str]:
             server = pgbouncer(direct, pool_mode="transaction", pool_size=POOL_SIZE, query_wait_timeout=120)
             url = server.__enter__()
         except ServerUnavailable as e:
-            if os.environ.get("CI", "").lower() == "true":
-                pytest.fail(f"PgBouncer: {e}", pytrace=False)
-            pytest.skip(f"PgBouncer: {e}")
+            unavailable(f"PgBouncer: {e}")
         try:
             yield url
         finally:

@@ -21,8 +21,9 @@ from optuna.trial import TrialState
 from nas3d.budget import budget_state
 from nas3d.storages import make_storage
 from nas3d.study import create_study
-from nas3d.testing.servers import ServerUnavailable, slurm_cluster
+from nas3d.testing.servers import SLURM_BINARIES, ServerUnavailable, slurm_cluster
 from nas3d.testing.storages import temporary_database
+from tests.conftest import requires_tool, unavailable
 from tests.test_study import smoke_config
 from tests.test_worker import counted, long_trials_study, wait_for
 
@@ -35,13 +36,13 @@ KILL_WAIT_S = 30  # Slurm's default: SIGKILL this long after SIGTERM
 
 @pytest.fixture(scope="module")
 def slurm() -> Iterator[dict[str, str]]:
+    requires_tool(*SLURM_BINARIES, why="a single-node Slurm runs the job array "
+                  "(Debian: apt-get install slurm-wlm munge)")
     try:
         cluster = slurm_cluster(cpus=2, kill_wait=KILL_WAIT_S)
         env = cluster.__enter__()
     except ServerUnavailable as e:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"single-node Slurm: {e}", pytrace=False)
-        pytest.skip(f"single-node Slurm: {e}")
+        unavailable(f"single-node Slurm: {e}")
     try:
         yield env
     finally:
