@@ -8,7 +8,7 @@ a trial that proposes an architecture evaluated before is PRUNED with ``duplicat
 ``duplicate_values``, costs nothing and does not count against the budget; a run also stops once its
 duplicates reach the budget (as a nas3d worker does).
 
-Per sampler it prints: the hypervolume of the validation front (``nas3d.pareto``, DESIGN.md §9)
+Per sampler it prints: the hypervolume of the validation front (``nas3d.pareto``, docs/metrics.md#hypervolume)
 mean ± std over the seeds; the distinct architectures evaluated; the duplicate proposals; the
 infeasible proposals (trials that reached the objective with an infeasible cell: none can, since
 nas3d's define-by-run sampling is feasible by construction and ODE redraws infeasible decodes before

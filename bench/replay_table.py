@@ -28,7 +28,7 @@ sampler's proposals; the order is the only randomness), with the epochs each spe
     low           train each proposal for fewer epochs (the kept epoch among those)
     combinations  screening with MO-ASHA or with fewer epochs
 
-For each, the hypervolume (nas3d.pareto, DESIGN §9) of the front it keeps is taken with the whole-val
+For each, the hypervolume (docs/metrics.md#hypervolume) of the front it keeps is taken with the whole-val
 AUC of what it trained (at the epochs it trained), against the epochs spent; beside it, what training
 everything in the same order had reached after the same epochs (the comparison at equal epochs); and
 how many true-front members its own final front (by the search-quarter scores it saw) contains, and
@@ -364,7 +364,7 @@ def plot(result: dict, path: Path, labels: Sequence[str]) -> None:
         ax.fill_between(grid, mean - std, mean + std, alpha=0.15)
     ax.axhline(result["full_hypervolume"], color="grey", ls=":", label="whole table")
     ax.set_xlabel("training epochs spent")
-    ax.set_ylabel("hypervolume (whole-val AUC, log10 FLOPs; DESIGN §9)")
+    ax.set_ylabel("hypervolume (whole-val AUC, log10 FLOPs)")
     ax.set_title(f"Replays on {result['architectures']} architectures x {result['epochs']} epochs, "
                  f"mean ± std over {result['orders']} orders")
     ax.legend(fontsize=7)

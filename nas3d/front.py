@@ -182,8 +182,8 @@ def front_markdown(front: StudyFront) -> str:
     """The study note: its front as a Markdown table, with the hypervolume."""
     lines = [f"## Pareto front of {front.study_name}", ""]
     if front.hypervolume is not None:
-        lines.append(f"Hypervolume (val AUC × log10 FLOPs, DESIGN §9): **{front.hypervolume:.4f}** "
-                     f"over {len(front.points)} fully trained trials.")
+        lines.append(f"Hypervolume (val AUC × log10 FLOPs, docs/metrics.md#hypervolume): "
+                     f"**{front.hypervolume:.4f}** over {len(front.points)} fully trained trials.")
         lines.append("")
     if not front.front:
         return "\n".join([*lines, "No fully trained trial yet."])

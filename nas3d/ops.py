@@ -47,7 +47,7 @@ def _mish_conv(c: int, k: int) -> nn.Module:
     return nn.Sequential(nn.Mish(), _conv(c, k, bias=True))
 
 
-_STYLES: dict[str, Callable[[int, int], nn.Module]] = {
+_OP_TEMPLATES: dict[str, Callable[[int, int], nn.Module]] = {
     "conv{k}_in_relu": _conv_in_relu,
     "conv{k}_in_mish": _conv_in_mish,
     "in_mish_conv{k}": _in_mish_conv,
@@ -58,7 +58,7 @@ _STYLES: dict[str, Callable[[int, int], nn.Module]] = {
 #: name -> factory(channels) -> nn.Module, in the seed study's order.
 OPS: dict[str, Callable[[int], nn.Module]] = {
     template.format(k=k): partial(_make, k=k)
-    for template, _make in _STYLES.items()
+    for template, _make in _OP_TEMPLATES.items()
     for k in KERNEL_SIZES
 }
 

@@ -1,4 +1,6 @@
-"""Comparing fronts: the one hypervolume every nas3d command, report and benchmark uses (DESIGN.md §9).
+"""Comparing fronts: the one hypervolume every nas3d command, report and benchmark uses.
+
+Defined in docs/metrics.md#hypervolume.
 
 Objectives: validation AUC (maximised) and log10 FLOPs (minimised). The box runs from the reference
 point (AUC 0.5, the FLOPs of the largest architecture of the seed space) to the ideal point (AUC 1.0,

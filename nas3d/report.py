@@ -163,8 +163,9 @@ def format_status(study: optuna.Study) -> str:
     # The front and hypervolume of fully trained trials (nas3d.pareto), as the dashboard note shows it.
     front = study_front(study, seed_references="none")
     if front.hypervolume is not None:
-        lines.append(f"  hypervolume {front.hypervolume:.4f} (val AUC x log10 FLOPs, DESIGN §9) over "
-                     f"{len(front.points)} fully trained trials; Pareto front:")
+        lines.append(f"  hypervolume {front.hypervolume:.4f} (val AUC x log10 FLOPs, "
+                     f"docs/metrics.md#hypervolume) over {len(front.points)} fully trained trials; "
+                     "Pareto front:")
     if front.front:
         header = ("trial", "val_auc", "val_acc", "MFLOPs", "params")
         lines.append("  " + "  ".join(f"{h:>9}" for h in header) + "  architecture")
@@ -394,8 +395,9 @@ def report_markdown(fronts: Sequence[StudyFront], runs: Sequence[dict[str, Any]]
     volumes = [f.hypervolume for f in fronts if f.hypervolume is not None]
     if len(volumes) > 1:
         lines.append(f"| mean | | | | | {sum(volumes) / len(volumes):.4f} |")
-    lines += ["", "Hypervolume: DESIGN §9 (val AUC from 0.5 to 1, log10 FLOPs between the smallest and "
-              "largest architecture of the seed space at the study's input size), in [0, 1]."]
+    lines += ["", "Hypervolume: docs/metrics.md#hypervolume (val AUC from 0.5 to 1, log10 FLOPs between "
+              "the smallest and largest architecture of the seed space at the study's input size), "
+              "in [0, 1]."]
     return "\n".join(lines) + "\n"
 
 

@@ -2,9 +2,9 @@
 # procedure, best read top to bottom.
 """Final training by the seed study's protocol, for a searched architecture or a ResNet baseline.
 
-The protocol (DESIGN.md §4): the full train split (no search subset), Adam lr 1e-3, batch 128,
-200 epochs, five seeds (0, 42, 143, 1234, 3074), the checkpoint of the epoch with the highest
-validation AUC (``keep="val_acc"``: the highest validation ACC, the seed code's choice), then test
+The protocol (docs/studies.md#the-seed-studys-recipe): the full train split (no search subset), Adam
+lr 1e-3, batch 128, 200 epochs, five seeds (0, 42, 143, 1234, 3074), the checkpoint of the epoch with
+the highest validation AUC (``keep="val_acc"``: the highest validation ACC, the seed code's choice), then test
 AUC/ACC in float32 with ``medmnist.Evaluator`` on the real test split (synthetic data: the same
 metrics by :mod:`nas3d.metrics`). Training is :func:`nas3d.train.train_trial`
 with a patience equal to the epoch budget, so nothing stops early unless a patience is asked for.

@@ -1,10 +1,10 @@
 """Training one trial: on-device data, Adam, early stopping on validation loss.
 
-The recipe is the seed study's (DESIGN.md §4): Adam, cross-entropy, validation every epoch, stop after
-``patience`` epochs without a lower validation loss. The trial's score is the best validation AUC seen
-(the seed's "fitness = best val score"; ties go to the lower loss); the model ends holding that
-epoch's weights, and that epoch's ACC and loss are reported with it. Stopping watches the loss, as the
-seed does, because it keeps moving where AUC plateaus.
+The recipe is the seed study's (docs/studies.md#the-seed-studys-recipe): Adam, cross-entropy,
+validation every epoch, stop after ``patience`` epochs without a lower validation loss. The trial's
+score is the best validation AUC seen (the seed's "fitness = best val score"; ties go to the lower
+loss); the model ends holding that epoch's weights, and that epoch's ACC and loss are reported with
+it. Stopping watches the loss, as the seed does, because it keeps moving where AUC plateaus.
 
 Batches are drawn by index from whole splits already on the device (:class:`nas3d.data.Split`), so
 the loop does no per-sample Python work and no host-to-device copies. It runs in channels_last_3d
@@ -41,7 +41,7 @@ KEEP_CHOICES = ("val_auc", "val_acc")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Search-time training recipe; defaults are the seed study's (DESIGN.md §4)."""
+    """Search-time training recipe; defaults are the seed study's (docs/studies.md)."""
 
     max_epochs: int = 50
     patience: int = 5

@@ -30,7 +30,7 @@ import nas3d
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = Path(nas3d.__file__).resolve().parent
 
-#: Modules that must never load optuna, not even indirectly (DESIGN §3, STYLE: the model code never
+#: Modules that must never load optuna, not even indirectly (docs/layout.md: the model code never
 #: imports optuna). nas3d.pareto imports optuna only inside its trial filter, so importing it must not.
 NO_OPTUNA = (
     "nas3d.architecture", "nas3d.ops", "nas3d.model", "nas3d.registry", "nas3d.baselines",

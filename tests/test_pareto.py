@@ -1,4 +1,4 @@
-"""The one hypervolume (DESIGN.md §9): hand-computed values, the box, and which trials count."""
+"""The one hypervolume (docs/metrics.md#hypervolume): hand-computed values, the box, which trials count."""
 
 from __future__ import annotations
 
