@@ -8,7 +8,7 @@ ended counts: its architecture was trained (to a rung and ranked there), only no
 
 Workers count the budget under the study lock before each ``ask`` (:mod:`nas3d.claims`); ``nas3d
 launch`` queues again the trials of workers it killed, as a worker does its interrupted trial, with
-:func:`requeue`; ``nas3d status`` shows what :func:`budget_state` counts.
+:func:`nas3d.records.fail_and_requeue`; ``nas3d status`` shows what :func:`budget_state` counts.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
-from nas3d.pareto import EARLY_STOPPED_ATTR
-from nas3d.study import NOT_TRAINED_ATTR
+from nas3d import records
 
 __all__ = [
     "DEFAULT_MAX_FREE_STREAK",
@@ -28,13 +27,11 @@ __all__ = [
     "BudgetState",
     "budget_state",
     "log_spent",
-    "requeue",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Trial system attr naming the worker that runs it: ``{"worker": N, "host": ..., "pid": ...}``.
-WORKER_ATTR = "nas3d:worker"
+WORKER_ATTR = records.WORKER  # the old name, still imported
 #: How many trials in a row may be free (duplicates, over the constraints, ...) before a study stops.
 DEFAULT_MAX_FREE_STREAK = 100
 
@@ -61,46 +58,27 @@ class BudgetState:
 
 
 def _is_free(trial: optuna.trial.FrozenTrial) -> bool:
-    # duplicate_of alone: a study from before NOT_TRAINED_ATTR existed
-    return NOT_TRAINED_ATTR in trial.user_attrs or "duplicate_of" in trial.user_attrs
+    # DUPLICATE_OF alone: a study from before NOT_TRAINED existed
+    return records.NOT_TRAINED in trial.user_attrs or records.DUPLICATE_OF in trial.user_attrs
 
 
 def budget_state(study: optuna.Study) -> BudgetState:
     """Count the study's trials the way the budget does (see this module's docstring)."""
     trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    retried = {n for t in trials for n in records.retry_of(t)}
     counted = [t for t in trials if t.number not in retried and not _is_free(t)]
     last = max((t.number for t in counted if t.state != TrialState.WAITING), default=-1)
     return BudgetState(
         used=len(counted),
         free=sum(_is_free(t) for t in trials),
         free_streak=sum(_is_free(t) for t in trials if t.number > last),
-        duplicates=sum("duplicate_of" in t.user_attrs for t in trials),
+        duplicates=sum(records.DUPLICATE_OF in t.user_attrs for t in trials),
         waiting=sum(t.state == TrialState.WAITING for t in trials),
         running=sum(t.state == TrialState.RUNNING for t in trials),
-        stopped=sum(bool(t.user_attrs.get(EARLY_STOPPED_ATTR)) for t in trials),
-        workers=len({(t.system_attrs.get(WORKER_ATTR) or {}).get("worker") for t in trials
+        stopped=sum(bool(t.user_attrs.get(records.EARLY_STOPPED)) for t in trials),
+        workers=len({(t.system_attrs.get(records.WORKER) or {}).get("worker") for t in trials
                      if t.state == TrialState.RUNNING}),
     )
-
-
-def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """Queue a failed trial again with its parameters; the retry replaces it in the budget."""
-    user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in ("failure_reason", NOT_TRAINED_ATTR)}
-    history = [*trial.system_attrs.get("retry_history", []), trial.number]
-    study.add_trial(
-        optuna.trial.create_trial(
-            state=TrialState.WAITING,
-            params=trial.params,
-            distributions=trial.distributions,
-            user_attrs=user_attrs,
-            system_attrs={
-                "failed_trial": trial.system_attrs.get("failed_trial", trial.number),
-                "retry_history": history,
-            },
-        )
-    )
-    logger.info("trial %d was interrupted and queued again", trial.number)
 
 
 def log_spent(study_name: str, state: BudgetState, budget: int, max_free_streak: int) -> None:

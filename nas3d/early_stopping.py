@@ -45,7 +45,8 @@ from typing import Any
 import moocore
 import numpy as np
 
-from nas3d.pareto import EARLY_STOPPED_ATTR, crowding_distances
+from nas3d import records
+from nas3d.pareto import crowding_distances
 from nas3d.train import EpochRecord, TrainResult
 from nas3d.util import check_choice
 
@@ -68,18 +69,13 @@ __all__ = [
 ]
 
 KINDS = ("none", "moasha")
-#: User attr: the trial's per-epoch curve, ``{"epoch": [...], "train_loss": [...], "val_loss": [...],
-#: "val_auc": [...], "val_acc": [...]}`` (one entry per epoch trained, rewritten after each epoch).
-CURVE_ATTR = "learning_curve"
+# The old names of the attrs this module writes (see nas3d.records), still imported.
+CURVE_ATTR, DECISIONS_ATTR = records.CURVE, records.DECISIONS
+EARLY_STOPPED_VALUES_ATTR, FLOPS_ATTR = records.EARLY_STOPPED_VALUES, records.FLOPS
+#: The keys of the recorded curve (:data:`nas3d.records.CURVE`): one entry per epoch trained.
 CURVE_KEYS = ("epoch", "train_loss", "val_loss", "val_auc", "val_acc")
 #: Recorded beside CURVE_KEYS where the epoch has them (nas3d.train.EpochRecord's optional fields).
 OPTIONAL_CURVE_KEYS = ("seconds", "full_val_auc", "full_val_acc")
-#: User attr: the stopper's decisions, one dict per rung the trial reached (see :class:`Decision`).
-DECISIONS_ATTR = "early_stopping"
-#: User attr of a stopped trial: ``[best val AUC so far, FLOPs]``, its values had it been complete.
-EARLY_STOPPED_VALUES_ATTR = "early_stopped_values"
-#: User attr: the trial's FLOPs, known before training; peers at a rung read it before any values exist.
-FLOPS_ATTR = "flops"
 
 
 @dataclass(frozen=True)
@@ -227,7 +223,7 @@ def learning_curve(trial: Any) -> dict[str, list[float]]:
         curve = learning_curve(study.trials[17])
         plt.plot(curve["epoch"], curve["val_auc"])
     """
-    stored = trial.user_attrs.get(CURVE_ATTR) or {}
+    stored = trial.user_attrs.get(records.CURVE) or {}
     curve = {key: list(stored.get(key, [])) for key in CURVE_KEYS}
     curve.update({key: list(stored[key]) for key in OPTIONAL_CURVE_KEYS if key in stored})
     return curve
@@ -235,20 +231,20 @@ def learning_curve(trial: Any) -> dict[str, list[float]]:
 
 def decisions(trial: Any) -> list[Decision]:
     """The stopper's recorded decisions for ``trial``, by rung."""
-    return [Decision.from_json(d) for d in trial.user_attrs.get(DECISIONS_ATTR, [])]
+    return [Decision.from_json(d) for d in trial.user_attrs.get(records.DECISIONS, [])]
 
 
 def format_learning_curve(trial: Any) -> str:
     """A trial's learning curve and stopper decisions as text, for ``nas3d status --trial N``."""
     attrs = trial.user_attrs
     state = trial.state.name.lower()
-    lines = [f"trial {trial.number} ({state}): {attrs.get('arch', '?')}"]
-    if EARLY_STOPPED_ATTR in attrs or "failure_reason" in attrs:
-        lines.append(f"  {attrs.get('failure_reason', 'stopped early')}")
+    lines = [f"trial {trial.number} ({state}): {attrs.get(records.ARCH, '?')}"]
+    if records.EARLY_STOPPED in attrs or records.FAILURE_REASON in attrs:
+        lines.append(f"  {attrs.get(records.FAILURE_REASON, 'stopped early')}")
     if trial.values is not None:
         lines.append(f"  val_auc {trial.values[0]:.4f}, {trial.values[1] / 1e6:.1f} MFLOPs")
-    elif EARLY_STOPPED_VALUES_ATTR in attrs:
-        auc, flops = attrs[EARLY_STOPPED_VALUES_ATTR]
+    elif records.EARLY_STOPPED_VALUES in attrs:
+        auc, flops = attrs[records.EARLY_STOPPED_VALUES]
         lines.append(f"  best val_auc {auc:.4f} before it stopped, {flops / 1e6:.1f} MFLOPs "
                      "(not on the front)")
     curve = learning_curve(trial)
@@ -256,7 +252,7 @@ def format_learning_curve(trial: Any) -> str:
         lines.append("  no learning curve recorded")
         return "\n".join(lines)
     by_epoch = {d.epoch: d for d in decisions(trial)}
-    best_epoch = attrs.get("best_epoch")
+    best_epoch = attrs.get(records.BEST_EPOCH)
     header = ("epoch", "train_loss", "val_loss", "val_auc", "val_acc")
     lines.append("  " + "  ".join(f"{h:>10}" for h in header))
     for i, epoch in enumerate(curve["epoch"]):
@@ -288,11 +284,11 @@ class EpochMonitor:
         self.flops = float(flops)
         self.curve: dict[str, list[float]] = {key: [] for key in CURVE_KEYS}
         self.decisions: list[Decision] = []
-        trial.set_user_attr(FLOPS_ATTR, int(flops))
+        trial.set_user_attr(records.FLOPS, int(flops))
         # A re-queued trial arrives with the attrs of the attempt that was interrupted: start clean.
-        for key in (CURVE_ATTR, DECISIONS_ATTR):
+        for key in (records.CURVE, records.DECISIONS):
             if key in trial.user_attrs:
-                trial.set_user_attr(key, {} if key == CURVE_ATTR else [])
+                trial.set_user_attr(key, {} if key == records.CURVE else [])
 
     @property
     def stopped(self) -> Decision | None:
@@ -306,12 +302,12 @@ class EpochMonitor:
             if getattr(record, key) is not None:
                 self.curve.setdefault(key, []).append(getattr(record, key))
         # Written before the rung check reads the others: see "across workers" in the module docstring.
-        self.trial.set_user_attr(CURVE_ATTR, self.curve)
+        self.trial.set_user_attr(records.CURVE, self.curve)
         if last or record.epoch not in self.rungs:
             return True
         decision = self._decide(self.rungs.index(record.epoch), record.epoch)
         self.decisions.append(decision)
-        self.trial.set_user_attr(DECISIONS_ATTR, [d.to_json() for d in self.decisions])
+        self.trial.set_user_attr(records.DECISIONS, [d.to_json() for d in self.decisions])
         return decision.proceed
 
     def _decide(self, rung: int, epoch: int) -> Decision:
@@ -321,7 +317,7 @@ class EpochMonitor:
         states = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
         others = []
         for other in self.trial.study.get_trials(deepcopy=False, states=states):
-            if other.number == self.trial.number or "duplicate_of" in other.user_attrs:
+            if other.number == self.trial.number or records.DUPLICATE_OF in other.user_attrs:
                 continue
             entry = rung_entry(other, epoch)
             if entry is not None:
@@ -342,18 +338,18 @@ class EpochMonitor:
 
         decision = self.stopped
         assert decision is not None, "stop() without a stopping decision"
-        self.trial.set_user_attr(EARLY_STOPPED_ATTR, True)
-        self.trial.set_user_attr(EARLY_STOPPED_VALUES_ATTR, [result.val_auc, self.flops])
+        self.trial.set_user_attr(records.EARLY_STOPPED, True)
+        self.trial.set_user_attr(records.EARLY_STOPPED_VALUES, [result.val_auc, self.flops])
         reason = (f"stopped early at epoch {decision.epoch} (rung {decision.rung}): not in the top "
                   f"{decision.promoted} of {decision.at_rung} trials at that rung")
-        self.trial.set_user_attr("failure_reason", reason)
+        records.fail_with_reason(self.trial, reason)
         raise optuna.TrialPruned(reason)
 
 
 def rung_entry(trial: Any, epoch: int) -> RungEntry | None:
     """``trial``'s rung value at ``epoch`` from its stored curve, or None if it has not reached it."""
     attrs = trial.user_attrs
-    aucs = (attrs.get(CURVE_ATTR) or {}).get("val_auc", [])
-    if len(aucs) < epoch or FLOPS_ATTR not in attrs:
+    aucs = (attrs.get(records.CURVE) or {}).get("val_auc", [])
+    if len(aucs) < epoch or records.FLOPS not in attrs:
         return None
-    return RungEntry(trial.number, max(aucs[:epoch]), float(attrs[FLOPS_ATTR]))
+    return RungEntry(trial.number, max(aucs[:epoch]), float(attrs[records.FLOPS]))

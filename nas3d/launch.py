@@ -220,24 +220,18 @@ def requeue_killed(study_name: str, storage_url: str, pids: list[int], *, retry_
     import optuna
     from optuna.trial import TrialState
 
-    from nas3d.budget import WORKER_ATTR, requeue
+    from nas3d.records import WORKER, fail_and_requeue
     from nas3d.storages import make_storage
 
     storage = make_storage(storage_url, retry_window=retry_window)
     study = optuna.load_study(study_name=study_name, storage=storage)
     host, done = socket.gethostname(), 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        marker = trial.system_attrs.get(WORKER_ATTR) or {}
+        marker = trial.system_attrs.get(WORKER) or {}
         if marker.get("host") != host or marker.get("pid") not in pids:
             continue
         reason = "killed: its worker did not stop within the grace period after the stop signal; re-queued"
-        try:
-            study._storage.set_trial_user_attr(trial._trial_id, "failure_reason", reason)
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-        requeue(study, study._storage.get_trial(trial._trial_id))
-        done += 1
+        done += fail_and_requeue(study, trial, reason)
     return done
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import TrialState
 
-from nas3d.budget import requeue
+from nas3d.records import fail_and_requeue
 from nas3d.storages import StorageUnavailable
 from nas3d.train import TrainingStopped
 
@@ -44,9 +44,4 @@ def interrupted(study: optuna.Study, trial: optuna.Trial, why: str, *, trained: 
     """Fail a trial a stop interrupted (during or before its training) and queue it again, unless it
     is finished already: ``launch`` fails and queues again the trials of a worker it killed."""
     when = "" if trained else " before its training began"
-    try:
-        trial.set_user_attr("failure_reason", f"interrupted{when}: {why}; re-queued")
-    except optuna.exceptions.UpdateFinishedTrialError:
-        return
-    tell(study, trial, state=TrialState.FAIL)
-    requeue(study, study._storage.get_trial(trial._trial_id))
+    fail_and_requeue(study, trial, f"interrupted{when}: {why}; re-queued")

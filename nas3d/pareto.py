@@ -26,6 +26,7 @@ from functools import cache
 import moocore
 import numpy as np
 
+from nas3d import records
 from nas3d.architecture import Architecture
 from nas3d.data import DataConfig
 from nas3d.ops import op_kernel_size
@@ -47,9 +48,7 @@ __all__ = [
 
 AUC_REFERENCE = 0.5  # chance
 AUC_IDEAL = 1.0
-#: User attr set on a trial an early stopper ended before its full budget: such a trial has no
-#: fully trained score and never counts toward a front.
-EARLY_STOPPED_ATTR = "early_stopped"
+EARLY_STOPPED_ATTR = records.EARLY_STOPPED  # the old name, still imported
 
 
 def _chain(ops: Sequence[str]) -> tuple[tuple[int, int], ...]:
@@ -130,7 +129,7 @@ def fully_trained(trials: Iterable) -> list:
     return [
         t for t in trials
         if t.state == TrialState.COMPLETE and t.values is not None
-        and not t.user_attrs.get(EARLY_STOPPED_ATTR, False)
+        and not t.user_attrs.get(records.EARLY_STOPPED, False)
     ]
 
 

@@ -8,6 +8,7 @@ This module imports Optuna only when a helper runs: ``pareto`` and the core laye
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -15,13 +16,17 @@ if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
 __all__ = [
-    "ARCH", "ARCH_HASH", "ARCH_JSON", "ARTIFACTS", "BEST_EPOCH", "CHECKPOINT_ARTIFACT", "CONFIG", "CURVE",
-    "DECISIONS", "DEVICE", "DUPLICATE_OF", "DUPLICATE_VALUES", "EARLY_STOPPED", "EARLY_STOPPED_VALUES",
-    "EPOCHS", "FAILED_TRIAL", "FAILURE_REASON", "FIXED_PARAMS", "FLOPS", "NOT_TRAINED", "PARAMS",
-    "PICTURE_ARTIFACT", "PROXIES", "PROXY_SECONDS", "RESULT_ATTRS", "RETRY_HISTORY", "THOP_MACS",
-    "TRAIN_SECONDS", "VAL_ACC", "WARM_START", "WORKER", "WORKERS",
-    "failure_reason", "fail_with_reason", "mark_not_trained", "retry_of",
+    "ARCH", "ARCH_HASH", "ARCH_JSON", "ARTIFACTS", "BEST_EPOCH", "CHECKPOINT_ARTIFACT", "CONFIG",
+    "CONSTRAINTS", "CURVE", "DECISIONS", "DEVICE", "DUPLICATE_OF", "DUPLICATE_VALUES",
+    "EARLY_STOPPED", "EARLY_STOPPED_VALUES", "EPOCHS", "FAILED_TRIAL", "FAILURE_REASON",
+    "FIXED_PARAMS", "FLOPS", "NOT_TRAINED", "ODE_HASH", "ODE_KIND", "ODE_PARAMS", "ODE_PREFIX",
+    "ODE_REDRAWS", "ODE_SLOT", "ODE_STAGE", "ODE_VECTOR", "PARAMS", "PICTURE_ARTIFACT", "PROXIES",
+    "PROXY_SECONDS", "RESULT_ATTRS", "RETRY_HISTORY", "THOP_MACS", "TRAIN_SECONDS", "VAL_ACC",
+    "WARM_START", "WORKER", "WORKERS", "fail_and_requeue", "fail_with_reason", "failure_reason",
+    "mark_not_trained", "retry_of",
 ]
+
+_logger = logging.getLogger(__name__)
 
 # --- study user attrs ------------------------------------------------------------------------------
 
@@ -85,6 +90,16 @@ WORKER = "nas3d:worker"
 FIXED_PARAMS = "fixed_params"
 FAILED_TRIAL = "failed_trial"
 RETRY_HISTORY = "retry_history"
+#: Optuna's list of constraint values (feasible iff all <= 0), which samplers and the dashboard read.
+CONSTRAINTS = "constraints"
+
+#: The ODE sampler's system attrs (:mod:`nas3d.samplers.ode`): its proposal for a trial (the
+#: population stage and slot, the kind of move, the vector, its parameters and architecture hash, how
+#: often it was redrawn). Prefixed, as Optuna's GA samplers prefix theirs ("NSGAIISampler:").
+ODE_PREFIX = "ode:"
+ODE_STAGE, ODE_SLOT, ODE_KIND, ODE_VECTOR, ODE_PARAMS, ODE_HASH, ODE_REDRAWS = (
+    ODE_PREFIX + k for k in ("stage", "slot", "kind", "vector", "params", "arch_hash", "redraws")
+)
 
 
 def failure_reason(trial: FrozenTrial, default: str | None = None) -> str | None:
@@ -108,3 +123,55 @@ def mark_not_trained(storage: Any, trial_id: int, kind: str) -> None:
 def retry_of(trial: FrozenTrial) -> list[int]:
     """The numbers of the attempts before ``trial``, oldest first; empty unless it is a retry."""
     return list(trial.system_attrs.get(RETRY_HISTORY, ()))
+
+
+def fail_and_requeue(
+    study: optuna.Study,
+    trial: optuna.Trial | FrozenTrial,
+    reason: str,
+    *,
+    max_retry: int | None = None,
+) -> bool:
+    """Fail a RUNNING trial with ``reason`` and queue it again: the one recovery path of nas3d.
+
+    The retry is made by Optuna's own ``RetryHeartbeatStaleTrialCallback`` (so its
+    ``retried_trial_number`` and ``retry_history`` work on it) from the failed trial without its
+    failure record: the trial keeps its reason, the retry starts with none, and no worker's mark.
+    ``trial`` is this process's live trial (then told, so that its sampler hears of the end) or any
+    frozen RUNNING trial (failed through the storage). ``max_retry`` bounds the attempts after the
+    first (None: no bound). False, and nothing queued, if another process finished the trial first
+    (it queued the retry) or the bound was reached.
+    """
+    import copy
+    import warnings
+
+    import optuna
+    from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    try:  # before it is failed: a finished trial's attrs are read-only
+        storage.set_trial_user_attr(trial._trial_id, FAILURE_REASON, reason)
+        if isinstance(trial, optuna.Trial):
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    except (UpdateFinishedTrialError, ValueError):
+        # Another process finished it meanwhile (ValueError: tell found it finished already).
+        if storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+            raise
+        return False
+    failed = copy.deepcopy(storage.get_trial(trial._trial_id))
+    for key in (FAILURE_REASON, NOT_TRAINED):
+        failed.user_attrs.pop(key, None)
+    failed.system_attrs.pop(WORKER, None)
+    before = len(retry_of(failed))
+    with warnings.catch_warnings():  # experimental since Optuna 2.8, relied on knowingly
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, failed)
+    if max_retry is not None and before >= max_retry:
+        _logger.warning("trial %d failed (%s); not queued again after %d retries", failed.number, reason,
+                        before)
+        return False
+    _logger.info("trial %d failed (%s) and was queued again", failed.number, reason)
+    return True

@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 
 from nas3d.storages import (
     DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_MAX_RETRY,
     StorageUnavailable,
     artifact_store_for,
     default_artifact_location,
@@ -148,7 +149,8 @@ def test_rdb_storage_with_heartbeat(storage_url: str) -> None:
     assert isinstance(storage, RDBStorage)
     assert storage.get_heartbeat_interval() == DEFAULT_HEARTBEAT_INTERVAL
     assert storage.grace_period == 4 * DEFAULT_HEARTBEAT_INTERVAL
-    assert isinstance(storage.get_heartbeat_stale_trial_callback(), RetryHeartbeatStaleTrialCallback)
+    # stale trials are failed and re-queued by nas3d.records.fail_and_requeue, not by a callback
+    assert storage.max_retry == DEFAULT_MAX_RETRY and storage.get_heartbeat_stale_trial_callback() is None
     study = _run_study(storage)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
     # a second worker process would see the same study
@@ -183,6 +185,9 @@ def test_stale_trial_is_failed_and_requeued(storage_url: str) -> None:
     assert states[0] == TrialState.FAIL
     retried = [t for t in study.trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 0]
     assert len(retried) == 1 and retried[0].params == dead.params
+    # the retry completed: it carries no failure reason; its predecessor keeps its own
+    assert retried[0].state == TrialState.COMPLETE and "failure_reason" not in retried[0].user_attrs
+    assert study.trials[0].user_attrs["failure_reason"].startswith("stale heartbeat")
 
 
 def test_journal_storage(tmp_path: Path) -> None:

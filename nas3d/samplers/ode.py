@@ -74,6 +74,7 @@ from optuna.samplers import BaseSampler, RandomSampler
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from nas3d import records
 from nas3d.architecture import Architecture, InfeasibleArchitecture, prune_cell
 from nas3d.pareto import crowding_distances
 from nas3d.samplers._settings import ODE_MODES, ODESettings
@@ -108,9 +109,10 @@ MAX_REDRAWS = 100
 #: Uniform draws tried for one feasible vector before the space is called empty.
 MAX_RANDOM_DRAWS = 10_000
 
-KEY = "ode:"  # system attr prefix, as Optuna's GA samplers use "NSGAIISampler:"
+# The system attrs of a proposal (nas3d.records)
 STAGE, SLOT, KIND, VECTOR, PARAMS, HASH, REDRAWS = (
-    KEY + k for k in ("stage", "slot", "kind", "vector", "params", "arch_hash", "redraws")
+    records.ODE_STAGE, records.ODE_SLOT, records.ODE_KIND, records.ODE_VECTOR, records.ODE_PARAMS,
+    records.ODE_HASH, records.ODE_REDRAWS,
 )
 INIT, OPPOSITE, DE, JUMP = "init", "opposite", "de", "jump"
 SEED_SPACE = SearchSpace()
@@ -226,8 +228,8 @@ def _result(trial: FrozenTrial, directions: Sequence[StudyDirection]) -> Result 
         return None
     values = trial.values if trial.state == TrialState.COMPLETE else None
     if values is None and trial.state == TrialState.PRUNED:
-        values = trial.user_attrs.get("duplicate_values")  # the known architecture's result
-    violation = sum(max(0.0, float(c)) for c in (trial.system_attrs.get("constraints") or ()))
+        values = trial.user_attrs.get(records.DUPLICATE_VALUES)  # the known architecture's result
+    violation = sum(max(0.0, float(c)) for c in (trial.system_attrs.get(records.CONSTRAINTS) or ()))
     if values is not None and len(values) == len(signs) and violation == 0.0:
         return Result(FEASIBLE, tuple(s * float(v) for s, v in zip(signs, values, strict=True)))
     if violation > 0.0:
@@ -286,17 +288,17 @@ class _Run:
         trials = study._get_trials(deepcopy=False, use_cache=False)
         # A failed trial re-queued (heartbeat or interruption) is followed to its latest retry.
         retried_by = {
-            t.system_attrs["retry_history"][-1]: t for t in trials if t.system_attrs.get("retry_history")
+            records.retry_of(t)[-1]: t for t in trials if records.retry_of(t)
         }
         directions = study.directions
         self.known_hashes: set[str] = set()
         self.stages: list[_Stage] = []
         for trial in trials:  # the objective's hash of every trial, and the hash of every proposal
-            hashes = (trial.user_attrs.get("arch_hash"), trial.system_attrs.get(HASH))
+            hashes = (trial.user_attrs.get(records.ARCH_HASH), trial.system_attrs.get(HASH))
             self.known_hashes.update(h for h in hashes if h)
         for trial in sorted(trials, key=lambda t: t.number):
             attrs = trial.system_attrs
-            if STAGE not in attrs or attrs.get("retry_history"):
+            if STAGE not in attrs or records.retry_of(trial):
                 continue  # not an ODE proposal, or a retry (reached through its failed original)
             stage, slot = int(attrs[STAGE]), int(attrs[SLOT])
             while len(self.stages) <= stage:
@@ -400,11 +402,10 @@ class ODESampler(BaseSampler):
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
         attrs = trial.system_attrs
-        if attrs.get("retry_history"):
-            self._inherit_slot(study, trial)
+        if records.retry_of(trial) and self._inherit_slot(study, trial):
             return
-        if trial.params or "fixed_params" in attrs:
-            return  # enqueued with its parameters: outside the run
+        if trial.params or records.FIXED_PARAMS in attrs:
+            return  # enqueued with its parameters (or a retry of such a trial): outside the run
         with self._claiming:
             self._claim(study, trial)
 
@@ -444,16 +445,20 @@ class ODESampler(BaseSampler):
 
     # --- proposals ---------------------------------------------------------------------------------
 
-    def _inherit_slot(self, study: Study, trial: FrozenTrial) -> None:
-        """A retry keeps its failed original's slot (Optuna's heartbeat retry copies the system attrs
-        already; nas3d's re-queue of an interrupted trial does not)."""
+    def _inherit_slot(self, study: Study, trial: FrozenTrial) -> bool:
+        """A retry keeps its failed original's slot (Optuna's retry copies the system attrs already;
+        a retry from before it did gets them here). False if the original had no proposal (a trial
+        orphaned by a lost ask before this sampler claimed it): the retry is claimed afresh."""
         if STAGE in trial.system_attrs:
-            return
+            return True
         original = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
-            study._study_id, trial.system_attrs["retry_history"][-1]))
+            study._study_id, records.retry_of(trial)[-1]))
+        if STAGE not in original.system_attrs:
+            return False
         for key in (VECTOR, PARAMS, HASH, KIND, SLOT, STAGE):  # STAGE last, as in _claim
             if key in original.system_attrs:
                 study._storage.set_trial_system_attr(trial._trial_id, key, original.system_attrs[key])
+        return True
 
     def _stage_kind(self, run: _Run, stage: int) -> str:
         if stage < len(run.stages) and run.stages[stage].kind:

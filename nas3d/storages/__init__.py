@@ -13,7 +13,7 @@ Accepted storage strings (``--storage`` flag, else env ``NAS3D_STORAGE``, else t
 
 Crash recovery (RDB only): the worker's heartbeat thread writes every ``heartbeat_interval`` seconds;
 the next ``study.optimize`` on any worker fails trials silent for ``grace_period`` seconds and
-re-queues them (``RetryHeartbeatStaleTrialCallback``); such a trial gets a ``failure_reason``.
+re-queues them (``nas3d.records.fail_and_requeue``); such a trial gets a failure reason, its retry none.
 nas3d workers run their own heartbeat thread around ask/tell (``nas3d.heartbeat``).
 
 Outages: a worker's storage retries every call through transient database errors for
@@ -44,6 +44,7 @@ from nas3d.storages._rdb import (
     RETRY_WINDOW_ENV,
     StorageMissing,
     StorageUnavailable,
+    grace_period_for,
     make_storage,
     retry_transient,
     storage_retry_window,
@@ -70,6 +71,7 @@ __all__ = [
     "open_artifact_store",
     "prepare_artifact_location",
     "resolve_artifact_location",
+    "grace_period_for",
     "storage_retry_window",
     "study_artifact_location",
     "study_artifact_store",

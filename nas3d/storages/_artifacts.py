@@ -4,7 +4,7 @@ A location is an absolute folder (``FileSystemArtifactStore``: local, or a files
 mounts at the same path) or ``s3://bucket[/prefix]`` (``optuna.artifacts.Boto3ArtifactStore``; the
 endpoint and keys come from the usual AWS environment variables: ``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``). ``create_study`` records it
-in the study's user attr :data:`ARTIFACTS_ATTR`; every worker, ``export``, ``retrain`` and the
+in the study's user attr :data:`nas3d.records.ARTIFACTS`; every worker, ``export``, ``retrain`` and the
 dashboard open the study's store through :func:`study_artifact_store`, whatever folder they start in.
 """
 
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
 
+from nas3d import records
 from nas3d.storages._spec import StorageSpec, _storage_file, resolve_storage, storage_home
 
 if TYPE_CHECKING:
@@ -27,8 +28,7 @@ if TYPE_CHECKING:
 
 _logger = logging.getLogger("nas3d.storages")
 
-#: The study user attr that records the study's artifact location.
-ARTIFACTS_ATTR = "nas3d_artifacts"
+ARTIFACTS_ATTR = records.ARTIFACTS  # the old name, still imported
 S3_SCHEME = "s3://"
 
 
@@ -162,7 +162,7 @@ def study_artifact_location(storage: BaseStorage, study_name: str) -> str:
     """The artifact location recorded in study ``study_name`` (or, for a study created before
     locations were recorded, the default for this storage)."""
     study_id = storage.get_study_id_from_name(study_name)
-    recorded = storage.get_study_user_attrs(study_id).get(ARTIFACTS_ATTR)
+    recorded = storage.get_study_user_attrs(study_id).get(records.ARTIFACTS)
     if recorded:
         return str(recorded)
     return default_artifact_location(getattr(storage, "url", None))
@@ -196,7 +196,7 @@ class StorageArtifactStores:
             storage = make_storage(self._spec)
             found: list[str] = []
             for study in storage.get_all_studies():
-                location = study.user_attrs.get(ARTIFACTS_ATTR)
+                location = study.user_attrs.get(records.ARTIFACTS)
                 if location and location not in found:
                     found.append(str(location))
             legacy = default_artifact_location(self._spec)

@@ -15,14 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import optuna
 import sqlalchemy
 import sqlalchemy.exc
 from optuna.exceptions import ExperimentalWarning, StorageInternalError, UpdateFinishedTrialError
-from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
+from nas3d.records import fail_and_requeue
 from nas3d.storages._spec import StorageSpec, resolve_storage
 
 if TYPE_CHECKING:
@@ -31,9 +33,16 @@ if TYPE_CHECKING:
 _logger = logging.getLogger("nas3d.storages")
 
 DEFAULT_HEARTBEAT_INTERVAL = 30
-# Optuna's default grace is 2 × interval. We allow 4 beats: failing a live trial costs its whole
-# training run and its retry duplicates it, so a database restart or a busy host must not do that.
-DEFAULT_GRACE_PERIOD = 4 * DEFAULT_HEARTBEAT_INTERVAL
+
+
+def grace_period_for(heartbeat_interval: int, grace_period: int | None = None) -> int:
+    """Seconds without a beat before a trial is stale: ``grace_period``, else 4 beats."""
+    # Optuna's default grace is 2 × interval. We allow 4 beats: failing a live trial costs its whole
+    # training run and its retry duplicates it, so a database restart or a busy host must not do that.
+    return grace_period or 4 * heartbeat_interval
+
+
+DEFAULT_GRACE_PERIOD = grace_period_for(DEFAULT_HEARTBEAT_INTERVAL)
 DEFAULT_MAX_RETRY = 2  # a trial that keeps killing its worker (e.g. host OOM) is not retried forever
 SQLITE_BUSY_TIMEOUT_S = 60  # several workers on one host queue on SQLite's single writer lock
 PG_CONNECT_TIMEOUT_S = 10  # a blackholed host fails in seconds, not after the TCP default of minutes
@@ -124,23 +133,22 @@ def make_storage(
         engine_kwargs = {"pool_pre_ping": True, "connect_args": connect_args}
 
     with warnings.catch_warnings():
-        # heartbeat and the retry callback are marked experimental since Optuna 2.8; we rely on them
-        # knowingly, so the warning would only be noise in every worker's log.
+        # the heartbeat is marked experimental since Optuna 2.8; we rely on it knowingly, so the
+        # warning would only be noise in every worker's log.
         warnings.simplefilter("ignore", ExperimentalWarning)
         try:
             storage = _RDBStorage(
                 url,
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period or 4 * heartbeat_interval,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
+                grace_period=grace_period_for(heartbeat_interval, grace_period),
             )
         except (sqlalchemy.exc.OperationalError, StorageInternalError) as e:
             # The server may also go away after connecting, during the schema check (a StorageInternalError)
             if not _is_transient(e):
                 raise
             raise StorageUnavailable(_unavailable_message(sa_url, e.__cause__ or e)) from e
-    storage.retry_window = float(retry_window)
+    storage.retry_window, storage.max_retry = float(retry_window), max_retry
     return storage
 
 
@@ -173,10 +181,13 @@ class _RDBStorage(RDBStorage):
     * ``last_outage`` is the ``time.monotonic()`` of the last transient error this process saw (its
       study lock's too: the worker records those here). Within a grace period of it no trial is
       stale: after an outage every live trial's last beat is old until its worker beats again.
-    * A trial failed for a stale heartbeat gets a ``failure_reason``.
+    * A stale trial is failed with a reason and queued again (``max_retry`` times at most) by
+      :func:`nas3d.records.fail_and_requeue`, the one recovery path, when Optuna's
+      ``fail_stale_trials`` asks for the stale trials: the retry does not inherit the reason.
     """
 
     retry_window: float = 0.0
+    max_retry: int | None = DEFAULT_MAX_RETRY
     last_outage: float = -math.inf
     _retrying = threading.local()  # set while a retried call runs: nested storage calls do not retry
 
@@ -226,14 +237,11 @@ class _RDBStorage(RDBStorage):
             f"stale heartbeat: no heartbeat for over {self.grace_period} s (its worker was killed, hung, "
             "or lost the database)"
         )
-        kept = []
-        for trial_id in stale:
-            try:  # before it is failed: a finished trial's attrs are read-only
-                self.set_trial_user_attr(trial_id, "failure_reason", reason)
-            except UpdateFinishedTrialError:
-                continue  # it finished meanwhile: not stale after all
-            kept.append(trial_id)
-        return kept
+        if stale:
+            study = optuna.Study(study_name=self.get_study_name_from_id(study_id), storage=self)
+            for trial_id in stale:  # one that finished meanwhile was not stale after all: skipped
+                fail_and_requeue(study, self.get_trial(trial_id), reason, max_retry=self.max_retry)
+        return []  # failed and queued again here: nothing left for Optuna's fail_stale_trials to fail
 
     def recovering(self) -> bool:
         """Whether this process saw an outage less than a grace period ago (see ``last_outage``)."""
