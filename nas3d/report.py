@@ -434,6 +434,7 @@ def trial_report(storage: Any, study_name: str, number: int) -> str:
     and its artifacts."""
     from optuna.artifacts import get_all_artifact_meta
 
+    from nas3d import records
     from nas3d.storages import make_storage
     from nas3d.study import load_trial
 
@@ -448,6 +449,11 @@ def trial_report(storage: Any, study_name: str, number: int) -> str:
         lines.append(f"  started {start:%Y-%m-%d %H:%M:%S}{took}")
     if "failure_reason" in trial.user_attrs:
         lines.append(f"  reason: {trial.user_attrs['failure_reason']}")
+    if records.retry_of(trial):  # each earlier attempt of these parameters, with why it ended
+        lines.append("  retry history:")
+        for earlier in (load_trial(backend, study_name, n) for n in records.retry_of(trial)):
+            reason = records.failure_reason(earlier, "no reason recorded")
+            lines.append(f"    trial {earlier.number} {earlier.state.name.lower()}: {reason}")
     if trial.params:
         lines.append("  params: " + ", ".join(f"{k}={v}" for k, v in sorted(trial.params.items())))
     shown_apart = (*_TRIAL_ATTRS_SHOWN_APART, CURVE_ATTR, "early_stopping")

@@ -118,3 +118,17 @@ def test_launch_fails_and_requeues_the_trials_of_workers_it_killed(storage_url: 
     assert trials[mine.number].user_attrs[records.FAILURE_REASON].startswith("killed")
     assert [t.state for t in trials[1:3]] == [TrialState.RUNNING] * 2
     assert records.retry_of(trials[3]) == [mine.number] and trials[3].state == TrialState.WAITING
+
+
+def test_status_of_a_retry_shows_its_history_and_no_inherited_reason(storage_url: str) -> None:
+    from nas3d.report import trial_report
+
+    study = _study(storage_url)
+    records.fail_and_requeue(study, _running(study), "stale heartbeat: no heartbeat for over 120 s")
+    retry = study.ask()
+    study.tell(retry, [0.9, 1.0])
+    text = trial_report(study._storage, "s", retry.number)
+    assert "complete" in text.splitlines()[0] and "reason:" not in text
+    history = text.splitlines().index("  retry history:")
+    assert text.splitlines()[history + 1] == "    trial 0 fail: stale heartbeat: no heartbeat for over 120 s"
+    assert "retry history" not in trial_report(study._storage, "s", 0)
