@@ -465,6 +465,7 @@ def search_pick(document: dict, score: str = "whole_val_best") -> dict | None:
     return {"score": score, "picked": names[picked], "picked_score": search[picked][score],
             "picked_truth": true[picked], "picked_truth_rank": ranked.index(picked) + 1,
             "seed_truth": true[seed], "beats_seed": true[picked] > true[seed],
+            "picked_is_seed": picked == seed,
             "best": names[ranked[0]], "best_truth": true[ranked[0]], "architectures": len(common),
             "truth_folds": m}
 
@@ -478,6 +479,16 @@ def analyse(document: dict) -> dict:
 def fmt(value: float | None, digits: int = 3) -> str:
     missing = value is None or (isinstance(value, float) and math.isnan(value))
     return "n/a" if missing else f"{value:.{digits}f}"
+
+
+def truth_text(value: float | None, scores: dict[int, float], folds: int) -> str:
+    """The truth with the standard error of its ``folds`` fold scores (their SD over sqrt(folds))."""
+    if value is None:
+        return "n/a"
+    if folds < 2:
+        return fmt(value)
+    sd = float(np.std([scores[f] for f in range(folds)], ddof=1))
+    return f"{value:.3f} ± {sd / math.sqrt(folds):.3f}"
 
 
 def report(document: dict) -> str:
@@ -498,10 +509,10 @@ def report(document: dict) -> str:
         per_fold = " ".join(fmt(folds.get(h, {}).get(f)) for f in range(k))
         rows.append([a["arch"][:60], a["role"], f"{a.get('flops', 0) / 1e6:.0f}",
                      fmt(s.get("quarter_val_auc")), fmt(s.get("whole_val_auc")),
-                     fmt(s.get("whole_val_best")), per_fold, fmt(true.get(h)),
+                     fmt(s.get("whole_val_best")), per_fold, truth_text(true.get(h), folds.get(h, {}), m),
                      fmt(float(np.mean(tests[h])) if tests[h] else None)])
     lines.append(format_table(["architecture", "role", "MFLOPs", "quarter", "whole@kept", "whole best",
-                               "folds", "truth", "test"], rows))
+                               "folds", "truth ± se", "test"], rows))
     v = analysis["variance"]
     lines.append("")
     lines.append(f"variance of the per-job score over {v['architectures']} architectures:")
@@ -527,9 +538,11 @@ def report(document: dict) -> str:
             lines.append(f"search pick by {score}: not known yet (needs the seed architecture's truth)")
             continue
         verdict = "beats" if pick["beats_seed"] else "does not beat"
+        against = (" (the seed's own architecture)" if pick["picked_is_seed"]
+                   else f", which {verdict} the seed's {pick['seed_truth']:.3f}")
         lines.append(f"search pick by {score} among {pick['architectures']}: {pick['picked']} "
                      f"(score {pick['picked_score']:.3f}); its truth {pick['picked_truth']:.3f} "
-                     f"(rank {pick['picked_truth_rank']}) {verdict} the seed's {pick['seed_truth']:.3f}; "
+                     f"(rank {pick['picked_truth_rank']}){against}; "
                      f"the best truth is {pick['best_truth']:.3f}")
     return "\n".join(lines)
 

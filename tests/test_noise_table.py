@@ -131,9 +131,11 @@ def test_truth_correlations_and_the_search_pick_of_a_known_table(bench) -> None:
     assert (pick["picked"], pick["beats_seed"], pick["picked_truth_rank"]) == ("A", True, 1)
     assert pick["seed_truth"] == pytest.approx(0.72)
     quarter = bench.search_pick(document, "quarter_val_auc")
-    assert (quarter["picked"], quarter["beats_seed"]) == ("the seed's", False)
+    assert (quarter["picked"], quarter["picked_is_seed"]) == ("the seed's", True)
+    assert not quarter["beats_seed"]
     text = bench.report(document)
-    assert "does not beat" in text and " beats the seed's 0.720" in text
+    assert "(rank 2) (the seed's own architecture)" in text and "which beats the seed's 0.720" in text
+    assert "0.820 ± 0.012" in text  # A: folds 0.80, 0.84, 0.82, SD 0.02 over sqrt(3)
 
 
 def test_a_partial_table_says_what_cannot_be_separated_yet(bench) -> None:
