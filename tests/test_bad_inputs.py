@@ -1,19 +1,28 @@
-"""Every bad input a user can give, through the real `nas3d` command in a subprocess.
+"""Every bad input a user can give, through ``nas3d.cli.main``, and a few through the real `nas3d`
+command in a subprocess.
 
 Each row of ``ROWS`` is one command line that must fail with exit code 2 and one line on stderr that
 names the problem (``expected`` is part of that line), and must write nothing: the workspace (the
 storage folder with its database and artifacts, the data roots, the current folder) holds the same
 files and folders, with the same sizes and modification times, before and after. The next case is
 one line in ``ROWS``.
+
+Every row runs in this process, as the entry point would run it: the workspace as the current
+folder, the environment the subprocess would get, and on "stderr" whatever the process would have
+printed there (the CLI's own lines, log records, warnings). A subprocess imports torch, optuna and
+medmnist anew (seconds a row), so only ``ENTRY_POINT_ROWS``, one of each kind of failure, also run
+through ``python -m nas3d``.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import shlex
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,8 +33,19 @@ SMOKE = str(REPO / "studies" / "smoke.toml")
 STUDY = f"--study {SMOKE} --data-root data --name fresh"  # a new study from the smoke file, data present
 UNREACHABLE_PG = "postgresql://postgres:secret@127.0.0.1:1/nas3d"
 
-# Each row is a `nas3d` subprocess (seconds of imports each, ~45 rows): `make test`, not `make test-fast`.
+# The workspace trains a smoke trial first (tens of seconds): `make test`, not `make test-fast`.
 pytestmark = pytest.mark.slow
+
+#: Rows that also run through the real entry point: a flag refused before anything opens, a storage
+#: that cannot be reached (its password never echoed), data refused while reading it, an output
+#: file that exists.
+ENTRY_POINT_ROWS = ("search-gpus-abc", "unreachable-postgres", "corrupt-synthetic-data", "export-out-exists")
+#: The environment of a row: no NAS3D_* of the caller's, downloads that fail at once (with or without
+#: a network).
+CLOSED_PORT = "http://127.0.0.1:9"
+PROXIES = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")
+#: Warnings Python does not print by default (outside __main__), so a subprocess would not show them.
+SILENT_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
 
 # (id, the command line after `nas3d`, a part of the one-line message). Paths are relative to the
 # workspace (see `workspace`): storage/ (NAS3D_HOME, holding study "smoke": trial 0 complete with a
@@ -210,18 +230,58 @@ def snapshot(root: Path) -> dict[str, tuple[int, int] | None]:
     }
 
 
-@pytest.mark.parametrize(("command", "expected"), [row[1:] for row in ROWS], ids=[row[0] for row in ROWS])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(workspace: Path, command: str, expected: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NAS3D_")}
-    closed_port = "http://127.0.0.1:9"  # downloads fail at once, with or without a network
-    env.update(NAS3D_HOME=str(workspace / "storage"), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
-               https_proxy=closed_port, HTTPS_PROXY=closed_port, http_proxy=closed_port, HTTP_PROXY=closed_port)
-    before = snapshot(workspace)
-    result = subprocess.run([sys.executable, "-m", "nas3d", *shlex.split(command)], cwd=workspace, env=env,
-                            capture_output=True, text=True, timeout=300)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr
-    assert len(lines) == 1 and lines[0].startswith("nas3d: error: "), result.stderr
+def check_refused(workspace: Path, before: dict, code: int | None, stderr: str, expected: str) -> None:
+    """Exit code 2, one line naming the problem, no password echoed, nothing written."""
+    lines = stderr.strip().splitlines()
+    assert code == 2, stderr
+    assert len(lines) == 1 and lines[0].startswith("nas3d: error: "), stderr
     assert expected in lines[0]
     assert "secret" not in lines[0]  # passwords are never echoed
     assert snapshot(workspace) == before
+
+
+@pytest.mark.parametrize(("command", "expected"), [row[1:] for row in ROWS], ids=[row[0] for row in ROWS])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    workspace: Path, command: str, expected: str, monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+) -> None:
+    from nas3d.cli import main
+
+    for name in [k for k in os.environ if k.startswith("NAS3D_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("NAS3D_HOME", str(workspace / "storage"))
+    for name in PROXIES:
+        monkeypatch.setenv(name, CLOSED_PORT)
+    monkeypatch.chdir(workspace)
+    # What the process would print besides the CLI's lines: log records at INFO and above (the CLI's
+    # logging level), Optuna's too (its own handler writes to stderr), and the warnings Python shows.
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(logging.getLogger("optuna"), "propagate", True)
+    before = snapshot(workspace)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            code = main(shlex.split(command))
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+    gc.collect()  # a storage left to the garbage collector must close its SQLite files before the snapshot
+    shown = [w for w in caught if not issubclass(w.category, SILENT_WARNINGS)]
+    stderr = "\n".join([capfd.readouterr().err.strip(), *(r.getMessage() for r in caplog.records),
+                        *(str(w.message) for w in shown)])
+    check_refused(workspace, before, code, stderr, expected)
+
+
+@pytest.mark.parametrize(("command", "expected"), [row[1:] for row in ROWS if row[0] in ENTRY_POINT_ROWS],
+                         ids=[row[0] for row in ROWS if row[0] in ENTRY_POINT_ROWS])
+def test_bad_input_through_the_nas3d_command(workspace: Path, command: str, expected: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NAS3D_")}
+    env.update(NAS3D_HOME=str(workspace / "storage"), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+               **dict.fromkeys(PROXIES, CLOSED_PORT))
+    before = snapshot(workspace)
+    result = subprocess.run([sys.executable, "-m", "nas3d", *shlex.split(command)], cwd=workspace, env=env,
+                            capture_output=True, text=True, timeout=300)
+    check_refused(workspace, before, result.returncode, result.stderr, expected)
+
+
+def test_the_entry_point_rows_are_rows() -> None:
+    assert set(ENTRY_POINT_ROWS) <= {row[0] for row in ROWS}
