@@ -19,6 +19,8 @@ from sqlalchemy.engine import make_url
 from nas3d.storages import (
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_MAX_RETRY,
+    StorageInvalid,
+    StorageMissing,
     StorageUnavailable,
     artifact_store_for,
     default_artifact_location,
@@ -133,6 +135,81 @@ def test_must_exist_refuses_a_database_optuna_never_used(storage_url: str) -> No
     engine.dispose()
     _run_study(make_storage(storage_url), n_trials=1)  # once written, a reader opens it
     assert optuna.get_all_study_names(make_storage(storage_url, must_exist=True))
+
+
+# --- a database that answers but is not Optuna's: bad input (exit 2), never an outage (exit 75) ---------
+
+
+def _optuna_sqlite(path: Path) -> str:
+    url = f"sqlite:///{path}"
+    storage = make_storage(url)
+    _run_study(storage, n_trials=30)
+    storage.engine.dispose()
+    return url
+
+
+def test_a_damaged_sqlite_file_is_invalid_not_unavailable(tmp_path: Path) -> None:
+    url = _optuna_sqlite(tmp_path / "x.db")
+    with open(tmp_path / "x.db", "r+b") as f:
+        f.truncate(8192)  # as `truncate -s 8192 x.db`
+    with pytest.raises(StorageInvalid, match=r"Optuna storage \(database disk image is malformed"):
+        make_storage(url, must_exist=True)
+    (tmp_path / "noise.db").write_bytes(bytes(range(256)) * 8)
+    for must_exist in (True, False):  # a reader, and a command that would create a study there
+        with pytest.raises(StorageInvalid, match="file is not a database") as info:
+            make_storage(f"sqlite:///{tmp_path / 'noise.db'}", must_exist=must_exist)
+        assert "\n" not in str(info.value)
+
+
+def test_another_programs_tables_are_invalid_and_left_alone(storage_url: str) -> None:
+    engine = sqlalchemy.create_engine(storage_url)
+    with engine.begin() as conn:  # another program's table, named like Optuna's first one
+        conn.execute(sqlalchemy.text("CREATE TABLE studies (id INTEGER PRIMARY KEY, title TEXT)"))
+    with pytest.raises(StorageInvalid, match="not a valid Optuna storage \\(no table 'version_info', .*"
+                       "another program's tables"):
+        make_storage(storage_url, must_exist=True)
+    with engine.connect() as conn:
+        assert sqlalchemy.inspect(conn).get_table_names() == ["studies"]  # nothing created
+    engine.dispose()
+
+
+def test_an_optuna_schema_missing_a_table_or_column_is_invalid(storage_url: str) -> None:
+    _run_study(make_storage(storage_url), n_trials=1)
+    engine = sqlalchemy.create_engine(storage_url)
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text("DROP TABLE trial_heartbeats"))
+    with pytest.raises(StorageInvalid, match="no table 'trial_heartbeats'"):
+        make_storage(storage_url, must_exist=True)
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text("CREATE TABLE trial_heartbeats (trial_heartbeat_id INTEGER)"))
+    with pytest.raises(StorageInvalid, match="table 'trial_heartbeats' has no column 'trial_id', "):
+        make_storage(storage_url, must_exist=True)
+    engine.dispose()
+
+
+def test_an_unreachable_server_stays_an_outage() -> None:
+    with pytest.raises(StorageUnavailable) as info:
+        make_storage("postgresql://postgres@127.0.0.1:1/nas3d", must_exist=True)
+    assert not isinstance(info.value, StorageMissing)  # StorageInvalid is a StorageMissing
+
+
+def test_a_worker_on_a_damaged_database_exits_2_at_once_and_on_a_lost_one_75(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nas3d.cli import main
+    from nas3d.util import EXIT_STORAGE, EXIT_USAGE
+
+    monkeypatch.setenv("NAS3D_STORAGE_RETRY_WINDOW", "0")
+    url = _optuna_sqlite(tmp_path / "x.db")
+    with open(tmp_path / "x.db", "r+b") as f:
+        f.truncate(8192)
+    assert main(["worker", "--storage", url, "--study-name", "s", "--device", "cpu"]) == EXIT_USAGE
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("nas3d: error: ") and "is not a valid Optuna storage" in line
+    lost = "postgresql://postgres@127.0.0.1:1/nas3d"
+    with pytest.raises(SystemExit) as info:
+        main(["worker", "--storage", lost, "--study-name", "s", "--device", "cpu"])
+    assert info.value.code == EXIT_STORAGE
 
 
 def test_password_not_echoed_in_error() -> None:

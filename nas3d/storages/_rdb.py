@@ -87,6 +87,11 @@ class StorageMissing(StorageUnavailable):
     """A storage that should exist does not (no file, or no Optuna tables): bad input, not an outage."""
 
 
+class StorageInvalid(StorageMissing):
+    """The database answers but is not a valid Optuna storage (not a database, a damaged file, another
+    program's tables): bad input, not an outage; no restart can help."""
+
+
 def make_storage(
     storage: str | StorageSpec | None = None,
     *,
@@ -123,6 +128,8 @@ def make_storage(
             if not must_exist:  # the file exists and is in WAL mode already: a reader changes nothing
                 _prepare_sqlite(sa_url)
         except (OSError, sqlite3.Error) as e:
+            if _is_invalid(e):
+                raise StorageInvalid(_invalid_message(spec, _first_line(e))) from e
             raise StorageUnavailable(_unavailable_message(sa_url, e)) from e
     else:
         sa_url, pg_args = pg_connect_args(sa_url)
@@ -143,11 +150,13 @@ def make_storage(
                 heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period_for(heartbeat_interval, grace_period),
             )
-        except (sqlalchemy.exc.OperationalError, StorageInternalError) as e:
+        except (sqlalchemy.exc.SQLAlchemyError, StorageInternalError) as e:
             # The server may also go away after connecting, during the schema check (a StorageInternalError)
-            if not _is_transient(e):
-                raise
-            raise StorageUnavailable(_unavailable_message(sa_url, e.__cause__ or e)) from e
+            if _is_transient(e):
+                raise StorageUnavailable(_unavailable_message(sa_url, e.__cause__ or e)) from e
+            if _is_invalid(e):  # it answered, but what it holds is not Optuna's schema
+                raise StorageInvalid(_invalid_message(spec, _first_line(e))) from e
+            raise
     storage.retry_window, storage.max_retry = float(retry_window), max_retry
     return storage
 
@@ -310,18 +319,71 @@ def _check_exists(spec: StorageSpec) -> None:
         if spec.kind == "journal":
             return
     # Optuna's schema starts with the table "studies"; a database without it was never used by Optuna,
-    # and RDBStorage would create its tables there.
+    # and RDBStorage would create its tables there. One with it must hold all of Optuna's schema:
+    # RDBStorage would otherwise add its missing tables to another program's database.
     try:
         engine = sqlalchemy.create_engine(spec.url, connect_args=_connect_args(spec))
         try:
             with engine.connect() as conn:
-                has_studies = sqlalchemy.inspect(conn).has_table("studies")
+                inspector = sqlalchemy.inspect(conn)
+                has_studies = inspector.has_table("studies")
+                problem = _schema_problem(inspector) if has_studies else None
         finally:
             engine.dispose()
     except sqlalchemy.exc.SQLAlchemyError as e:
-        raise StorageUnavailable(_unavailable_message(make_url(spec.url), e)) from e
+        # Only a connection that failed is an outage worth riding out; a database that answered with
+        # an error (not a database, damaged, no such database) is bad input.
+        if _is_transient(e) and "does not exist" not in _first_line(e):
+            raise StorageUnavailable(_unavailable_message(make_url(spec.url), e)) from e
+        if isinstance(e, sqlalchemy.exc.OperationalError):  # PostgreSQL: no such database
+            raise StorageMissing(_unavailable_message(make_url(spec.url), e)) from e
+        raise StorageInvalid(_invalid_message(spec, _first_line(e))) from e
     if not has_studies:
         raise StorageMissing(f"{spec} holds no Optuna studies (no 'studies' table); {_FIX_STORAGE}")
+    if problem:
+        raise StorageInvalid(_invalid_message(spec, problem, schema=True))
+
+
+def _schema_problem(inspector: sqlalchemy.engine.Inspector) -> str | None:
+    """What of the installed Optuna's schema the database lacks (a table, a column), or None."""
+    from optuna.storages._rdb.models import BaseModel
+
+    tables = set(inspector.get_table_names())
+    wanted = BaseModel.metadata.sorted_tables
+    missing = [t.name for t in wanted if t.name not in tables]
+    if missing:
+        return f"no table {', '.join(repr(name) for name in missing)}"
+    for table in wanted:
+        columns = {c["name"] for c in inspector.get_columns(table.name)}
+        absent = [c.name for c in table.columns if c.name not in columns]
+        if absent:
+            return f"table {table.name!r} has no column {', '.join(repr(name) for name in absent)}"
+    return None
+
+
+def _invalid_message(spec: StorageSpec, problem: str, *, schema: bool = False) -> str:
+    if schema:  # it is a database, but its tables are not those of this Optuna
+        why = (f"another program's tables, or those of an Optuna older than {optuna.__version__} "
+               "(then `optuna storage upgrade`)")
+    else:
+        why = "a damaged database, or no database at all; restore it from a backup"
+    return f"{spec} is not a valid Optuna storage ({problem}): {why}, or fix --storage / $NAS3D_STORAGE"
+
+
+def _is_invalid(error: BaseException) -> bool:
+    """The database answered with an error about what it holds (not a database, damaged, an unknown
+    table or column): no retry or restart can help."""
+    for _ in range(4):
+        if isinstance(error, sqlite3.DatabaseError) and not isinstance(error, sqlite3.OperationalError):
+            return True
+        if isinstance(error, sqlalchemy.exc.DatabaseError) and not isinstance(
+            error, sqlalchemy.exc.OperationalError
+        ):
+            return True
+        if not isinstance(error, StorageInternalError):
+            return False
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _connect_args(spec: StorageSpec) -> dict[str, Any]:
