@@ -14,13 +14,13 @@ import pytest
 import torch
 from medmnist.info import INFO
 
-from nas3d import data as data_module
 from nas3d.data import (
     DATASETS,
     DataConfig,
     DatasetCorrupt,
     DatasetUnavailable,
     load_splits,
+    medmnist_file,
     read_arrays,
     stratified_subset,
     write_synthetic_npz,
@@ -130,7 +130,7 @@ def test_failed_download_is_bounded_and_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, silent_server: str
 ) -> None:
     monkeypatch.setitem(INFO["adrenalmnist3d"], "url", silent_server)
-    monkeypatch.setattr(data_module, "DOWNLOAD_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(medmnist_file, "DOWNLOAD_TIMEOUT_S", 0.5)
     root = tmp_path / "fresh" / "er"  # does not exist yet: the download creates it, and removes it again
     cfg = DataConfig(dataset="adrenalmnist3d", root=str(root), download=True)
     start = time.perf_counter()

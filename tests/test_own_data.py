@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +24,12 @@ from nas3d.data import (
     ManifestChanged,
     ManifestError,
     Preprocessing,
+    hashes,
     load_splits,
+    manifest_source,
     prepare_manifest,
     prepare_volume,
+    preprocessing,
     resolve_manifest,
     write_synthetic_npz,
 )
@@ -133,8 +137,8 @@ def test_the_second_read_comes_from_the_cache_and_a_changed_volume_misses_only_i
     cfg = manifest_config(csv_path)
     first = prepare_manifest(cfg)
     read = []
-    original = data_module.read_volume
-    monkeypatch.setattr(data_module, "read_volume", lambda path: read.append(path.name) or original(path))
+    original = preprocessing.read_volume
+    monkeypatch.setattr(preprocessing, "read_volume", lambda path: read.append(path.name) or original(path))
     again = prepare_manifest(cfg)
     assert read == [] and np.array_equal(first.images, again.images)
     write_volume(tmp_path / "volumes" / "case001_0.nii.gz", np.ones((10, 11, 9), np.float32))
@@ -153,6 +157,46 @@ def test_a_recorded_hash_the_files_no_longer_have_is_refused(tmp_path: Path) -> 
     with pytest.raises(ManifestChanged, match="changed since the study was created") as info:
         load_splits(resolved, "cpu", for_search=True)
     assert "\n" not in str(info.value)
+
+
+def test_file_hashes_are_kept_across_processes_and_a_touched_file_is_hashed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    csv_path = nifti_folder(tmp_path)
+    resolved = resolve_manifest(manifest_config(csv_path))
+    assert (tmp_path / CACHE_DIR / hashes.HASHES_FILE).is_file()
+    # a new process: no in-process cache in front of the hashing, only the file in the cache folder
+    hashed: list[str] = []
+    uncached = hashes._sha256.__wrapped__
+    monkeypatch.setattr(hashes, "_sha256",
+                        lambda path, *key: hashed.append(Path(path).name) or uncached(path, *key))
+    data_module.check_manifest_unchanged(resolved)
+    assert hashed == []
+    volume = tmp_path / "volumes" / "case004_0.nii.gz"
+    os.utime(volume, ns=(volume.stat().st_atime_ns, volume.stat().st_mtime_ns + 10**9))
+    data_module.check_manifest_unchanged(resolved)  # the same bytes: hashed again, and still the same
+    assert hashed == ["case004_0.nii.gz"]
+    data_module.check_manifest_unchanged(resolved)
+    assert hashed == ["case004_0.nii.gz"]  # its new size and mtime were kept
+    (tmp_path / CACHE_DIR / hashes.HASHES_FILE).write_text("{not json")  # damaged: hashed again, no error
+    data_module.check_manifest_unchanged(resolved)
+    assert len(hashed) == 1 + 25  # every volume and the CSV
+
+
+def test_a_manifest_resolved_then_loaded_in_one_process_is_prepared_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a study created and searched in one process (nas3d search), or a retrain: resolve, then load
+    csv_path = nifti_folder(tmp_path)
+    resolved = resolve_manifest(manifest_config(csv_path))
+    entries: list[Path] = []
+    original = manifest_source._read_cache_entry
+    monkeypatch.setattr(manifest_source, "_read_cache_entry",
+                        lambda entry, size: entries.append(entry) or original(entry, size))
+    data = load_splits(resolved, "cpu", for_search=False)
+    assert entries == [] and len(data.train) + len(data.val) + len(data.test or ()) == 24
+    load_splits(resolved, "cpu", for_search=False)  # not held once on the device: read from the cache
+    assert len(entries) == 24
 
 
 def test_a_study_made_again_from_changed_files_is_refused(tmp_path: Path) -> None:

@@ -1,0 +1,261 @@
+"""A manifest as a data source: its samples checked, prepared through the cache beside the CSV, split,
+and put on a device.
+
+Prepared float32 volumes are cached in ``.nas3d-cache/``, one file per sample keyed by the content
+hashes of its volumes and the preprocessing settings. The manifest's content hash (the CSV and every
+volume) and its class names are recorded in the study's configuration when it is created
+(:meth:`ManifestSource.check`), and a worker whose files hash otherwise refuses to load them
+(:class:`ManifestChanged`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nas3d.data.errors import ManifestChanged, ManifestError
+from nas3d.data.hashes import StoredHashes, manifest_hashes
+from nas3d.data.manifest import Manifest, ManifestRow, read_manifest, sorted_classes
+from nas3d.data.preprocessing import Preprocessing, prepare_sample
+from nas3d.data.splits import SPLITS, DeviceData, Selection, Split
+from nas3d.util import atomic_write
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreparedSamples:
+    """A manifest's samples ready for a model: what the study records of it (``recorded``: the CSV's
+    absolute path, class names, channel count, content hash), float32 images ``(N, C, S, S, S)``,
+    int64 labels and the sample indices of each split."""
+
+    recorded: dict[str, object]
+    images: np.ndarray
+    labels: np.ndarray
+    splits: dict[str, np.ndarray]
+
+
+#: The last manifest prepared in this process and not yet loaded, by what decides its samples: a
+#: study created (or a retrain resolved) and then loaded in one process prepares the manifest once,
+#: and the samples are not held once they are on the device.
+_held: dict[tuple[object, ...], PreparedSamples] = {}
+
+
+@dataclass(frozen=True)
+class ManifestSource:
+    """The user's volumes, named by a labels CSV (``DataConfig.dataset = "path/labels.csv"``)."""
+
+    path: Path  # absolute
+    size: int
+    normalise: str
+    window: tuple[float, ...]
+    split_fractions: tuple[float, ...]
+    split_seed: int
+    classes: tuple[str, ...]
+    channels: int
+    manifest_hash: str
+
+    def __post_init__(self) -> None:
+        if not 4 <= self.size <= 256:  # any size: tests and smoke studies use tiny volumes
+            raise ValueError(f"data.size must be in [4, 256] for a manifest, but got {self.size!r}")
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
+    def file_name(self) -> str:
+        return self.path.name
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def task(self) -> str:
+        return "binary-class" if self.num_classes == 2 else "multi-class"
+
+    @property
+    def in_channels(self) -> int:
+        return self.channels
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(self.size, self.channels, self.normalise, self.window)
+
+    def check(self) -> dict[str, object]:
+        """Check and prepare every sample (filling the cache); what the study records."""
+        return self.prepare(keep=True).recorded
+
+    def load(self, device: torch.device | str, selection: Selection) -> DeviceData:
+        prepared = self.prepare(keep=False)
+        classes = prepared.recorded["classes"]
+        channels = prepared.recorded["channels"]
+        assert isinstance(classes, tuple) and isinstance(channels, int)
+        task = "binary-class" if len(classes) == 2 else "multi-class"
+
+        def take(split: str, keep: np.ndarray | None) -> Split:
+            members = prepared.splits[split] if keep is None else prepared.splits[split][keep]
+            images = torch.from_numpy(prepared.images[members])
+            return Split(images.to(device), torch.from_numpy(prepared.labels[members]).to(device), task)
+
+        splits = selection.pick(lambda split: prepared.labels[prepared.splits[split]], take)
+        return DeviceData(name=self.name, num_classes=len(classes), in_channels=channels, size=self.size,
+                          train=splits["train"], val=splits["val"], test=splits.get("test"),
+                          full_val=splits.get("full_val"))
+
+    def check_unchanged(self) -> None:
+        """:class:`ManifestChanged` (one line) unless the files hash as recorded. Cheap to repeat:
+        hashes are cached by file size and mtime, in the process and in the cache folder."""
+        if self.manifest_hash:
+            manifest = read_manifest(self.path)
+            stored = StoredHashes(manifest.cache)
+            self._check_hash(manifest, stored)
+            stored.save()
+
+    def _check_hash(
+        self, manifest: Manifest, stored: StoredHashes
+    ) -> tuple[str, tuple[tuple[str, ...], ...]]:
+        digest, hashes = manifest_hashes(manifest, stored)
+        if self.manifest_hash and digest != self.manifest_hash:
+            raise ManifestChanged(
+                f"the files of manifest {manifest.path} changed since the study was created (content hash "
+                f"{digest[:12]}, recorded {self.manifest_hash[:12]}): every worker must see the same data; "
+                "restore the files the study was made with, or create a new study (--name) for the new data"
+            )
+        return digest, hashes
+
+    def prepare(self, *, write_cache: bool = True, keep: bool = True) -> PreparedSamples:
+        """Read, check and prepare every sample, through the cache beside the CSV.
+
+        Cache entries (``.nas3d-cache/<key>.npy``, float32 ``(C, S, S, S)``) are keyed by the content
+        hashes of a sample's volumes and the preprocessing settings, so a changed volume misses its own
+        entry only. New entries are written (atomically) only once every sample has been prepared and
+        every check passed: bad data leaves nothing behind. A read-only data folder is not an error.
+        ``keep``: hold the result for the next call in this process (see ``_held``); without it, a
+        held result is taken and released. Raises :class:`ManifestChanged` when a recorded
+        ``manifest_hash`` is not the files'.
+        """
+        manifest = read_manifest(self.path)
+        stored = StoredHashes(manifest.cache)  # saved once every check has passed
+        digest, hashes = self._check_hash(manifest, stored)
+        labelled = {row.label for row in manifest.rows if row.label is not None}
+        classes = self.classes or sorted_classes(labelled)
+        key = (str(manifest.path), self.size, self.normalise, self.window, self.split_fractions,
+               self.split_seed, classes, digest)
+        if key in _held:
+            return _held[key] if keep else _held.pop(key)
+        _held.clear()  # one manifest at a time: an older one is not loaded any more
+        for row in manifest.rows:
+            if row.label not in classes:
+                raise ManifestError(f"{manifest.where(row)}: label {row.label!r} is not one of the classes "
+                                    f"{list(classes)} (data.classes)")
+        if len(classes) < 2:
+            raise ManifestError(f"manifest {manifest.path}: every row has label {classes[0]!r}; a "
+                                "classifier needs at least two classes")
+        labels = np.array([classes.index(row.label) for row in manifest.rows], dtype=np.int64)  # type: ignore[arg-type]
+        splits = _split_indices(manifest, labels, classes, self.split_fractions, self.split_seed)
+
+        # channels: known once a sample is read
+        pre = Preprocessing(self.size, 0, self.normalise, self.window)
+        samples: list[np.ndarray] = []
+        missing: list[tuple[Path, np.ndarray]] = []
+        first: tuple[int, ManifestRow] | None = None
+        for row, row_hashes in zip(manifest.rows, hashes, strict=True):
+            entry = manifest.cache / f"{pre.cache_key(row_hashes)}.npy"
+            sample = _read_cache_entry(entry, self.size)
+            if sample is None:
+                sample = prepare_sample(row.images, pre, where=manifest.where(row))
+                missing.append((entry, sample))
+            if first is None:
+                first = (sample.shape[0], row)
+            elif sample.shape[0] != first[0]:
+                raise ManifestError(
+                    f"{manifest.where(row)}: the sample has {sample.shape[0]} channel(s), but line "
+                    f"{first[1].line}'s has {first[0]}; every sample needs the same channels"
+                )
+            samples.append(sample)
+        assert first is not None
+        if write_cache:
+            if missing:
+                _write_cache_entries(manifest.cache, missing)
+            stored.save()
+        recorded = {"dataset": str(manifest.path), "classes": classes, "channels": first[0],
+                    "manifest_hash": digest}
+        prepared = PreparedSamples(recorded, np.stack(samples), labels, splits)
+        if keep:
+            _held[key] = prepared
+        return prepared
+
+
+def _read_cache_entry(entry: Path, size: int) -> np.ndarray | None:
+    try:
+        sample = np.load(entry, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None  # not there (or damaged): prepared again
+    ok = sample.dtype == np.float32 and sample.ndim == 4 and sample.shape[1:] == (size,) * 3
+    return sample if ok else None
+
+
+def _write_cache_entries(cache: Path, entries: list[tuple[Path, np.ndarray]]) -> None:
+    try:
+        cache.mkdir(exist_ok=True)
+        for entry, sample in entries:
+            atomic_write(entry, lambda file, sample=sample: np.save(file, sample, allow_pickle=False))
+    except OSError as e:
+        logger.warning("could not cache prepared volumes in %s (%s); they are prepared again next time",
+                       cache, e.strerror or e)
+
+
+def _split_indices(
+    manifest: Manifest, labels: np.ndarray, classes: tuple[str, ...], fractions: tuple[float, ...], seed: int
+) -> dict[str, np.ndarray]:
+    """Each split's sample indices: the ``split`` column's, else a stratified split by ``fractions``
+    (``data.split_fractions``) seeded by ``seed``. Every split must hold every class."""
+    if manifest.has_split:
+        names = np.array([row.split for row in manifest.rows])
+        splits = {split: np.flatnonzero(names == split) for split in SPLITS}
+        for split, index in splits.items():
+            if len(index) == 0:
+                raise ManifestError(f"manifest {manifest.path}: the {split} split is empty (no row has "
+                                    f"split = {split}); give it rows, or drop the split column")
+    else:
+        rng = np.random.default_rng(seed)
+        parts: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+        _, f_val, f_test = fractions
+        for k, name in enumerate(classes):
+            members = rng.permutation(np.flatnonzero(labels == k))
+            if len(members) < 3:
+                raise ManifestError(
+                    f"manifest {manifest.path}: class {name!r} has {len(members)} sample(s); a stratified "
+                    "split needs at least 3 per class (one each for train, val, test), or give a split column"
+                )
+            n = len(members)  # at least one each for val and test, and one left for train
+            n_val = min(max(1, int(f_val * n + 0.5)), n - 2)  # half up, as stratified_subset
+            n_test = min(max(1, int(f_test * n + 0.5)), n - 1 - n_val)
+            parts["val"].append(members[:n_val])
+            parts["test"].append(members[n_val:n_val + n_test])
+            parts["train"].append(members[n_val + n_test:])
+        splits = {split: np.sort(np.concatenate(p)) for split, p in parts.items()}
+    for split in SPLITS:
+        present = set(labels[splits[split]].tolist())
+        for k, name in enumerate(classes):
+            if k in present:
+                continue
+            if k not in set(labels.tolist()):
+                raise ManifestError(f"manifest {manifest.path}: class {name!r} (data.classes) has no sample")
+            if split == "train":
+                other = next(s for s in ("val", "test") if k in set(labels[splits[s]].tolist()))
+                raise ManifestError(f"manifest {manifest.path}: class {name!r} is in the {other} split but "
+                                    "not in train, so no model could learn it; move rows of it to train")
+            raise ManifestError(f"manifest {manifest.path}: class {name!r} has no sample in the {split} "
+                                f"split, so its AUC is undefined; give the {split} split one")
+    return splits
