@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -483,3 +485,27 @@ def test_study_lock_excludes_other_workers(storage_url: str) -> None:
 
 def test_study_lock_on_journal(tmp_path: Path) -> None:
     _check_lock_excludes_other_workers(f"journal:{tmp_path / 'j.log'}")
+
+
+def test_a_wrapped_rdb_method_missing_from_optuna_fails_the_import_naming_it() -> None:
+    from nas3d.storages._rdb import OVERRIDDEN_METHODS, RETRIED_METHODS, check_wrapped_methods
+
+    names = (*RETRIED_METHODS, *OVERRIDDEN_METHODS)
+    check_wrapped_methods(RDBStorage, names)  # the installed Optuna has them all
+    assert len(RETRIED_METHODS) == 27
+    lacking = type("RDBStorage", (), {n: lambda self: None for n in names if n != "_get_trials"})
+    with pytest.raises(ImportError) as info:
+        check_wrapped_methods(lacking, names)
+    assert str(info.value) == (
+        f"nas3d.storages wraps RDBStorage._get_trials, which optuna {optuna.__version__} does not have; "
+        "install an Optuna nas3d supports: pip install 'optuna>=5.0,<6'"
+    )
+    # a renamed method is not callable under its old name either
+    renamed = type("RDBStorage", (lacking,), {"_get_stale_trial_ids": None})
+    with pytest.raises(ImportError, match=r"RDBStorage\._get_trials, RDBStorage\._get_stale_trial_ids, "):
+        check_wrapped_methods(renamed, names)
+    # and importing nas3d.storages runs the check, on an Optuna whose RDBStorage lost a method
+    script = "from optuna.storages import RDBStorage; del RDBStorage._get_trials; import nas3d.storages"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"ImportError: {info.value}"

@@ -11,7 +11,7 @@ import sqlite3
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -293,7 +293,7 @@ def _retried(name: str) -> Callable[..., Any]:
 # uses) calls on it instead of the public ones. create_new_trial is not idempotent (a retry after a
 # lost reply can leave an orphan RUNNING trial); the worker fails such orphans under the study lock
 # (nas3d.claims.fail_orphans).
-for _name in (
+RETRIED_METHODS = (
     "_create_new_trial", "_get_trials", "_get_best_trial_id", "_set_trial_param",
     "create_new_trial", "set_trial_param", "set_trial_intermediate_value", "set_trial_user_attr",
     "set_trial_system_attr", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
@@ -301,7 +301,28 @@ for _name in (
     "get_all_studies", "get_trial_id_from_study_id_trial_number", "get_trial_number_from_id",
     "get_trial_param", "get_trial", "get_all_trials", "get_n_trials", "get_best_trial",
     "get_trial_params", "get_trial_user_attrs", "get_trial_system_attrs",
-):
+)
+#: What _RDBStorage overrides and calls on RDBStorage by name besides those.
+OVERRIDDEN_METHODS = ("record_heartbeat", "set_trial_state_values", "_get_stale_trial_ids")
+
+
+def check_wrapped_methods(cls: type, names: Iterable[str]) -> None:
+    """Raise a one-line ``ImportError`` naming each of ``names`` that ``cls`` lacks.
+
+    The wrappers and overrides name Optuna's methods, private ones included: an Optuna that renamed
+    one would skip the retry or the override without a word, so importing nas3d fails instead.
+    """
+    missing = [name for name in names if not callable(getattr(cls, name, None))]
+    if missing:
+        methods = ", ".join(f"{cls.__name__}.{name}" for name in missing)
+        raise ImportError(
+            f"nas3d.storages wraps {methods}, which optuna {optuna.__version__} does not have; install "
+            "an Optuna nas3d supports: pip install 'optuna>=5.0,<6'"
+        )
+
+
+check_wrapped_methods(RDBStorage, (*RETRIED_METHODS, *OVERRIDDEN_METHODS))
+for _name in RETRIED_METHODS:
     setattr(_RDBStorage, _name, _retried(_name))
 
 
