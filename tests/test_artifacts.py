@@ -10,8 +10,8 @@ from pathlib import Path
 import optuna
 import pytest
 
+from nas3d import records
 from nas3d.storages import (
-    ARTIFACTS_ATTR,
     ArtifactStoreUnavailable,
     S3ArtifactStore,
     artifact_store_for,
@@ -32,7 +32,7 @@ def test_a_study_records_one_absolute_artifact_location(
     url = f"sqlite:///{tmp_path / 'db' / 'nas3d.db'}"
     storage = make_storage(url)
     study = create_study(smoke_config(tmp_path, **{"study.name": "default"}), storage)
-    assert study.user_attrs[ARTIFACTS_ATTR] == str(tmp_path / "db" / "artifacts")  # beside the file
+    assert study.user_attrs[records.ARTIFACTS] == str(tmp_path / "db" / "artifacts")  # beside the file
 
     monkeypatch.chdir(tmp_path)
     create_study(smoke_config(tmp_path, **{"study.name": "rel"}), storage, artifacts="shared/art")
@@ -89,7 +89,7 @@ def test_s3_artifacts_under_a_prefix_on_a_real_s3_server(s3_bucket: str, tmp_pat
     url = f"sqlite:///{tmp_path / 'nas3d.db'}"
     storage = make_storage(url)
     study = create_study(smoke_config(tmp_path), storage, artifacts=f"s3://{s3_bucket}/studies/smoke/")
-    assert study.user_attrs[ARTIFACTS_ATTR] == f"s3://{s3_bucket}/studies/smoke"
+    assert study.user_attrs[records.ARTIFACTS] == f"s3://{s3_bucket}/studies/smoke"
     store = study_artifact_store(storage, study.study_name)
     assert isinstance(store, S3ArtifactStore)
     trial = study.ask()

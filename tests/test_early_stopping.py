@@ -13,15 +13,13 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from nas3d import records
 from nas3d.architecture import Architecture
 from nas3d.budget import budget_state
 from nas3d.config import ConfigError, StudyConfig, load_study_config
 from nas3d.data import load_splits
 from nas3d.early_stopping import (
-    CURVE_ATTR,
     CURVE_KEYS,
-    DECISIONS_ATTR,
-    EARLY_STOPPED_VALUES_ATTR,
     EarlyStoppingConfig,
     EpochMonitor,
     RungEntry,
@@ -34,11 +32,11 @@ from nas3d.early_stopping import (
     rung_epochs,
 )
 from nas3d.model import build_model
-from nas3d.pareto import EARLY_STOPPED_ATTR, fully_trained, study_hypervolume
+from nas3d.pareto import fully_trained, study_hypervolume
 from nas3d.samplers import make_sampler
 from nas3d.space import SearchSpace, params_for, sample_architecture
 from nas3d.storages import make_storage
-from nas3d.study import CONFIG_ATTR, create_study, load_study
+from nas3d.study import create_study, load_study
 from nas3d.train import EpochRecord, TrainConfig, TrainResult, train_trial
 from tests.test_study import make_objective, smoke_config
 
@@ -105,7 +103,7 @@ def test_a_study_stored_before_early_stopping_still_loads_and_matches(tmp_path: 
     config = smoke_config(tmp_path, **{"early_stopping.kind": "none"})
     study = create_study(config, storage)
     old = {k: v for k, v in config.to_dict().items() if k != "early_stopping"}
-    study.set_user_attr(CONFIG_ATTR, old)  # as a study created before the table existed stored it
+    study.set_user_attr(records.CONFIG, old)  # as a study created before the table existed stored it
     _, loaded = load_study(config.study.name, storage)
     assert loaded.early_stopping == EarlyStoppingConfig()  # read back as what it ran with: no stopper
     create_study(config, storage)  # the same file still matches
@@ -207,8 +205,8 @@ def test_learning_curve_round_trips_through_storage(tmp_path: Path) -> None:
     assert all(len(curve[k]) == 3 and all(math.isfinite(v) for v in curve[k]) for k in curve)
     assert max(curve["val_auc"]) == trial.values[0]  # the score is the best epoch's AUC
     assert curve["val_acc"][trial.user_attrs["best_epoch"] - 1] == trial.user_attrs["val_acc"]
-    assert trial.user_attrs["flops"] == trial.values[1]
-    assert DECISIONS_ATTR not in trial.user_attrs  # no stopper, no decisions
+    assert trial.user_attrs[records.FLOPS] == trial.values[1]
+    assert records.DECISIONS not in trial.user_attrs  # no stopper, no decisions
     text = format_learning_curve(trial)
     assert f"trial {trial.number} (complete)" in text and len(text.splitlines()) == 3 + 3
     # Without a recorded curve: empty lists for the standard keys, none of the optional ones.
@@ -220,8 +218,8 @@ def add_dominating_peer(study: optuna.Study, epochs: int = 3) -> int:
     """A trial that reached every rung with AUC 1.0 at 1 FLOP: it dominates whatever comes next."""
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.PRUNED,
-        user_attrs={CURVE_ATTR: {"epoch": list(range(1, epochs + 1)), "val_auc": [1.0] * epochs},
-                    "flops": 1, EARLY_STOPPED_ATTR: True},
+        user_attrs={records.CURVE: {"epoch": list(range(1, epochs + 1)), "val_auc": [1.0] * epochs},
+                    records.FLOPS: 1, records.EARLY_STOPPED: True},
     ))
     return len(study.trials) - 1
 
@@ -236,12 +234,12 @@ def test_a_stopped_trial_is_pruned_never_on_the_front_and_never_exported(tmp_pat
     study.enqueue_trial(params_for(arch, config.space))
     study.optimize(objective, n_trials=1)
     stopped = study.trials[-1]
-    assert stopped.state == TrialState.PRUNED and stopped.user_attrs[EARLY_STOPPED_ATTR] is True
-    assert stopped.user_attrs["failure_reason"] == (
+    assert stopped.state == TrialState.PRUNED and stopped.user_attrs[records.EARLY_STOPPED] is True
+    assert stopped.user_attrs[records.FAILURE_REASON] == (
         "stopped early at epoch 1 (rung 0): not in the top 1 of 2 trials at that rung")
     assert stopped.user_attrs["epochs"] == 1 == len(learning_curve(stopped)["epoch"])
-    auc, flops = stopped.user_attrs[EARLY_STOPPED_VALUES_ATTR]
-    assert auc == max(learning_curve(stopped)["val_auc"]) and flops == stopped.user_attrs["flops"]
+    auc, flops = stopped.user_attrs[records.EARLY_STOPPED_VALUES]
+    assert auc == max(learning_curve(stopped)["val_auc"]) and flops == stopped.user_attrs[records.FLOPS]
     [decision] = decisions(stopped)
     assert (decision.proceed, decision.peers, decision.front) == (False, (peer,), 2)
     assert objective.epochs_trained == 1
@@ -301,7 +299,7 @@ def test_sampler_keeps_proposing_distinct_architectures_after_many_stops(tmp_pat
         return study, seen
 
     study, with_stops = search("moasha")
-    stopped = [t for t in study.trials if t.user_attrs.get(EARLY_STOPPED_ATTR)]
+    stopped = [t for t in study.trials if t.user_attrs.get(records.EARLY_STOPPED)]
     assert all(t.state == TrialState.PRUNED for t in stopped)
     assert len(stopped) >= 30, f"only {len(stopped)} stops: the test needs many"
     _, without = search("none")
@@ -341,7 +339,7 @@ def test_two_workers_share_rung_state_through_postgresql(postgres_url: str, tmp_
         # exactly one decision at every rung the trial reached, none twice, none missing
         assert [d.epoch for d in made] == [r for r in rungs if r <= reached], t.number
         assert all(d.proceed for d in made[:-1])
-        if t.user_attrs.get(EARLY_STOPPED_ATTR):
+        if t.user_attrs.get(records.EARLY_STOPPED):
             assert not made[-1].proceed and made[-1].epoch == reached and t.state == TrialState.PRUNED
         else:
             assert t.state == TrialState.COMPLETE and reached == config.train.max_epochs

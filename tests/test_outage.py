@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
+from nas3d import records
 from nas3d.budget import budget_state
 from nas3d.storages import make_storage
-from nas3d.study import NOT_TRAINED_ATTR, create_study
+from nas3d.study import create_study
 from nas3d.testing.storages import PostgresCluster
 from tests.test_study import smoke_config
 from tests.test_worker import wait_for
@@ -72,7 +73,7 @@ def test_workers_ride_out_20_s_and_60_s_database_outages(
 
     trials = study.get_trials()
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)], output[-5000:]
-    trained = [t for t in trials if NOT_TRAINED_ATTR not in t.user_attrs]
+    trained = [t for t in trials if records.NOT_TRAINED not in t.user_attrs]
     assert [t.state for t in trained] == [TrialState.COMPLETE] * BUDGET, output[-5000:]
     assert budget_state(study).used == BUDGET
     assert_no_training_lost(trials)
@@ -80,6 +81,6 @@ def test_workers_ride_out_20_s_and_60_s_database_outages(
 
 def assert_no_training_lost(trials: list) -> None:
     """The only failures allowed are trials an ask created but never handed to its worker."""
-    failed = [(t.number, t.user_attrs.get("failure_reason")) for t in trials if t.state == TrialState.FAIL
-              and t.user_attrs.get(NOT_TRAINED_ATTR) != "lost"]
+    failed = [(t.number, records.failure_reason(t)) for t in trials if t.state == TrialState.FAIL
+              and t.user_attrs.get(records.NOT_TRAINED) != "lost"]
     assert not failed

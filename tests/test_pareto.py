@@ -8,10 +8,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
+from nas3d import records
 from nas3d.costs import measure_costs
 from nas3d.data import DataConfig
 from nas3d.pareto import (
-    EARLY_STOPPED_ATTR,
     HypervolumeBox,
     hypervolume,
     hypervolume_box,
@@ -71,6 +71,6 @@ def test_only_fully_trained_completed_trials_count() -> None:
 
     counted = study_hypervolume([trial(TrialState.COMPLETE)], data)
     assert counted == pytest.approx(hypervolume([good], box)) and counted > 0
-    assert study_hypervolume([trial(TrialState.COMPLETE, **{EARLY_STOPPED_ATTR: True})], data) == 0.0
+    assert study_hypervolume([trial(TrialState.COMPLETE, **{records.EARLY_STOPPED: True})], data) == 0.0
     assert study_hypervolume([trial(TrialState.PRUNED, duplicate_of=0)], data) == 0.0
     assert study_hypervolume([trial(TrialState.FAIL)], data) == 0.0
