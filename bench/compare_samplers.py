@@ -3,7 +3,7 @@
 Each sampler is the one a study file names (``nas3d.samplers.make_sampler``: nas3d's TPE, Optuna's
 NSGA-II and random samplers, and ``ode`` with the seed's settings unless ``--population`` etc. say
 otherwise), run once per seed over the seed study's search space, each run until ``--budget``
-architectures are evaluated. Duplicates are handled as ``nas3d.study.TrialObjective`` handles them:
+architectures are evaluated. Duplicates are handled as ``nas3d.objective.TrialObjective`` handles them:
 a trial that proposes an architecture evaluated before is PRUNED with ``duplicate_of`` and
 ``duplicate_values``, costs nothing and does not count against the budget; a run also stops once its
 duplicates reach the budget (as a nas3d worker does).
@@ -103,7 +103,7 @@ def arch_flops(arch: Architecture) -> int:
 
 
 class CheapObjective:
-    """Sample, deduplicate as ``nas3d.study.TrialObjective`` does, and score with the proxy."""
+    """Sample, deduplicate as ``nas3d.objective.TrialObjective`` does, and score with the proxy."""
 
     def __init__(self, space: SearchSpace) -> None:
         self.space = space

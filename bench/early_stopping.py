@@ -43,9 +43,10 @@ from nas3d.budget import budget_state
 from nas3d.config import StudyConfig, load_study_config
 from nas3d.data import load_splits
 from nas3d.early_stopping import decide, learning_curve, rung_entry, rung_epochs
+from nas3d.objective import TrialObjective
 from nas3d.pareto import fully_trained, hypervolume, hypervolume_box, study_hypervolume
 from nas3d.storages import make_storage
-from nas3d.study import TrialObjective, create_study, load_study
+from nas3d.study import create_study, load_study
 from nas3d.train import TrainingFailure
 
 # Small enough for a 2-core CPU shared with other jobs: k=3 operations, at most two per cell, one

@@ -58,6 +58,7 @@ from sqlalchemy.engine import make_url  # noqa: E402
 from storage_overhead import estimated_costs  # noqa: E402
 
 import nas3d.budget  # noqa: E402
+import nas3d.objective  # noqa: E402
 import nas3d.study  # noqa: E402
 import nas3d.worker  # noqa: E402
 from nas3d.costs import Costs  # noqa: E402
@@ -106,7 +107,7 @@ def _sleep_objective(sleep_s: float) -> tuple[Callable[..., Any], Callable[..., 
     return costs, build, train
 
 
-class _NoArtifacts(nas3d.study.TrialObjective):
+class _NoArtifacts(nas3d.objective.TrialObjective):
     """The real objective, without a checkpoint upload (the artifact store is not under test)."""
 
     def __init__(self, config: Any, data: Any, device: Any, artifact_store: Any = None, **kw: Any) -> None:
@@ -117,7 +118,8 @@ def _worker(index: int, url: str, study_name: str, sleep_s: float, start: Any, r
     logging.basicConfig(level=logging.WARNING, format=f"worker {index}: %(levelname)s %(message)s")
     recorder = _Recorder()
     costs, build, train = _sleep_objective(sleep_s)
-    nas3d.study.measure_costs, nas3d.study.build_model, nas3d.study.train_trial = costs, build, train
+    objective = nas3d.objective
+    objective.measure_costs, objective.build_model, objective.train_trial = costs, build, train
     nas3d.worker.TrialObjective = _NoArtifacts
     optuna.Study.ask = recorder.timed("ask", optuna.Study.ask)
     optimize = optuna.study._optimize

@@ -18,7 +18,7 @@ sampler's constraint handling is part of the cost (the dataset studies set no co
 Then the real worker loop runs, in this process, twice per cell, each time on a freshly filled study:
 ``nas3d.worker.run_worker`` (fresh storage object and cold cache, like a newly started worker process)
 with the study's budget set to N + 1 + K, so it trains exactly 1 + K trials. Only training is
-replaced: ``nas3d.study.train_trial`` becomes a stand-in that does ``--standin-seconds`` of real torch
+replaced: ``nas3d.objective.train_trial`` becomes a stand-in that does ``--standin-seconds`` of real torch
 CPU work (many small ops on one thread, as a training loop's host thread launches kernels) and returns
 a made-up result. Storage is never mocked.
 
@@ -130,17 +130,19 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
 import nas3d.claims
+import nas3d.objective
 import nas3d.study
 import nas3d.worker
 from nas3d.architecture import Architecture
 from nas3d.config import StudyConfig
 from nas3d.data import DeviceData, Split, write_synthetic_npz
+from nas3d.objective import RESULT_ATTRS
 from nas3d.ops import OPS
 from nas3d.samplers import SAMPLERS, TPE_OPTIONS
 from nas3d.seeds import seed_architectures
 from nas3d.space import SearchSpace, sample_architecture
 from nas3d.storages import make_storage
-from nas3d.study import DIRECTIONS, RESULT_ATTRS, create_study
+from nas3d.study import DIRECTIONS, create_study
 from nas3d.train import TrainConfig, TrainResult, train_trial
 
 DEFAULT_TRIAL_SECONDS = 20.0
@@ -375,14 +377,15 @@ def instrumented_worker(recorder: _IterationRecorder, standin: StandinTraining) 
             (optuna.storages, "fail_stale_trials", timer.wrap("stale", optuna.storages.fail_stale_trials)),
             (nas3d.worker, "run_trial", run_trial),
             (optuna.Study, "ask", timer.wrap("ask", optuna.Study.ask)),
-            (nas3d.study, "sample_architecture", timer.wrap("suggest", nas3d.study.sample_architecture)),
-            (nas3d.study, "measure_costs", timer.wrap("costs", nas3d.study.measure_costs)),
-            (nas3d.study, "build_model", timer.wrap("build", nas3d.study.build_model)),
-            (nas3d.study, "train_trial", timer.wrap("train", standin)),
-            (nas3d.study.TrialObjective, "_earlier_evaluation",
-             timer.wrap("dup", nas3d.study.TrialObjective._earlier_evaluation)),
-            (nas3d.study.TrialObjective, "_store_checkpoint",
-             timer.wrap("ckpt", nas3d.study.TrialObjective._store_checkpoint)),
+            (nas3d.objective, "sample_architecture",
+             timer.wrap("suggest", nas3d.objective.sample_architecture)),
+            (nas3d.objective, "measure_costs", timer.wrap("costs", nas3d.objective.measure_costs)),
+            (nas3d.objective, "build_model", timer.wrap("build", nas3d.objective.build_model)),
+            (nas3d.objective, "train_trial", timer.wrap("train", standin)),
+            (nas3d.objective.TrialObjective, "_earlier_evaluation",
+             timer.wrap("dup", nas3d.objective.TrialObjective._earlier_evaluation)),
+            (nas3d.objective.TrialObjective, "_store_checkpoint",
+             timer.wrap("ckpt", nas3d.objective.TrialObjective._store_checkpoint)),
         ):
             stack.enter_context(_patched(target, name, value))
         yield
@@ -429,10 +432,10 @@ def instrumented_claim_ahead(timeline: _Timeline, standin: StandinTraining) -> I
     with ExitStack() as stack:
         for target, name, value in (
             (nas3d.claims.ClaimProcess, "result", result),
-            (nas3d.study, "train_trial", train),
-            (nas3d.study, "build_model", timed(timeline.builds, nas3d.study.build_model)),
-            (nas3d.study.TrialObjective, "_store_checkpoint",
-             timed(timeline.ckpts, nas3d.study.TrialObjective._store_checkpoint)),
+            (nas3d.objective, "train_trial", train),
+            (nas3d.objective, "build_model", timed(timeline.builds, nas3d.objective.build_model)),
+            (nas3d.objective.TrialObjective, "_store_checkpoint",
+             timed(timeline.ckpts, nas3d.objective.TrialObjective._store_checkpoint)),
         ):
             stack.enter_context(_patched(target, name, value))
         yield
@@ -579,7 +582,7 @@ def measure_trial(device: str, max_epochs: int | None) -> TrainResult:
     data = DeviceData(name="synthetic-organmnist3d-shape", num_classes=ORGAN_CLASSES, in_channels=1, size=28,
                       train=splits["train"], val=splits["val"], test=None)
     config = TrainConfig() if max_epochs is None else TrainConfig(max_epochs=max_epochs)
-    model = nas3d.study.build_model(arch, 1, ORGAN_CLASSES).to(device)
+    model = nas3d.objective.build_model(arch, 1, ORGAN_CLASSES).to(device)
     return train_trial(model, data, config, device)
 
 
@@ -662,7 +665,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         pool = architecture_pool(sizes[-1], base.space, seed=args.seed)
         # The first FlopCounterMode run in a process costs ~1 s once (a worker pays it on its first
         # trial); pay it here so it does not land in whichever warm trial first trains.
-        nas3d.study.measure_costs(pool[0].arch, base.data.in_channels, base.data.num_classes, base.data.size)
+        nas3d.objective.measure_costs(pool[0].arch, base.data.in_channels, base.data.num_classes,
+                                      base.data.size)
         standin = StandinTraining(args.standin_seconds)
         variants = [args.sampler, *([args.baseline_sampler] if args.baseline_sampler else [])]
         print(f"study: smoke.toml with the default search space, sampler {' vs '.join(variants)}; "

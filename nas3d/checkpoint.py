@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -25,8 +23,7 @@ from nas3d.data import DATASETS, DataConfig, Preprocessing
 from nas3d.registry import NAS3D, ModelRecipe
 from nas3d.util import atomic_write, one_line
 
-__all__ = ["FORMAT", "Checkpoint", "checkpoint_data", "export_onnx", "load_checkpoint", "predict_volumes",
-           "save_checkpoint", "write_predictions"]
+__all__ = ["FORMAT", "Checkpoint", "checkpoint_data", "load_checkpoint", "save_checkpoint"]
 
 FORMAT = "nas3d-checkpoint/2"
 # Earlier formats, read by their recipe key: a searched architecture, or a baseline by name.
@@ -125,60 +122,6 @@ def checkpoint_data(data: DataConfig) -> dict[str, Any]:
             "preprocessing": data.preprocessing.to_dict()}
 
 
-class _WithProbabilities(nn.Module):
-    """The exported graph: logits and their softmax, so an ONNX user needs no post-processing."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(x)
-        return logits, torch.softmax(logits, dim=1)
-
-
-#: ONNX opset of exported models (onnxruntime >= 1.14 runs it).
-ONNX_OPSET = 17
-
-
-def export_onnx(checkpoint: Checkpoint, path: str | Path) -> Path:
-    """Write ``checkpoint``'s model as ONNX to ``path``, atomically: input ``input`` float32
-    ``(batch, C, S, S, S)`` with a dynamic batch axis, outputs ``logits`` and ``probabilities``
-    ``(batch, num_classes)``. The class names and preprocessing go into the model's metadata
-    (``nas3d.classes``, ``nas3d.preprocessing``, JSON), so the file is usable on its own."""
-    import json
-
-    import onnx
-
-    from nas3d.util import atomic_path
-
-    model = _WithProbabilities(checkpoint.build("cpu")).eval()
-    size = checkpoint.input_size
-    example = torch.zeros(1, checkpoint.in_channels, size, size, size)
-    with atomic_path(path) as partial, warnings.catch_warnings():
-        # The TorchScript exporter (dynamo=False): it needs only torch, exports a ResNet here in ~3 s
-        # where the torch.export-based one took ~19 s and needs onnxscript; deprecated, not yet removed.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        # InstanceNorm3d without running stats uses batch statistics in eval mode too; the exporter
-        # warns that it exports it "with train=True", which is exactly that.
-        warnings.filterwarnings("ignore", "ONNX export mode is set to TrainingMode.EVAL", UserWarning)
-        # Shape checks inside InstanceNorm and F.interpolate, constant for a fixed volume size.
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(
-            model, (example,), str(partial), dynamo=False, opset_version=ONNX_OPSET,
-            input_names=["input"], output_names=["logits", "probabilities"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "probabilities": {0: "batch"}},
-        )
-        graph = onnx.load(str(partial))
-        for key, value in (("nas3d.classes", json.dumps(list(checkpoint.class_names))),
-                           ("nas3d.preprocessing", json.dumps(checkpoint.preprocessing.to_dict())),
-                           ("nas3d.model", checkpoint.recipe.describe())):
-            graph.metadata_props.add(key=key, value=value)
-        onnx.checker.check_model(graph)
-        onnx.save(graph, str(partial))
-    return Path(path)
-
-
 def _identity(recipe: ModelRecipe) -> dict[str, str]:
     """What names the model: the architecture's hash (equal for isomorphic cells), or the registry name."""
     arch = recipe.architecture
@@ -264,77 +207,3 @@ def _mismatch(checkpoint: Checkpoint, *, costs: bool = True) -> str | None:
         if counted != flops:
             return f"it records {flops} FLOPs, the recorded model has {counted} at {size}^3"
     return None
-
-
-def predict_volumes(
-    checkpoint: Checkpoint,
-    samples: list[tuple[str, tuple[Path, ...]]],
-    device: torch.device | str = "cpu",
-    batch_size: int = 16,
-) -> np.ndarray:
-    """Class probabilities ``(N, num_classes)`` of ``checkpoint``'s model for ``samples`` (``(where,
-    files)`` each: a name for errors, and the volume files that are the sample's channels), prepared
-    exactly as in training (:attr:`Checkpoint.preprocessing`). In float32, no autocast. Every volume is
-    read and checked before the model runs: a bad one is a one-line ``ValueError`` naming it."""
-    from nas3d.data import prepare_for_model
-
-    images = prepare_for_model(samples, checkpoint.preprocessing)
-    device = torch.device(device)
-    model = checkpoint.build(device)
-    out = []
-    with torch.inference_mode(), torch.autocast(device.type, enabled=False):
-        for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(images[start:start + batch_size]).to(device)
-            out.append(torch.softmax(model(x).float(), dim=1).cpu())
-    return torch.cat(out).numpy()
-
-
-def write_predictions(
-    checkpoint_path: str | Path,
-    out: str | Path,
-    *,
-    manifest: str | Path | None = None,
-    volumes: Sequence[str | Path] = (),
-    device: torch.device | str = "cpu",
-    batch_size: int = 16,
-    overwrite: bool = False,
-) -> tuple[Path, int]:
-    """``nas3d predict``: one CSV row per sample of ``manifest`` (its image and label cells kept) or per
-    volume file, with a probability column per class (named by class) and ``predicted`` (the class
-    name of the highest one). Written atomically, after every volume was prepared; returns the path
-    and the row count."""
-    import csv
-    import io
-
-    from nas3d.data import read_manifest
-
-    out = Path(out)
-    if bool(manifest) == bool(volumes):
-        raise ValueError("predict takes --manifest CSV or volume files, one of the two")
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give a file path, e.g. {out / 'predictions.csv'}")
-    if out.exists() and not overwrite:
-        raise ValueError(f"{out} exists; pass --force to overwrite it, or choose another --out")
-    checkpoint = load_checkpoint(checkpoint_path)
-    classes = checkpoint.class_names
-    if manifest:
-        table = read_manifest(manifest, labels=False)
-        keys = list(table.image_columns) + (["label"] if any(r.label for r in table.rows) else [])
-        ids = [list(r.cells) + ([r.label or ""] if "label" in keys else []) for r in table.rows]
-        samples = [(table.where(r), r.images) for r in table.rows]
-    else:
-        keys = ["image"]
-        ids = [[str(v)] for v in volumes]
-        samples = [(f"volume {v}", (Path(v),)) for v in volumes]
-    clash = sorted(set(keys + ["predicted"]) & set(classes))
-    if clash:
-        raise ValueError(f"class name {clash[0]!r} is also a column name of the predictions; rename it")
-    probabilities = predict_volumes(checkpoint, samples, device, batch_size)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*keys, *classes, "predicted"])
-    for row, p in zip(ids, probabilities, strict=True):
-        writer.writerow([*row, *(f"{v:.6f}" for v in p), classes[int(np.argmax(p))]])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda file: file.write(buffer.getvalue().encode("utf-8")))
-    return out, len(ids)

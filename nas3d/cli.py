@@ -12,7 +12,8 @@ from typing import Any
 
 import optuna
 
-from nas3d.storages import DEFAULT_HEARTBEAT_INTERVAL, StorageSpec, StorageUnavailable, resolve_storage
+from nas3d.baselines import BASELINES
+from nas3d.storages import DEFAULT_HEARTBEAT_INTERVAL, StorageUnavailable, resolve_storage
 from nas3d.util import EXIT_USAGE
 
 #: Every flag, declared once; a command lists the ones it takes. (flag, argparse keywords)
@@ -62,6 +63,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "--format": dict(choices=("checkpoint", "onnx"), help="what --out gets (default: checkpoint; with "
                                                           "--checkpoint FILE: onnx)"),
     "--onnx": dict(metavar="FILE", help="also write the model as ONNX (dynamic batch axis) to FILE"),
+    "--baseline": dict(help="ResNet baseline: " + ", ".join(BASELINES)),
     "--artifacts": dict(metavar="LOCATION", help="the study's artifact store: a folder or s3://bucket/prefix"),
 }
 _DEFINITION = ("--size", "--name", "--n-trials", "--max-epochs", "--data-root", "--sampler", "--warm-start",
@@ -91,44 +93,18 @@ class Command:
     def run(self, args: argparse.Namespace) -> int | str: ...
 
 
-def _storage(args: argparse.Namespace) -> StorageSpec:
-    return resolve_storage(args.storage)
-
-
 def _create(args: argparse.Namespace) -> str:
-    from nas3d.config import resolve_study_config
-    from nas3d.study import prepare_study
-    config = resolve_study_config(args.study, args.dataset, vars(args), args.set)
-    prepare_study(config, _storage(args), artifacts=args.artifacts)
-    print(f"study {config.study.name!r} ready in {_storage(args)} (budget {config.study.n_trials} trials)")
+    from nas3d.study import prepare_study_from_flags
+    config = prepare_study_from_flags(vars(args), args.storage)
+    print(f"study {config.study.name!r} ready in {args.storage} (budget {config.study.n_trials} trials)")
     return config.study.name
-
-
-def _launch(args: argparse.Namespace, study_name: str | None = None) -> int:
-    from nas3d.launch import discover_gpus, launch, plan_slots, worker_arguments
-    gpus = discover_gpus(args.gpus, cpu=args.cpu)  # devices and worker counts before a study is created
-    slots = plan_slots(gpus=gpus, workers_per_gpu=args.workers_per_gpu, cpu_workers=args.workers)
-    extra = worker_arguments(args.heartbeat_interval, args.grace_period, args.progress, args.claim_ahead)
-    args.study_name = study_name or _create(args)
-    return launch(args.study_name, _storage(args).url, slots, extra)
 
 
 class CreateStudy(Command):
     name, help = "create-study", "create a study (or check an existing one) from a study file"
     flags, exclusive = ("--storage", *_DEFINITION), (("--study", "--dataset"),)
     def run(self, args: argparse.Namespace) -> int | str:
-        _create(args)
-        return 0
-
-
-class Search(Command):
-    name, help = "search", "create a study, run workers until its budget is spent, summarise"
-    flags, exclusive = ("--storage", *_DEFINITION, *_LAUNCH), (("--study", "--dataset"),)
-    def run(self, args: argparse.Namespace) -> int | str:
-        from nas3d.report import status_report
-        code = _launch(args)  # creates the study once the devices check out
-        print(status_report(_storage(args), args.study_name))
-        return code
+        return _create(args) and 0
 
 
 class Worker(Command):
@@ -136,7 +112,7 @@ class Worker(Command):
     flags = ("--storage", "--study-name", "--device", "--worker-index", *_WORKER)
     def run(self, args: argparse.Namespace) -> int | str:
         from nas3d.worker import run_worker
-        ran = run_worker(args.study_name, _storage(args), device=args.device, worker_index=args.worker_index,
+        ran = run_worker(args.study_name, args.storage, device=args.device, worker_index=args.worker_index,
                          heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
                          progress=args.progress, claim_ahead=args.claim_ahead)
         return logging.getLogger("nas3d").info("worker %d ran %d trials", args.worker_index, ran) or 0
@@ -146,7 +122,20 @@ class Launch(Command):
     name, help = "launch", "start and supervise workers for a study"
     flags = ("--storage", "--study-name", *_LAUNCH)
     def run(self, args: argparse.Namespace) -> int | str:
-        return _launch(args, args.study_name)
+        from nas3d.launch import launch_from_flags
+        study = getattr(args, "study_name", None) or (lambda: _create(args))  # once the devices check out
+        args.study_name, code = launch_from_flags(vars(args), args.storage.url, study)
+        return code
+
+
+class Search(Launch):
+    name, help = "search", "create a study, run workers until its budget is spent, summarise"
+    flags, exclusive = ("--storage", *_DEFINITION, *_LAUNCH), (("--study", "--dataset"),)
+    def run(self, args: argparse.Namespace) -> int | str:
+        from nas3d.report import status_report
+        code = super().run(args)  # creates the study once the devices check out
+        print(status_report(args.storage, args.study_name))
+        return code
 
 
 class Status(Command):
@@ -156,7 +145,7 @@ class Status(Command):
                  "--trial": dict(required=False, help="show this trial: attrs, learning curve, artifacts")}
     def run(self, args: argparse.Namespace) -> int | str:
         from nas3d.report import status_report
-        return status_report(_storage(args), args.study_name, args.trial)
+        return status_report(args.storage, args.study_name, args.trial)
 
 
 class Dashboard(Command):
@@ -166,7 +155,7 @@ class Dashboard(Command):
     overrides = {"--study-name": dict(required=False, help="the study to open (default: all, refresh each)")}
     def run(self, args: argparse.Namespace) -> int | str:
         from nas3d.dashboard import serve_dashboard
-        return serve_dashboard(_storage(args), args.study_name, host=args.host, port=args.port,
+        return serve_dashboard(args.storage, args.study_name, host=args.host, port=args.port,
                                refresh_seconds=args.refresh, retrain_paths=args.retrain_results)
 
 
@@ -177,7 +166,7 @@ class Report(Command):
                  "--out": dict(required=True, metavar="DIR", help="folder to write into")}
     def run(self, args: argparse.Namespace) -> int | str:
         from nas3d.report import write_report
-        return write_report(_storage(args), args.study_name, args.out, args.retrain_results)
+        return write_report(args.storage, args.study_name, args.out, args.retrain_results)
 
 
 class Export(Command):
@@ -188,13 +177,8 @@ class Export(Command):
                  "--checkpoint": dict(metavar="FILE", help="a checkpoint file to export to ONNX"),
                  "--out": dict(required=False, metavar="PATH", help="checkpoint (--format onnx: ONNX) file")}
     def run(self, args: argparse.Namespace) -> int | str:
-        from nas3d.report import export_model, export_trial
-        if args.checkpoint:
-            return export_model(args.checkpoint, args.out, args.format, args.onnx, args.force)
-        if args.trial is None:
-            raise ValueError("--study-name needs --trial N (the trial number `nas3d status` shows)")
-        return export_trial(_storage(args), args.study_name, args.trial, args.out, args.force, args.picture,
-                            fmt=args.format, onnx=args.onnx)
+        from nas3d.export import export_command
+        return export_command(vars(args), args.storage)
 
 
 class Predict(Command):
@@ -204,12 +188,8 @@ class Predict(Command):
                  "--out": dict(required=True, metavar="CSV", help="the predictions: a row per volume"),
                  "--batch-size": dict(type=int, default=16)}
     def run(self, args: argparse.Namespace) -> int | str:
-        from nas3d.checkpoint import write_predictions
-        from nas3d.train import torch_device
-        out, rows = write_predictions(args.checkpoint, args.out, manifest=args.manifest, volumes=args.volumes,
-                                      device=torch_device(args.device), batch_size=args.batch_size,
-                                      overwrite=args.force)
-        return f"predicted {rows} volume{'s' if rows != 1 else ''} into {out}"
+        from nas3d.predict import predict_command
+        return predict_command(vars(args))
 
 
 class Retrain(Command):
@@ -221,30 +201,18 @@ class Retrain(Command):
     overrides = {"--checkpoint": dict(metavar="FILE", help="a checkpoint from `nas3d export` (model only)"),
                  "--study-name": dict(required=False, help="with --trial"), "--trial": dict(required=False),
                  "--out": dict(required=False, help="output folder (default: <storage home>/retrain/<name>)")}
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        from nas3d.baselines import BASELINES
-        self.overrides = self.overrides | {"--baseline": {"help": "ResNet baseline: " + ", ".join(BASELINES)}}
-        super().add_arguments(parser)
-
     def run(self, args: argparse.Namespace) -> int | str:
-        from nas3d.report import retrain_failures, retrain_header, retrain_summary, seed_row
-        from nas3d.retrain import plan_retrain, retrain
-        plan = plan_retrain(vars(args), _storage(args))
-        print(retrain_header(plan))  # then each seed's row as soon as it is known
-        report = retrain(plan.source, plan.data, plan.config, plan.device, plan.out, overwrite=args.force,
-                         progress=args.progress, on_seed=lambda seed: print(seed_row(seed), flush=True))
-        if report.failed:
-            print(retrain_failures(report), file=sys.stderr)
-        return (print(retrain_summary(report)) or 0) + bool(report.failed)
+        from nas3d.report import run_retrain
+        return run_retrain(vars(args), args.storage, say=lambda line: print(line, flush=True),
+                           warn=lambda line: print(line, file=sys.stderr))
 
 
 class Compare(Command):
     name, help = "compare", "retrain results side by side with the published MedMNIST numbers"
     flags = ("runs",)
     def run(self, args: argparse.Namespace) -> int | str:
-        from nas3d.report import format_comparison
-        from nas3d.retrain import load_results
-        return format_comparison([(path, load_results(path)) for path in args.runs])
+        from nas3d.report import compare_runs
+        return compare_runs(args.runs)
 
 
 _COMMANDS: tuple[Command, ...] = (CreateStudy(), Worker(), Launch(), Status(), Search(), Export(), Predict(),
@@ -269,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)
     try:
+        if "storage" in vars(args):  # every command that takes --storage gets its spec
+            args.storage = resolve_storage(args.storage)
         result = args.handler(args)
         return (print(result) or 0) if isinstance(result, str) else result
     except KeyboardInterrupt:

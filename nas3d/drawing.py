@@ -7,16 +7,34 @@ vertex, every edge) is what the picture shows.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import graphviz
 
 from nas3d.architecture import Architecture
+from nas3d.util import atomic_write
 
-__all__ = ["PICTURE_SUFFIX", "architecture_graph", "architecture_svg", "vertex_name", "write_picture"]
+__all__ = ["PICTURE_SUFFIX", "PictureUnavailable", "architecture_graph", "architecture_svg", "check_dot",
+           "vertex_name", "write_picture"]
 
 #: Pictures are SVG: text stays text (searchable, testable) and browsers show it in the artifact view.
 PICTURE_SUFFIX = ".svg"
+
+
+#: What is missing, and the fix, when Graphviz is not installed.
+MISSING_DOT = "Graphviz's `dot` is not on the PATH; install Graphviz (Debian: apt-get install graphviz)"
+
+
+class PictureUnavailable(RuntimeError):
+    """Graphviz cannot draw here; ``str(exc)`` says why in one line (what is missing, or what dot said)."""
+
+
+def check_dot() -> None:
+    """Raise :class:`PictureUnavailable` when Graphviz's ``dot`` is not on the PATH (before anything is
+    written that would need a picture beside it)."""
+    if shutil.which("dot") is None:
+        raise PictureUnavailable(MISSING_DOT)
 
 
 def vertex_name(vertex: int) -> str:
@@ -51,12 +69,19 @@ def architecture_graph(arch: Architecture, title: str | None = None) -> graphviz
 
 
 def architecture_svg(arch: Architecture, title: str | None = None) -> bytes:
-    """The picture of ``arch`` as SVG bytes. Raises ``graphviz.ExecutableNotFound`` without ``dot``."""
-    return architecture_graph(arch, title).pipe(format="svg")
+    """The picture of ``arch`` as SVG bytes; :class:`PictureUnavailable` without ``dot`` or when it fails."""
+    try:
+        # quiet: what dot says goes into the one-line reason, not onto the user's terminal as well
+        return architecture_graph(arch, title).pipe(format="svg", quiet=True)
+    except graphviz.ExecutableNotFound:
+        raise PictureUnavailable(MISSING_DOT) from None
+    except graphviz.CalledProcessError as e:  # e.g. a Graphviz without its layout plugins (`dot -c` not run)
+        said = (e.stderr or b"").decode(errors="replace").strip().splitlines()
+        reason = said[0] if said else f"exit status {e.returncode}"
+        raise PictureUnavailable(f"Graphviz's `dot` failed: {reason}") from None
 
 
 def write_picture(arch: Architecture, path: str | Path, title: str | None = None) -> Path:
-    """Write the SVG picture of ``arch`` to ``path``."""
-    path = Path(path)
-    path.write_bytes(architecture_svg(arch, title))
-    return path
+    """Write the SVG picture of ``arch`` to ``path``, atomically (drawn first: a failure writes nothing)."""
+    svg = architecture_svg(arch, title)
+    return atomic_write(path, lambda file: file.write(svg))

@@ -21,7 +21,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from nas3d.storages import storage_retry_window
 from nas3d.train import gpu_count, no_gpu_message
@@ -116,6 +118,19 @@ def worker_arguments(
         extra += ["--grace-period", str(grace_period)]
     extra += ["--progress"] if progress else []
     return extra if claim_ahead else [*extra, "--no-claim-ahead"]
+
+
+def launch_from_flags(
+    flags: Mapping[str, Any], storage_url: str, study: str | Callable[[], str]
+) -> tuple[str, int]:
+    """``nas3d launch`` and ``nas3d search`` by their flags: the devices and worker slots, checked before
+    ``study`` (a callable) creates the study, then :func:`launch`; the study's name and the exit code."""
+    gpus = discover_gpus(flags.get("gpus"), cpu=bool(flags.get("cpu")))
+    slots = plan_slots(gpus=gpus, workers_per_gpu=flags["workers_per_gpu"], cpu_workers=flags["workers"])
+    extra = worker_arguments(flags["heartbeat_interval"], flags.get("grace_period"),
+                             bool(flags.get("progress")), flags.get("claim_ahead", True))
+    name = study if isinstance(study, str) else study()
+    return name, launch(name, storage_url, slots, extra)
 
 
 def launch(

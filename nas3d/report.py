@@ -1,15 +1,14 @@
-# Long module: every text a command returns to people (status, a trial, export and ONNX export, retrain
-# rows, comparisons, nas3d report) is composed here, so that only the CLI prints.
 """What nas3d shows people: status tables, one trial, retrain rows, the comparison with published numbers
 and ``nas3d report`` (its Pareto fronts come from :mod:`nas3d.front`, as the dashboard's do).
 
-Every function here returns text, except :func:`run_retrain`, which prints each seed's row as it ends.
+Every function here returns text (:func:`run_retrain` hands each seed's row to its caller as it ends),
+so that only the CLI prints.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,7 @@ from nas3d.front import int_or_dash as _int
 __all__ = [
     "REPORT_FILES",
     "SEED_HEADER",
-    "export_trial",
-    "exported_line",
+    "compare_runs",
     "format_comparison",
     "format_status",
     "report_markdown",
@@ -36,6 +34,7 @@ __all__ = [
     "retrain_failures",
     "retrain_header",
     "retrain_summary",
+    "run_retrain",
     "seed_row",
     "status_report",
 ]
@@ -60,72 +59,29 @@ def status_report(storage: Any, study_name: str | None = None, trial: int | None
     return "\n".join(format_status(optuna.load_study(study_name=name, storage=backend)) for name in names)
 
 
-def exported_line(study_name: str, number: int, out: Any, checkpoint: Any) -> str:
-    """What ``nas3d export`` says about the checkpoint it wrote."""
-    metrics = checkpoint.metadata.get("metrics", {})
-    return (f"exported trial {number} of study {study_name!r} to {out}: {checkpoint.recipe.describe()}, "
-            f"val_auc {metrics.get('val_auc', float('nan')):.4f}, {metrics.get('flops', 0) / 1e6:.1f} MFLOPs")
+def run_retrain(options: dict[str, Any], storage: Any, *, say: Callable[[str], object],
+                warn: Callable[[str], object]) -> int:
+    """``nas3d retrain`` by its flags (``options``): :func:`nas3d.retrain.plan_retrain`, then
+    :func:`nas3d.retrain.retrain`, handing ``say`` the header, each seed's row as soon as it is known and
+    the summary, and ``warn`` the failed seeds; the exit code (1 when a seed failed)."""
+    from nas3d.retrain import plan_retrain, retrain
+
+    plan = plan_retrain(options, storage)
+    say(retrain_header(plan))
+    report = retrain(plan.source, plan.data, plan.config, plan.device, plan.out,
+                     overwrite=options.get("force", False), progress=options.get("progress", False),
+                     on_seed=lambda seed: say(seed_row(seed)))
+    if report.failed:
+        warn(retrain_failures(report))
+    say(retrain_summary(report))
+    return 1 if report.failed else 0
 
 
-def export_trial(storage: Any, study_name: str, number: int, out: str | Path, overwrite: bool = False,
-                 picture: bool = False, *, fmt: str | None = None, onnx: str | Path | None = None) -> str:
-    """``nas3d export``: :func:`nas3d.study.export_checkpoint` from ``storage`` (string or spec) and its
-    artifact store, and the model as ONNX to ``onnx`` (or to ``out`` with ``fmt="onnx"``, the
-    checkpoint then not kept); returns what to tell the user."""
-    import tempfile
+def compare_runs(paths: Sequence[str | Path]) -> str:
+    """``nas3d compare``: :func:`format_comparison` of the results.json in each of ``paths``."""
+    from nas3d.retrain import load_results
 
-    from nas3d.checkpoint import export_onnx
-    from nas3d.study import export_checkpoint
-
-    if fmt == "onnx":
-        if onnx is not None:
-            raise ValueError("--format onnx writes the ONNX file to --out; drop --onnx, or --format")
-        onnx, out = out, None  # type: ignore[assignment]
-    if out is None and onnx is None:
-        raise ValueError("export needs --out FILE (the checkpoint), or --onnx FILE")
-    _check_out(onnx, overwrite)
-    with tempfile.TemporaryDirectory() as tmp:
-        # The storage is opened read-only (it must exist) with the artifact store that goes with it.
-        target = out if out is not None else Path(tmp) / f"trial-{number}.pt"
-        trial, checkpoint = export_checkpoint(storage, None, study_name, number, target, overwrite=overwrite,
-                                              picture=picture and out is not None)
-        if onnx is not None:
-            export_onnx(checkpoint, onnx)
-    drawn = picture and out is not None and checkpoint.architecture is not None
-    notes = f"; picture {Path(target).with_suffix('.svg')}" if drawn else ""
-    notes += f"; ONNX {onnx}" if onnx else ""
-    return exported_line(study_name, trial.number, out if out is not None else onnx, checkpoint) + notes
-
-
-def export_model(checkpoint_path: str | Path, out: str | Path | None, fmt: str | None,
-                 onnx: str | Path | None, overwrite: bool = False) -> str:
-    """``nas3d export --checkpoint FILE --format onnx --out model.onnx`` (or ``--onnx model.onnx``)."""
-    from nas3d.checkpoint import export_onnx, load_checkpoint
-
-    if fmt not in (None, "onnx"):
-        raise ValueError(f"a checkpoint file exports to ONNX only (--format onnx), not --format {fmt}")
-    if out is not None and onnx is not None:
-        raise ValueError("give the ONNX file once: --out model.onnx or --onnx model.onnx")
-    target = out if out is not None else onnx
-    if target is None:
-        raise ValueError("--checkpoint needs --out model.onnx with --format onnx, or --onnx model.onnx")
-    if out is not None and fmt is None:
-        raise ValueError("export --checkpoint writes ONNX: add --format onnx (or give --onnx FILE)")
-    _check_out(target, overwrite)
-    checkpoint = load_checkpoint(checkpoint_path)
-    export_onnx(checkpoint, target)
-    return (f"exported {checkpoint.recipe.describe()} from {checkpoint_path} to {target} (ONNX, input "
-            f"(batch, {checkpoint.in_channels}, {checkpoint.input_size}, {checkpoint.input_size}, "
-            f"{checkpoint.input_size}); classes {', '.join(checkpoint.class_names)})")
-
-
-def _check_out(path: str | Path | None, overwrite: bool) -> None:
-    if path is None:
-        return
-    if Path(path).is_dir():
-        raise ValueError(f"--out {path} is a folder; give a file path, e.g. {Path(path) / 'model.onnx'}")
-    if Path(path).exists() and not overwrite:
-        raise ValueError(f"{path} exists; pass --force to overwrite it, or choose another path")
+    return format_comparison([(str(path), load_results(path)) for path in paths])
 
 
 def retrain_header(plan: Any) -> str:

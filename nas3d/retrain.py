@@ -37,6 +37,7 @@ from nas3d.baselines import BASELINES
 from nas3d.checkpoint import checkpoint_data, load_checkpoint, save_checkpoint
 from nas3d.costs import measure_costs
 from nas3d.data import DATASETS, SYNTHETIC, DataConfig, DeviceData, load_splits, resolve_manifest
+from nas3d.export import check_out
 from nas3d.metrics import accuracy, auc, evaluator_metrics
 from nas3d.registry import ModelRecipe
 from nas3d.train import (
@@ -80,26 +81,20 @@ FLOPS_CONVENTION = (
 )
 
 
+#: The protocol's training: 200 epochs with a patience equal to the budget (nothing stops early).
+PAPER_TRAINING = TrainConfig(max_epochs=200, patience=200, batch_size=128, lr=1e-3)
+
+
 @dataclass(frozen=True)
 class RetrainConfig:
-    """The final-training recipe; the defaults are the seed study's protocol."""
+    """The final-training recipe: one :class:`TrainConfig` (its ``seed`` replaced by each of ``seeds``);
+    the defaults are the seed study's protocol. :meth:`of` builds one from ``nas3d retrain``'s flags."""
 
-    epochs: int = 200
+    train: TrainConfig = PAPER_TRAINING
     seeds: tuple[int, ...] = PAPER_SEEDS
-    batch_size: int = 128
-    lr: float = 1e-3
-    patience: int | None = None  # None: train every epoch (the paper keeps the best-val checkpoint)
-    amp: bool = True  # as TrainConfig.amp: mixed precision on CUDA; the CPU trains in float32
-    channels_last: bool = True
-    keep: str = "val_auc"  # the epoch tested: best val_auc, or best val_acc (as TrainConfig.keep)
-    cudnn_benchmark: bool = True  # as TrainConfig.cudnn_benchmark
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seeds", tuple(self.seeds))
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"retrain {name} must be an integer >= 1, but got {value!r}")
         if not self.seeds:
             raise ValueError("retrain seeds must not be empty; the paper uses 0,42,143,1234,3074")
         if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds):
@@ -108,26 +103,51 @@ class RetrainConfig:
             raise ValueError(
                 f"retrain seeds must be distinct (a repeat is the same run), but got {self.seeds!r}"
             )
-        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"retrain lr must be a finite number > 0, but got {self.lr!r}")
-        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
+
+    @classmethod
+    def of(cls, *, epochs: int = 200, seeds: Sequence[int] = PAPER_SEEDS, batch_size: int = 128,
+           lr: float = 1e-3, patience: int | None = None, amp: bool = True, keep: str = "val_auc",
+           **train: Any) -> RetrainConfig:
+        """The recipe by ``nas3d retrain``'s flags: ``patience`` None trains every epoch (the paper keeps
+        the best-val checkpoint); ``train`` holds further :class:`TrainConfig` fields."""
+        for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"retrain {name} must be an integer >= 1, but got {value!r}")
+        if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int)
+                                     or patience < 1):
             raise ValueError(f"retrain patience must be an integer >= 1 or None (no early stop), "
-                             f"but got {self.patience!r}")
-        check_choice("--keep", self.keep, KEEP_CHOICES)
+                             f"but got {patience!r}")
+        if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"retrain lr must be a finite number > 0, but got {lr!r}")
+        check_choice("--keep", keep, KEEP_CHOICES)
+        recipe = TrainConfig(max_epochs=epochs, patience=epochs if patience is None else patience,
+                             batch_size=batch_size, lr=lr, amp=amp, keep=keep, **train)
+        return cls(train=recipe, seeds=tuple(seeds))
+
+    @property
+    def epochs(self) -> int:
+        return self.train.max_epochs
+
+    @property
+    def batch_size(self) -> int:
+        return self.train.batch_size
+
+    @property
+    def patience(self) -> int | None:
+        """None where no run stops early (the patience is the whole budget)."""
+        return None if self.train.patience >= self.train.max_epochs else self.train.patience
 
     def train_config(self, seed: int) -> TrainConfig:
         """The :class:`TrainConfig` of one seed's run."""
-        return TrainConfig(
-            max_epochs=self.epochs,
-            patience=self.epochs if self.patience is None else self.patience,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            seed=seed,
-            amp=self.amp,
-            channels_last=self.channels_last,
-            cudnn_benchmark=self.cudnn_benchmark,
-            keep=self.keep,
-        )
+        return dataclasses.replace(self.train, seed=seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as results.json and the checkpoints record it (the same keys since the first
+        format: a flat table of the flags, ``seeds`` included)."""
+        t = self.train
+        return {"epochs": t.max_epochs, "seeds": list(self.seeds), "batch_size": t.batch_size, "lr": t.lr,
+                "patience": self.patience, "amp": t.amp, "channels_last": t.channels_last, "keep": t.keep,
+                "cudnn_benchmark": t.cudnn_benchmark}
 
 
 @dataclass(frozen=True)
@@ -273,7 +293,7 @@ def plan_retrain(options: dict[str, Any], storage: Any) -> RetrainPlan:
         raise ValueError("--trial goes with --study-name; a checkpoint or baseline needs no trial number")
     if study_name and trial is None:
         raise ValueError("--study-name needs --trial N (the trial number `nas3d status` shows)")
-    config = RetrainConfig(
+    config = RetrainConfig.of(
         epochs=options["epochs"], seeds=parse_seeds(options["seeds"]), batch_size=options["batch_size"],
         lr=options["lr"], patience=options.get("patience"), amp=not options.get("no_amp", False),
         keep=options.get("keep") or "val_auc",
@@ -366,15 +386,13 @@ def retrain(
     device = torch.device(device)
     out_dir = Path(out_dir)
     results_path = out_dir / RESULTS_FILE
-    if results_path.exists() and not overwrite:
-        raise ValueError(f"{results_path} exists; pass --force (overwrite=True) to retrain over it, "
-                         "or choose another --out")
+    check_out(results_path, overwrite)
     if data_config.is_manifest:  # classes, channels and hash: what the checkpoints record for predict
         data_config = resolve_manifest(data_config)
     data = load_splits(data_config, device, for_search=False)  # full train and val, and test
     assert data.test is not None
     costs = dataclasses.asdict(measure_costs(source.recipe, data.in_channels, data.num_classes, data.size))
-    amp_dtype = autocast_dtype(device, config.amp)
+    amp_dtype = autocast_dtype(device, config.train.amp)
     out_dir.mkdir(parents=True, exist_ok=True)
     from nas3d import __version__
 
@@ -390,15 +408,15 @@ def retrain(
         "in_channels": data.in_channels,
         "num_classes": data.num_classes,
         "samples": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
-        "retrain": dataclasses.asdict(config),
+        "retrain": config.to_dict(),
         "device": device_name(device),
         # How test scores were computed, so a reloaded checkpoint reproduces them exactly.
         "evaluation": {
             "batch_size": config.batch_size,
             "training_precision": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
             "precision": "float32",  # scores are float32 softmax of float32 logits (nas3d.train.predict)
-            "channels_last": config.channels_last,
-            "kept_epoch": f"best {config.keep}",
+            "channels_last": config.train.channels_last,
+            "kept_epoch": f"best {config.train.keep}",
             "metrics": ("nas3d.metrics (MedMNIST getAUC/getACC)" if not data_config.is_medmnist
                         else "medmnist.Evaluator on the test split"),
         },
@@ -442,7 +460,7 @@ def _run_seed(
         trained = train_trial(model, data, config.train_config(seed), device, progress=progress)
         try:
             scores, test_loss = predict(model, data.test, device, config.batch_size,
-                                        channels_last=config.channels_last)
+                                        channels_last=config.train.channels_last)
             if not math.isfinite(test_loss):
                 raise NonFiniteLoss(f"loss is {test_loss}")
         except TrainingFailure as e:
@@ -466,7 +484,7 @@ def _run_seed(
         "seed": seed,
         "best_epoch": trained.best_epoch,
         "metrics": metrics,
-        "retrain": dataclasses.asdict(config),
+        "retrain": config.to_dict(),
     }
     save_checkpoint(out_dir / name, model, source.recipe, in_channels=data.in_channels,
                     num_classes=data.num_classes, input_size=data.size, metadata=metadata)

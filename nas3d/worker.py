@@ -31,6 +31,7 @@ from nas3d.budget import DEFAULT_MAX_FREE_STREAK
 from nas3d.claims import LATER, Claim, ClaimProcess, InlineClaims, TrialSource, with_retries
 from nas3d.data import load_splits
 from nas3d.heartbeat import StopFlag, quiet_optuna_warnings
+from nas3d.objective import TrialObjective
 from nas3d.outcomes import settle, tell
 from nas3d.storages import (
     DEFAULT_HEARTBEAT_INTERVAL,
@@ -44,7 +45,7 @@ from nas3d.storages import (
     study_artifact_location,
     study_lock,
 )
-from nas3d.study import TrialObjective, allocate_worker_number, load_study
+from nas3d.study import allocate_worker_number, load_study
 from nas3d.train import torch_device as check_device
 from nas3d.util import EXIT_STORAGE
 

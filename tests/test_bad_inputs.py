@@ -130,8 +130,9 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from nas3d.config import load_study_config
     from nas3d.data import load_splits
     from nas3d.model import build_model
+    from nas3d.objective import TrialObjective
     from nas3d.storages import artifact_store_for, make_storage
-    from nas3d.study import TrialObjective, create_study, load_study
+    from nas3d.study import create_study, load_study
 
     ws = tmp_path_factory.mktemp("workspace")
     url = f"sqlite:///{ws / 'storage' / 'nas3d.db'}"

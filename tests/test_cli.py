@@ -173,8 +173,9 @@ def smoke_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """The smoke study with trial 0 COMPLETE (checkpoint stored) and trial 1 PRUNED as its duplicate."""
     from nas3d.config import load_study_config
     from nas3d.data import load_splits
+    from nas3d.objective import TrialObjective
     from nas3d.storages import artifact_store_for
-    from nas3d.study import TrialObjective, create_study, load_study
+    from nas3d.study import create_study, load_study
 
     root = tmp_path_factory.mktemp("smoke")
     url = f"sqlite:///{root / 'db.sqlite'}"
@@ -236,6 +237,25 @@ def test_export_gives_a_checkpoint_that_reproduces_the_trials_val_metrics(
     assert run_main(*argv) == 2
     assert "exists; pass --force" in one_line_error(capsys)
     assert run_main(*argv, "--force") == 0
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["missing", "failing"])
+def test_export_picture_without_a_working_dot_is_one_line_and_writes_nothing(
+    smoke_study: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, broken: bool,
+) -> None:
+    from tests.test_drawing import without_dot
+
+    url, _ = smoke_study
+    without_dot(tmp_path / "bin", monkeypatch, broken=broken)
+    out = tmp_path / "exported" / "best.pt"
+    argv = ("export", "--storage", url, "--study-name", "smoke", "--trial", "0", "--out", str(out))
+    assert run_main(*argv, "--picture") == 2
+    line = one_line_error(capsys)
+    assert line.startswith("nas3d: error: --picture: ") and line.endswith(", or drop --picture")
+    assert ("no layout engine support" if broken else "Graphviz's `dot` is not on the PATH") in line
+    assert not out.exists() and not out.with_suffix(".svg").exists()
+    assert run_main(*argv) == 0 and out.exists()  # nothing left behind refuses the retry
 
 
 @pytest.mark.parametrize(
@@ -370,7 +390,7 @@ def test_compare_prints_the_published_numbers_for_the_runs_dataset(
 
     arch = Architecture(("relu_conv3",), ((0, 1), (1, 2)), 1, 1, 8)
     data = DataConfig(dataset="synthetic", size=8, root=str(tmp_path / "data"), synthetic_samples=32)
-    config = RetrainConfig(epochs=1, seeds=(0,), batch_size=16, amp=False)
+    config = RetrainConfig.of(epochs=1, seeds=(0,), batch_size=16, amp=False)
     retrain(RetrainSource.from_architecture("tiny", arch), data, config, "cpu", tmp_path / "run")
     # As if the run had been on OrganMNIST3D at 28^3 (not available offline): compare only reads the file.
     path = tmp_path / "run" / "results.json"

@@ -263,7 +263,7 @@ def test_report_writes_png_html_and_a_table_equal_to_the_storage(search, tmp_pat
     # a real (one-epoch, one-seed) retrain of the best trial, as `nas3d retrain` writes it
     best = study.trials[front[0].number]
     retrained = retrain(RetrainSource.from_trial("smoke", best), config.data,
-                        RetrainConfig(epochs=1, seeds=(0,), batch_size=32, amp=False), "cpu",
+                        RetrainConfig.of(epochs=1, seeds=(0,), batch_size=32, amp=False), "cpu",
                         tmp_path / "retrain" / "best")
     # a second study (a copy) makes one table with a mean row
     optuna.copy_study(from_study_name="smoke", from_storage=storage_url, to_storage=storage_url,

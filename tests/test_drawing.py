@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
 from nas3d.architecture import Architecture
-from nas3d.drawing import architecture_graph, architecture_svg, vertex_name
+from nas3d.drawing import PictureUnavailable, architecture_graph, architecture_svg, check_dot, vertex_name
 from nas3d.seeds import seed_architectures
 
 SVG = "{http://www.w3.org/2000/svg}"
+
+
+def without_dot(folder: Path, monkeypatch: pytest.MonkeyPatch, *, broken: bool = False) -> None:
+    """Make ``folder`` the whole PATH: no Graphviz at all, or (``broken``) a ``dot`` that fails as one
+    installed without its layout plugins answers (seen while apt-get ran)."""
+    folder.mkdir()
+    if broken:
+        dot = folder / "dot"
+        dot.write_text('#!/bin/sh\necho \'There is no layout engine support for "dot"\' >&2\nexit 1\n')
+        dot.chmod(0o755)
+    monkeypatch.setenv("PATH", str(folder))
 
 
 def parse(svg: bytes) -> tuple[dict[str, str], set[tuple[str, str]], list[str]]:
@@ -52,3 +64,19 @@ def test_the_graph_handed_to_graphviz_is_the_cell() -> None:
     assert source.count(" -> ") == len(arch.edges)
     assert 'v1 [label="1: relu_conv3"' in source and 'v2 [label="2: mish_conv5"' in source
     assert "channels 16 → 32" in source
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["missing", "failing"])
+def test_without_a_working_dot_the_picture_is_one_line_naming_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broken: bool
+) -> None:
+    arch = seed_architectures()["adrenalmnist3d"]
+    without_dot(tmp_path / "bin", monkeypatch, broken=broken)
+    if not broken:
+        with pytest.raises(PictureUnavailable, match="^Graphviz's `dot` is not on the PATH; install"):
+            check_dot()
+    expected = ('failed: There is no layout engine support for "dot"$' if broken
+                else "not on the PATH; install Graphviz .*graphviz\\)$")
+    with pytest.raises(PictureUnavailable, match=expected) as raised:
+        architecture_svg(arch)
+    assert "\n" not in str(raised.value)

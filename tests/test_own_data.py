@@ -17,7 +17,7 @@ import torch
 
 from nas3d import data as data_module
 from nas3d.baselines import BASELINES
-from nas3d.checkpoint import export_onnx, load_checkpoint, save_checkpoint, write_predictions
+from nas3d.checkpoint import load_checkpoint, save_checkpoint
 from nas3d.data import (
     CACHE_DIR,
     DataConfig,
@@ -33,6 +33,8 @@ from nas3d.data import (
     resolve_manifest,
     write_synthetic_npz,
 )
+from nas3d.export import export_onnx
+from nas3d.predict import write_predictions
 from nas3d.registry import ModelRecipe
 from nas3d.seeds import seed_architectures
 from nas3d.space import SearchSpace, sample_architecture
@@ -342,7 +344,7 @@ def test_retrain_on_a_manifest_tests_on_its_test_split_and_its_checkpoint_predic
 
     csv_path = nifti_folder(tmp_path / "own")
     source = RetrainSource.from_architecture("tiny", TINY)
-    report = retrain(source, manifest_config(csv_path), RetrainConfig(epochs=1, seeds=(0,), batch_size=8),
+    report = retrain(source, manifest_config(csv_path), RetrainConfig.of(epochs=1, seeds=(0,), batch_size=8),
                      "cpu", tmp_path / "out")
     assert report.results["samples"] == {"train": 16, "val": 4, "test": 4} and not report.failed
     checkpoint = load_checkpoint(tmp_path / "out" / "seed-0.pt")

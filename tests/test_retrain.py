@@ -21,7 +21,7 @@ from nas3d.train import predict
 
 ARCH = Architecture(("conv3_in_relu", "relu_conv3"), ((0, 1), (1, 2), (2, 3)), 1, 1, 8)
 # Float32 (amp only acts on CUDA): bit-reproducible on the CPU, so a reloaded checkpoint scores the same.
-TINY = RetrainConfig(epochs=2, seeds=(0, 1), batch_size=16, amp=False)
+TINY = RetrainConfig.of(epochs=2, seeds=(0, 1), batch_size=16, amp=False)
 
 
 def tiny_data(tmp_path: Path, size: int = 8, samples: int = 64) -> DataConfig:
@@ -30,12 +30,22 @@ def tiny_data(tmp_path: Path, size: int = 8, samples: int = 64) -> DataConfig:
 
 def test_defaults_are_the_papers_protocol() -> None:
     config = RetrainConfig()
-    assert (config.epochs, config.seeds, config.batch_size, config.lr) == (200, PAPER_SEEDS, 128, 1e-3)
+    assert (config.epochs, config.seeds, config.batch_size, config.train.lr) == (200, PAPER_SEEDS, 128, 1e-3)
+    assert RetrainConfig.of() == config and config.patience is None
     assert PAPER_SEEDS == (0, 42, 143, 1234, 3074)
     train = config.train_config(seed=42)
     # no early stop: patience equals the epoch budget
     assert (train.max_epochs, train.patience, train.seed, train.lr) == (200, 200, 42, 1e-3)
-    assert RetrainConfig(patience=10).train_config(0).patience == 10
+    assert RetrainConfig.of(patience=10).train_config(0).patience == 10
+
+
+def test_the_recorded_recipe_keeps_the_flat_form_of_earlier_versions() -> None:
+    # results.json and the seed checkpoints record the recipe by its flags, as before it held a TrainConfig
+    config = RetrainConfig.of(epochs=3, seeds=(1, 2), batch_size=8, lr=0.01, patience=2, amp=False)
+    assert config.to_dict() == {"epochs": 3, "seeds": [1, 2], "batch_size": 8, "lr": 0.01, "patience": 2,
+                                "amp": False, "channels_last": True, "keep": "val_auc",
+                                "cudnn_benchmark": True}
+    assert RetrainConfig().to_dict()["patience"] is None  # every epoch trains
 
 
 @pytest.mark.parametrize(
@@ -53,7 +63,7 @@ def test_defaults_are_the_papers_protocol() -> None:
 )
 def test_bad_config_is_refused_with_the_value(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        RetrainConfig(**kwargs)
+        RetrainConfig.of(**kwargs)
 
 
 def test_results_match_the_metrics_of_the_saved_best_checkpoints(tmp_path: Path) -> None:
@@ -92,7 +102,7 @@ def test_results_match_the_metrics_of_the_saved_best_checkpoints(tmp_path: Path)
 
 def test_seeds_give_different_initialisations_and_reruns_the_same(tmp_path: Path) -> None:
     data_config = tiny_data(tmp_path)
-    config = RetrainConfig(epochs=1, seeds=(0, 1), batch_size=16, amp=False)
+    config = RetrainConfig.of(epochs=1, seeds=(0, 1), batch_size=16, amp=False)
     factory = RetrainSource.from_architecture("tiny", ARCH)
     first = retrain(factory, data_config, config, "cpu", tmp_path / "a")
     again = retrain(factory, data_config, config, "cpu", tmp_path / "b")
@@ -101,7 +111,7 @@ def test_seeds_give_different_initialisations_and_reruns_the_same(tmp_path: Path
 
 
 def test_a_failing_seed_is_recorded_with_its_reason_not_scored(tmp_path: Path) -> None:
-    config = RetrainConfig(epochs=2, seeds=(0, 1), batch_size=16, lr=1e12, amp=False)
+    config = RetrainConfig.of(epochs=2, seeds=(0, 1), batch_size=16, lr=1e12, amp=False)
     factory = RetrainSource.from_architecture("diverges", ARCH)
     report = retrain(factory, tiny_data(tmp_path), config, "cpu", tmp_path / "out")
     assert len(report.failed) == 2
@@ -116,7 +126,7 @@ def test_a_failing_seed_is_recorded_with_its_reason_not_scored(tmp_path: Path) -
 
 def test_existing_results_are_not_overwritten_unless_asked(tmp_path: Path) -> None:
     factory = RetrainSource.from_architecture("tiny", ARCH)
-    config = RetrainConfig(epochs=1, seeds=(0,), batch_size=16, amp=False)
+    config = RetrainConfig.of(epochs=1, seeds=(0,), batch_size=16, amp=False)
     retrain(factory, tiny_data(tmp_path), config, "cpu", tmp_path / "out")
     with pytest.raises(ValueError, match="results.json exists; pass --force"):
         retrain(factory, tiny_data(tmp_path), config, "cpu", tmp_path / "out")
@@ -125,7 +135,7 @@ def test_existing_results_are_not_overwritten_unless_asked(tmp_path: Path) -> No
 
 def test_a_baseline_retrains_through_the_same_path(tmp_path: Path) -> None:
     data_config = tiny_data(tmp_path, size=4, samples=32)
-    config = RetrainConfig(epochs=1, seeds=(0,), batch_size=16, amp=False)
+    config = RetrainConfig.of(epochs=1, seeds=(0,), batch_size=16, amp=False)
     report = retrain(RetrainSource.from_baseline("resnet18"), data_config, config, "cpu", tmp_path / "out")
     assert not report.failed, report.failed
     results = report.results

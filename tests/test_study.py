@@ -10,15 +10,18 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from nas3d.architecture import Architecture
 from nas3d.checkpoint import load_checkpoint
 from nas3d.config import StudyConfig, load_study_config
 from nas3d.data import load_splits
+from nas3d.objective import TrialObjective
 from nas3d.pareto import EARLY_STOPPED_ATTR
 from nas3d.seeds import seed_architectures
 from nas3d.space import params_for, sample_architecture
 from nas3d.storages import artifact_store_for, make_storage
-from nas3d.study import NOT_TRAINED_ATTR, TrialObjective, allocate_worker_number, create_study, load_study
+from nas3d.study import NOT_TRAINED_ATTR, allocate_worker_number, create_study, load_study
 from tests.conftest import GRAPHVIZ_WHY, tool_available
+from tests.test_drawing import without_dot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,30 +85,29 @@ def test_an_architecture_the_early_stopper_ended_is_not_trained_again(tmp_path: 
     assert "early stopper" in again.user_attrs["failure_reason"]
 
 
-@pytest.mark.parametrize("broken", ["missing", "failing"])
-def test_a_picture_that_cannot_be_drawn_does_not_fail_a_trained_trial(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, broken: str
+@pytest.mark.parametrize("broken", [False, True], ids=["missing", "failing"])
+def test_a_picture_that_cannot_be_drawn_does_not_fail_a_trained_trial_and_is_warned_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, broken: bool
 ) -> None:
-    import graphviz
+    from nas3d import objective as objective_module
 
-    from nas3d import drawing
-
-    def no_dot(*args: object, **kwargs: object) -> None:
-        if broken == "missing":
-            raise graphviz.ExecutableNotFound(("dot",))
-        # As a Graphviz installed without its layout plugins answers (seen while apt-get ran).
-        message = b'There is no layout engine support for "dot"'
-        raise graphviz.CalledProcessError(1, ["dot", "-Tsvg"], stderr=message)
-
-    monkeypatch.setattr(drawing, "write_picture", no_dot)
-    study, objective = make_objective(smoke_config(tmp_path), f"sqlite:///{tmp_path / 'db.sqlite'}")
-    study.optimize(objective, n_trials=1)
-    trial = study.trials[0]
-    assert trial.state == TrialState.COMPLETE and "picture_artifact" not in trial.user_attrs
-    names = {m.filename for m in optuna.artifacts.get_all_artifact_meta(trial, storage=study._storage)}
-    assert names == {"trial-0.pt"}
-    assert "no architecture picture for trial 0" in caplog.text
-    assert broken == "missing" or "no layout engine support" in caplog.text
+    monkeypatch.setattr(objective_module, "_PICTURE_WARNINGS", set())  # once per process: this test's
+    config = smoke_config(tmp_path)
+    study, objective = make_objective(config, f"sqlite:///{tmp_path / 'db.sqlite'}")
+    without_dot(tmp_path / "bin", monkeypatch, broken=broken)
+    for op in ("relu_conv3", "mish_conv3"):  # two architectures: both train
+        study.enqueue_trial(params_for(Architecture((op,), ((0, 1), (1, 2)), 1, 1, 8), config.space))
+    study.optimize(objective, n_trials=2)
+    assert objective.trainings == 2
+    for trial in study.trials:
+        assert trial.state == TrialState.COMPLETE and "picture_artifact" not in trial.user_attrs
+        names = {m.filename for m in optuna.artifacts.get_all_artifact_meta(trial, storage=study._storage)}
+        assert names == {f"trial-{trial.number}.pt"}
+    warnings = [r.getMessage() for r in caplog.records if "no architecture picture" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # a search says it once, not once per trial
+    assert warnings[0].startswith("no architecture picture for trial 0")
+    expected = "no layout engine support" if broken else "install Graphviz (Debian: apt-get install graphviz)"
+    assert expected in warnings[0]
 
 
 def test_completed_trial_records_attrs_and_a_loadable_checkpoint(tmp_path: Path) -> None:

@@ -35,14 +35,17 @@ def prepare_data(cfg: DataConfig) -> DataConfig:
     """Check the data a study will train on (the npz file, or every sample of a manifest) and return
     the configuration to record: ``cfg`` itself, or with the manifest's path, classes, channels and
     content hash filled in. A damaged file fails here, in one line, rather than in every worker's
-    first trial; a manifest prepared here is not prepared again by a load in the same process."""
+    first trial."""
     recorded = cfg.source.check()
     return dataclasses.replace(cfg, **recorded) if recorded else cfg  # type: ignore[arg-type]
 
 
 def resolve_manifest(cfg: DataConfig) -> DataConfig:
-    """:func:`prepare_data` for a manifest: ``cfg`` with what the study records filled in."""
-    return prepare_data(cfg)
+    """``cfg`` with what a study records of its manifest filled in (as :func:`prepare_data`), for a
+    load that follows in this process: samples prepared here are held for that load, which then
+    does not prepare them again."""
+    recorded = _source(cfg, ManifestSource, "a manifest").resolve(hold=True)
+    return dataclasses.replace(cfg, **recorded)  # type: ignore[arg-type]
 
 
 def check_manifest_unchanged(cfg: DataConfig) -> None:

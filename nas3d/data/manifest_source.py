@@ -39,9 +39,8 @@ class PreparedSamples:
     splits: dict[str, np.ndarray]
 
 
-#: The last manifest prepared in this process and not yet loaded, by what decides its samples: a
-#: study created (or a retrain resolved) and then loaded in one process prepares the manifest once,
-#: and the samples are not held once they are on the device.
+#: The manifest last resolved for a load in this process (a retrain resolves, then loads), by what
+#: decides its samples: so it is prepared once, and not held once the load has put it on the device.
 _held: dict[tuple[object, ...], PreparedSamples] = {}
 
 
@@ -93,7 +92,18 @@ class ManifestSource:
 
     def check(self) -> dict[str, object]:
         """Check and prepare every sample (filling the cache); what the study records."""
-        return self.prepare(keep=True).recorded
+        return self.resolve(hold=False)
+
+    def resolve(self, *, hold: bool) -> dict[str, object]:
+        """What the study records of the manifest: the CSV's absolute path, class names, channel count
+        and content hash. Recorded ones are checked against the files only (they passed every check
+        when they were recorded); else every sample is prepared, and ``hold`` keeps the samples for
+        the load that follows in this process (see ``_held``)."""
+        if self.manifest_hash and self.classes and self.channels:
+            self.check_unchanged()
+            return {"dataset": str(self.path), "classes": self.classes, "channels": self.channels,
+                    "manifest_hash": self.manifest_hash}
+        return self.prepare(keep=hold).recorded
 
     def load(self, device: torch.device | str, selection: Selection) -> DeviceData:
         prepared = self.prepare(keep=False)
@@ -133,7 +143,7 @@ class ManifestSource:
             )
         return digest, hashes
 
-    def prepare(self, *, write_cache: bool = True, keep: bool = True) -> PreparedSamples:
+    def prepare(self, *, write_cache: bool = True, keep: bool = False) -> PreparedSamples:
         """Read, check and prepare every sample, through the cache beside the CSV.
 
         Cache entries (``.nas3d-cache/<key>.npy``, float32 ``(C, S, S, S)``) are keyed by the content

@@ -1,0 +1,283 @@
+"""The objective every worker runs on each trial: sample, deduplicate, cost, train and record.
+
+A trial decided without training (a duplicate of an architecture already evaluated, one over the
+study's constraints, an infeasible one) is PRUNED and marked ``not_trained``; a training failure FAILS;
+each with ``failure_reason``. A trained trial's checkpoint (and the architecture's picture, where
+Graphviz's ``dot`` is installed) goes into the study's artifact store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import optuna
+import torch
+from optuna.artifacts import upload_artifact
+from optuna.trial import FrozenTrial, TrialState
+
+from nas3d.architecture import Architecture, InfeasibleArchitecture
+from nas3d.checkpoint import checkpoint_data, save_checkpoint
+from nas3d.config import StudyConfig
+from nas3d.costs import Costs, measure_costs
+from nas3d.data import DataShape, DeviceData
+from nas3d.early_stopping import EpochMonitor
+from nas3d.model import build_model
+from nas3d.pareto import EARLY_STOPPED_ATTR
+from nas3d.proxies import proxy_batch, score_proxies
+from nas3d.space import sample_architecture
+from nas3d.storages import StorageUnavailable
+from nas3d.study import NOT_TRAINED_ATTR, record_constraints
+from nas3d.train import device_name, train_trial
+
+if TYPE_CHECKING:
+    from optuna.artifacts._protocol import ArtifactStore
+
+logger = logging.getLogger(__name__)
+
+# Copied from an earlier trial onto a duplicate of its architecture.
+RESULT_ATTRS = ("val_acc", "params", "thop_macs", "train_seconds", "epochs", "best_epoch", "device")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaimedArchitecture:
+    """A trial's architecture once it is decided that it trains: sampled, recorded, new to the study
+    and within its constraints, with its costs measured."""
+
+    arch: Architecture
+    costs: Costs
+
+
+class TrialObjective:
+    """Sample, deduplicate, cost, train and record one trial; returns ``(val_auc, flops)``.
+
+    Failures are never disguised as scores: an infeasible or over-budget architecture, or a duplicate of
+    one already evaluated (or being evaluated), is PRUNED without training and marked
+    ``not_trained``; a training failure (out of memory, non-finite loss, any exception) FAILS; each
+    with ``failure_reason`` set.
+
+    A call does it all. A worker runs the parts apart: :meth:`claim` (sample, record the hash and
+    deduplicate, under the study lock, so no other worker can claim the same architecture meanwhile),
+    :meth:`cost` (costs and constraints, after the lock is released) and :meth:`train`.
+    ``should_stop`` is polled between training batches (a worker's stop signal); when it returns
+    true training raises :class:`nas3d.train.TrainingStopped`.
+    """
+
+    def __init__(
+        self,
+        config: StudyConfig,
+        data: DeviceData | DataShape,
+        device: torch.device | str,
+        artifact_store: ArtifactStore | None = None,
+        *,
+        progress: bool = False,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        self.config = config
+        # Claiming needs the data's shape only (a claim process has no samples); training needs the data.
+        self.data = data if isinstance(data, DeviceData) else None
+        self.shape = data.shape if isinstance(data, DeviceData) else data
+        self.device = torch.device(device)
+        self.artifact_store = artifact_store
+        self.progress = progress
+        self.should_stop = should_stop
+        self.trainings = 0  # how many trials this objective actually trained
+        self.epochs_trained = 0  # epochs those trainings ran, stopped ones included
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
+        return self.train(trial, self.cost(trial, self.claim(trial)))
+
+    def claim(self, trial: optuna.Trial) -> Architecture:
+        """Sample ``trial``'s architecture, record it and its hash, and decide whether it is new.
+
+        Raises ``optuna.TrialPruned`` for a trial decided without training (``not_trained`` and
+        ``failure_reason`` set); any other error is recorded on the trial (``not_trained = "error"``:
+        it costs no budget) and raised. :meth:`cost` does the same.
+        """
+        with self._recording_failures(trial, trained=False):
+            return self._claim(trial)
+
+    def cost(self, trial: optuna.Trial, arch: Architecture) -> ClaimedArchitecture:
+        """Measure a claimed architecture's costs, record them, and check the study's constraints."""
+        with self._recording_failures(trial, trained=False):
+            return self._cost(trial, arch)
+
+    def train(self, trial: optuna.Trial, claimed: ClaimedArchitecture) -> tuple[float, float]:
+        """Train a claimed trial and record its results; ``(val_auc, flops)``. A trial the early stopper
+        ends raises ``optuna.TrialPruned``; any other error is recorded on the trial and raised."""
+        with self._recording_failures(trial, trained=True):
+            return self._train(trial, claimed)
+
+    @contextlib.contextmanager
+    def _recording_failures(self, trial: optuna.Trial, *, trained: bool) -> Iterator[None]:
+        try:
+            yield
+        except (optuna.TrialPruned, StorageUnavailable):
+            raise  # a lost database: writing the reason would only wait out the retry window again
+        except Exception as e:
+            # Whatever broke, the trial says why (Optuna keeps only a log line otherwise). Best effort:
+            # the trial may already be finished (failed as stale by another worker).
+            with contextlib.suppress(Exception):
+                trial.set_user_attr("failure_reason", f"{type(e).__name__}: {e}")
+                if not trained:  # it never reached training: it costs no budget
+                    trial.set_user_attr(NOT_TRAINED_ATTR, "error")
+            raise
+
+    def _not_trained(self, trial: optuna.Trial, kind: str, reason: str) -> optuna.TrialPruned:
+        trial.set_user_attr(NOT_TRAINED_ATTR, kind)
+        trial.set_user_attr("failure_reason", reason)
+        return optuna.TrialPruned(reason)
+
+    def _claim(self, trial: optuna.Trial) -> Architecture:
+        try:
+            arch = sample_architecture(trial, self.config.space)
+        except InfeasibleArchitecture as e:
+            raise self._not_trained(trial, "infeasible", f"infeasible: {e.reason}") from None
+        arch_hash = arch.arch_hash()
+        trial.set_user_attr("arch", arch.short_str())
+        trial.set_user_attr("arch_json", arch.to_json())
+        trial.set_user_attr("arch_hash", arch_hash)
+
+        earlier = self._earlier_evaluation(trial, arch_hash)
+        if earlier is not None:
+            # Recorded, not trained, and PRUNED rather than COMPLETE with copied values: a copy of a
+            # good trial would count as fresh evidence for it, and TPE would propose it again and
+            # again (bench/storage_overhead.py saw 376 duplicates per 8 new architectures that way).
+            trial.set_user_attr("duplicate_of", earlier.number)
+            if earlier.state == TrialState.COMPLETE:
+                trial.set_user_attr("duplicate_values", earlier.values)
+                for key in RESULT_ATTRS:
+                    if key in earlier.user_attrs:
+                        trial.set_user_attr(key, earlier.user_attrs[key])
+                reason = f"duplicate of trial {earlier.number} (the same architecture); not trained again"
+            elif earlier.state == TrialState.PRUNED:
+                reason = (f"duplicate of trial {earlier.number}, which the early stopper ended (the same "
+                          "architecture); not trained again")
+            else:
+                # Waiting for it would idle this device for a whole training run; its result (or, if
+                # its worker dies, its retry's) is the one this architecture gets.
+                reason = (f"duplicate of trial {earlier.number}, which is training the same architecture; "
+                          "not trained again")
+            raise self._not_trained(trial, "duplicate", reason)
+        return arch
+
+    def _cost(self, trial: optuna.Trial, arch: Architecture) -> ClaimedArchitecture:
+        shape = self.shape
+        costs = measure_costs(arch, shape.in_channels, shape.num_classes, shape.size)
+        trial.set_user_attr("params", costs.params)
+        trial.set_user_attr("thop_macs", costs.thop_macs)
+        limits = self.config.constraints
+        if limits.active:
+            values = limits.evaluate(flops=costs.flops, params=costs.params)
+            record_constraints(trial, values)
+            broken = {k: v for k, v in values.items() if v > 0}
+            if broken:
+                reason = "over budget: " + ", ".join(
+                    f"{k} {getattr(costs, k):.4g} > max_{k} {getattr(limits, 'max_' + k):.4g}" for k in broken
+                )
+                raise self._not_trained(trial, "over_constraints", reason)
+        return ClaimedArchitecture(arch, costs)
+
+    def _train(self, trial: optuna.Trial, claimed: ClaimedArchitecture) -> tuple[float, float]:
+        arch, costs, data = claimed.arch, claimed.costs, self.data
+        if data is None:
+            raise ValueError("this objective was made with a data shape only: it can claim, not train")
+        trial.set_user_attr("device", device_name(self.device))
+        # Seed before the model is built: its initial weights come from the global generator, so a
+        # trial and its retry (or the same architecture in another worker) start from the same weights.
+        torch.manual_seed(self.config.train.seed)
+        model = build_model(arch, data.in_channels, data.num_classes).to(self.device)
+        self.trainings += 1
+        self._record_proxies(trial, model)
+        # Records the learning curve every epoch and runs the [early_stopping] stopper at its rungs.
+        monitor = EpochMonitor(trial, self.config.early_stopping, self.config.train.max_epochs, costs.flops)
+        result = train_trial(model, data, self.config.train, self.device, progress=self.progress,
+                             on_epoch=monitor, should_stop=self.should_stop)
+        self.epochs_trained += result.epochs_run
+        trial.set_user_attr("val_acc", result.val_acc)
+        trial.set_user_attr("train_seconds", round(result.train_seconds, 3))
+        trial.set_user_attr("epochs", result.epochs_run)
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        if result.stopped_early:
+            monitor.stop(result)  # PRUNED with the reason and the partial values; no checkpoint
+        if self.artifact_store is not None:
+            self._store_checkpoint(trial, model, result.val_auc, result.val_acc, costs.flops)
+        return result.val_auc, float(costs.flops)
+
+    def _record_proxies(self, trial: optuna.Trial, model: torch.nn.Module) -> None:
+        """Zero-cost proxy scores of the untrained ``model`` (user attr ``proxies``; a non-finite score
+        is recorded as None) and the seconds they took (``proxy_seconds``). They work on copies, so
+        the model trains from the same weights as without them."""
+        images, labels = proxy_batch(self.data.train)
+        scores, seconds = score_proxies(model, images, labels)
+        trial.set_user_attr("proxies", {k: v if np.isfinite(v) else None for k, v in scores.items()})
+        trial.set_user_attr("proxy_seconds", round(sum(seconds.values()), 3))
+
+    def _earlier_evaluation(self, trial: optuna.Trial, arch_hash: str) -> FrozenTrial | None:
+        """The trial that trained (COMPLETE), is training (RUNNING) or was stopped early at a rung
+        (PRUNED, ``early_stopped``) with this architecture, if any.
+
+        RUNNING trials count because concurrent workers would otherwise train one architecture at the
+        same time; the worker holds the study lock from ``ask`` to the claim, so every RUNNING trial
+        it sees has its hash and its verdict recorded already. A stopped architecture is not trained
+        again: training is seeded, so it would follow the same curve to the same rung.
+        """
+        states = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)
+        matches = [
+            other for other in trial.study.get_trials(deepcopy=False, states=states)
+            if other.user_attrs.get("arch_hash") == arch_hash and other.number != trial.number
+            and NOT_TRAINED_ATTR not in other.user_attrs and "duplicate_of" not in other.user_attrs
+            and (other.state != TrialState.PRUNED or other.user_attrs.get(EARLY_STOPPED_ATTR, False))
+        ]
+        order = {TrialState.COMPLETE: 0, TrialState.RUNNING: 1, TrialState.PRUNED: 2}
+        matches.sort(key=lambda t: (order[t.state], t.number))
+        return matches[0] if matches else None
+
+    def _store_checkpoint(
+        self, trial: optuna.Trial, model: torch.nn.Module, val_auc: float, val_acc: float, flops: int
+    ) -> None:
+        metadata = {
+            "study": trial.study.study_name,
+            "trial": trial.number,
+            "dataset": self.data.name,
+            **checkpoint_data(self.config.data),  # what `nas3d retrain` loads, what `nas3d predict` does
+            "metrics": {"val_auc": val_auc, "val_acc": val_acc, "flops": flops},
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"trial-{trial.number}.pt"
+            save_checkpoint(path, model, model.arch, in_channels=self.data.in_channels,
+                            num_classes=self.data.num_classes, input_size=self.data.size, metadata=metadata)
+            artifact_id = upload_artifact(
+                artifact_store=self.artifact_store, file_path=str(path), study_or_trial=trial
+            )
+            picture_id = _upload_picture(self.artifact_store, trial, model.arch, Path(tmp))
+        trial.set_user_attr("checkpoint_artifact", artifact_id)
+        if picture_id is not None:
+            trial.set_user_attr("picture_artifact", picture_id)
+
+
+#: Why pictures could not be drawn, each warned about once per process (a search would repeat it per trial).
+_PICTURE_WARNINGS: set[str] = set()
+
+
+def _upload_picture(artifact_store: Any, trial: optuna.Trial, arch: Any, folder: Path) -> str | None:
+    """Upload the architecture's picture beside its checkpoint; None without Graphviz's ``dot`` or when
+    it fails (warned once per process and reason): a missing picture must not fail a trained trial."""
+    from nas3d.drawing import PICTURE_SUFFIX, PictureUnavailable, write_picture
+
+    try:
+        path = write_picture(arch, folder / f"trial-{trial.number}{PICTURE_SUFFIX}",
+                             title=f"{trial.study.study_name} trial {trial.number}")
+    except PictureUnavailable as e:
+        if str(e) not in _PICTURE_WARNINGS:
+            _PICTURE_WARNINGS.add(str(e))
+            logger.warning("no architecture picture for trial %d, nor for this process's later trials (their "
+                           "checkpoints are kept): %s", trial.number, e)
+        return None
+    return upload_artifact(artifact_store=artifact_store, file_path=str(path), study_or_trial=trial)

@@ -1,0 +1,104 @@
+"""``nas3d predict``: class probabilities from a checkpoint for your volumes, a CSV row per sample.
+
+Volumes are prepared exactly as in training (:attr:`nas3d.checkpoint.Checkpoint.preprocessing`, done by
+:func:`nas3d.data.prepare_for_model`); the forward pass is plain float32, no autocast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nas3d.checkpoint import Checkpoint, load_checkpoint
+from nas3d.export import check_out
+from nas3d.util import atomic_write
+
+__all__ = ["predict_command", "predict_volumes", "write_predictions"]
+
+
+def predict_volumes(
+    checkpoint: Checkpoint,
+    samples: list[tuple[str, tuple[Path, ...]]],
+    device: torch.device | str = "cpu",
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Class probabilities ``(N, num_classes)`` of ``checkpoint``'s model for ``samples`` (``(where,
+    files)`` each: a name for errors, and the volume files that are the sample's channels), prepared
+    exactly as in training (:attr:`Checkpoint.preprocessing`). In float32, no autocast. Every volume is
+    read and checked before the model runs: a bad one is a one-line ``ValueError`` naming it."""
+    from nas3d.data import prepare_for_model
+
+    images = prepare_for_model(samples, checkpoint.preprocessing)
+    device = torch.device(device)
+    model = checkpoint.build(device)
+    out = []
+    with torch.inference_mode(), torch.autocast(device.type, enabled=False):
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(images[start:start + batch_size]).to(device)
+            out.append(torch.softmax(model(x).float(), dim=1).cpu())
+    return torch.cat(out).numpy()
+
+
+def write_predictions(
+    checkpoint_path: str | Path,
+    out: str | Path,
+    *,
+    manifest: str | Path | None = None,
+    volumes: Sequence[str | Path] = (),
+    device: torch.device | str = "cpu",
+    batch_size: int = 16,
+    overwrite: bool = False,
+) -> tuple[Path, int]:
+    """``nas3d predict``: one CSV row per sample of ``manifest`` (its image and label cells kept) or per
+    volume file, with a probability column per class (named by class) and ``predicted`` (the class
+    name of the highest one). Written atomically, after every volume was prepared; returns the path
+    and the row count."""
+    import csv
+    import io
+
+    from nas3d.data import read_manifest
+
+    out = Path(out)
+    if bool(manifest) == bool(volumes):
+        raise ValueError("predict takes --manifest CSV or volume files, one of the two")
+    check_out(out, overwrite, example="predictions.csv")
+    checkpoint = load_checkpoint(checkpoint_path)
+    classes = checkpoint.class_names
+    if manifest:
+        table = read_manifest(manifest, labels=False)
+        keys = list(table.image_columns) + (["label"] if any(r.label for r in table.rows) else [])
+        ids = [list(r.cells) + ([r.label or ""] if "label" in keys else []) for r in table.rows]
+        samples = [(table.where(r), r.images) for r in table.rows]
+    else:
+        keys = ["image"]
+        ids = [[str(v)] for v in volumes]
+        samples = [(f"volume {v}", (Path(v),)) for v in volumes]
+    clash = sorted(set(keys + ["predicted"]) & set(classes))
+    if clash:
+        raise ValueError(f"class name {clash[0]!r} is also a column name of the predictions; rename it")
+    probabilities = predict_volumes(checkpoint, samples, device, batch_size)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([*keys, *classes, "predicted"])
+    for row, p in zip(ids, probabilities, strict=True):
+        writer.writerow([*row, *(f"{v:.6f}" for v in p), classes[int(np.argmax(p))]])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda file: file.write(buffer.getvalue().encode("utf-8")))
+    return out, len(ids)
+
+
+def predict_command(flags: dict[str, Any]) -> str:
+    """``nas3d predict`` by its flags: :func:`write_predictions` on ``device`` (``cpu``, ``cuda`` or
+    ``cuda:N``); what to tell the user."""
+    from nas3d.train import torch_device
+
+    out, rows = write_predictions(
+        flags["checkpoint"], flags["out"], manifest=flags.get("manifest"), volumes=flags.get("volumes") or (),
+        device=torch_device(flags.get("device") or "cpu"), batch_size=flags.get("batch_size") or 16,
+        overwrite=flags.get("force", False),
+    )
+    return f"predicted {rows} volume{'s' if rows != 1 else ''} into {out}"
