@@ -199,6 +199,10 @@ def test_a_manifest_resolved_then_loaded_in_one_process_is_prepared_once(
     assert entries == [] and len(data.train) + len(data.val) + len(data.test or ()) == 24
     load_splits(resolved, "cpu", for_search=False)  # not held once on the device: read from the cache
     assert len(entries) == 24
+    # a recorded manifest (a retrain of a study's model) is checked by its hashes; only the load prepares
+    assert resolve_manifest(resolved) == resolved and len(entries) == 24
+    load_splits(resolved, "cpu", for_search=False)
+    assert len(entries) == 48
 
 
 def test_a_study_made_again_from_changed_files_is_refused(tmp_path: Path) -> None:
