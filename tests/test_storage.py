@@ -347,7 +347,7 @@ def test_retry_transient_retries_operational_errors(monkeypatch: pytest.MonkeyPa
 def test_a_transaction_a_lost_connection_invalidated_is_transient() -> None:
     """Optuna's _get_trials catches a lost connection and retries a slower query in the same session:
     the PendingRollbackError that follows (wrapped in StorageInternalError) is the outage too."""
-    from nas3d.storages._rdb import _is_transient
+    from nas3d.storages._faults import _is_transient
 
     def optuna_get_trials(first_error: Exception) -> None:
         try:

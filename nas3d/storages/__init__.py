@@ -35,6 +35,7 @@ from nas3d.storages._artifacts import (
     study_artifact_location,
     study_artifact_store,
 )
+from nas3d.storages._faults import StorageInvalid, StorageMissing, StorageUnavailable, retry_transient
 from nas3d.storages._locks import StudyLock, study_lock
 from nas3d.storages._rdb import (
     DEFAULT_GRACE_PERIOD,
@@ -42,12 +43,8 @@ from nas3d.storages._rdb import (
     DEFAULT_MAX_RETRY,
     DEFAULT_RETRY_WINDOW_S,
     RETRY_WINDOW_ENV,
-    StorageInvalid,
-    StorageMissing,
-    StorageUnavailable,
     grace_period_for,
     make_storage,
-    retry_transient,
     storage_retry_window,
 )
 from nas3d.storages._spec import (

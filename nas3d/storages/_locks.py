@@ -11,12 +11,8 @@ from typing import Any
 from filelock import FileLock
 from sqlalchemy.engine import make_url
 
-from nas3d.storages._rdb import (
-    PG_CONNECT_TIMEOUT_S,
-    StorageUnavailable,
-    _unavailable_message,
-    pg_connect_args,
-)
+from nas3d.storages._faults import StorageUnavailable, _unavailable_message
+from nas3d.storages._rdb import PG_CONNECT_TIMEOUT_S, pg_connect_args
 from nas3d.storages._spec import StorageSpec, resolve_storage, storage_home
 
 
