@@ -136,8 +136,8 @@ import nas3d.worker
 from nas3d.architecture import Architecture
 from nas3d.config import StudyConfig
 from nas3d.data import DeviceData, Split, write_synthetic_npz
-from nas3d.objective import RESULT_ATTRS
 from nas3d.ops import OPS
+from nas3d.records import RESULT_ATTRS
 from nas3d.samplers import SAMPLERS, TPE_OPTIONS
 from nas3d.seeds import seed_architectures
 from nas3d.space import SearchSpace, sample_architecture

@@ -46,8 +46,9 @@ from nas3d.data import DataShape
 from nas3d.heartbeat import Heartbeat, StopFlag, WorkerEnded, quiet_optuna_warnings
 from nas3d.objective import ClaimedArchitecture, TrialObjective
 from nas3d.outcomes import interrupted, settle
+from nas3d.records import NOT_TRAINED as NOT_TRAINED_ATTR
 from nas3d.storages import StorageUnavailable, make_storage, retry_transient, study_lock
-from nas3d.study import NOT_TRAINED_ATTR, load_study
+from nas3d.study import load_study
 
 __all__ = [
     "LATER",

@@ -24,6 +24,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import optuna
 
+from nas3d import records
 from nas3d.front import StudyFront, collect_retrain_results, front_figure, front_markdown, study_front
 
 __all__ = [
@@ -81,10 +82,8 @@ class DashboardRefresher(threading.Thread):
 
     def refresh_changed(self) -> int:
         """Refresh the studies whose finished trials changed since the last look; returns how many."""
-        from nas3d.study import CONFIG_ATTR
-
         names = self.study_names or [s.study_name for s in optuna.get_all_study_summaries(self.storage)
-                                     if CONFIG_ATTR in s.user_attrs]
+                                     if records.CONFIG in s.user_attrs]
         runs = collect_retrain_results(self.retrain_paths)
         done = 0
         for name in names:

@@ -17,6 +17,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
+from nas3d import records
 from nas3d.checkpoint import Checkpoint, load_checkpoint
 from nas3d.drawing import PICTURE_SUFFIX, PictureUnavailable, architecture_svg, check_dot
 from nas3d.storages import StorageSpec, make_storage, resolve_storage
@@ -46,9 +47,9 @@ def _no_checkpoint_reason(trial: FrozenTrial) -> str:
     if trial.state == TrialState.COMPLETE:
         return "it completed without one (its worker had no artifact store)"
     verb = {"PRUNED": "was pruned", "FAIL": "failed"}.get(trial.state.name, f"is {state}")
-    reason = f"it {verb} ({one_line(attrs.get('failure_reason', 'no reason recorded'))})"
-    if "duplicate_of" in attrs:
-        reason += f"; export trial {attrs['duplicate_of']}, which trained this architecture"
+    reason = f"it {verb} ({one_line(records.failure_reason(trial, 'no reason recorded'))})"
+    if records.DUPLICATE_OF in attrs:
+        reason += f"; export trial {attrs[records.DUPLICATE_OF]}, which trained this architecture"
     return reason
 
 
@@ -85,7 +86,7 @@ def export_checkpoint(
         storage = make_storage(spec, must_exist=True)
         artifact_store = artifact_store if artifact_store is not None else artifact_store_for(spec)
     trial = load_trial(storage, study_name, number)
-    artifact_id = trial.user_attrs.get("checkpoint_artifact")
+    artifact_id = trial.user_attrs.get(records.CHECKPOINT_ARTIFACT)
     if artifact_id is None:
         raise LookupError(f"trial {trial.number} of study {study_name!r} has no checkpoint: "
                           + _no_checkpoint_reason(trial))
@@ -124,9 +125,10 @@ def _check_identity(checkpoint: Checkpoint, trial: FrozenTrial, study_name: str)
         raise ValueError(f"the checkpoint stored for trial {trial.number} of study {study_name!r} records "
                          f"study {recorded[0]!r} trial {recorded[1]!r}; the artifact store is mixed up")
     arch = checkpoint.architecture
-    if arch is None or arch.arch_hash() != trial.user_attrs.get("arch_hash"):
+    if arch is None or arch.arch_hash() != trial.user_attrs.get(records.ARCH_HASH):
         raise ValueError(f"the checkpoint stored for trial {trial.number} of study {study_name!r} holds "
-                         f"{checkpoint.recipe.describe()}, not the trial's {trial.user_attrs.get('arch')}")
+                         f"{checkpoint.recipe.describe()}, not the trial's "
+                         f"{trial.user_attrs.get(records.ARCH)}")
 
 
 def exported_line(study_name: str, number: int, out: Any, checkpoint: Any) -> str:

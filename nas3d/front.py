@@ -14,6 +14,8 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nas3d import records
+
 if TYPE_CHECKING:
     import optuna
     import plotly.graph_objects as go
@@ -84,9 +86,8 @@ class StudyFront:
 def study_data_config(study: optuna.Study) -> Any:
     """The DataConfig of a nas3d study (from its stored configuration), or None for another study."""
     from nas3d.config import StudyConfig
-    from nas3d.study import CONFIG_ATTR
 
-    stored = study.user_attrs.get(CONFIG_ATTR)
+    stored = study.user_attrs.get(records.CONFIG)
     if stored is None:
         return None
     return StudyConfig.from_dict(stored, source=f"study {study.study_name!r}").data
@@ -107,8 +108,8 @@ def pareto_points(trials: Sequence[Any]) -> list[FrontPoint]:
     on_front = moocore.is_nondominated(values, maximise=[True, False], keep_weakly=True)
     return [
         FrontPoint(number=t.number, val_auc=float(t.values[0]), flops=float(t.values[1]),
-                   val_acc=t.user_attrs.get("val_acc"), params=t.user_attrs.get("params"),
-                   arch=t.user_attrs.get("arch", ""), pareto=bool(keep))
+                   val_acc=t.user_attrs.get(records.VAL_ACC), params=t.user_attrs.get(records.PARAMS),
+                   arch=t.user_attrs.get(records.ARCH, ""), pareto=bool(keep))
         for t, keep in zip(done, on_front, strict=True)
     ]
 

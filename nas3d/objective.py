@@ -22,6 +22,7 @@ import torch
 from optuna.artifacts import upload_artifact
 from optuna.trial import FrozenTrial, TrialState
 
+from nas3d import records
 from nas3d.architecture import Architecture, InfeasibleArchitecture
 from nas3d.checkpoint import checkpoint_data, save_checkpoint
 from nas3d.config import StudyConfig
@@ -29,21 +30,16 @@ from nas3d.costs import Costs, measure_costs
 from nas3d.data import DataShape, DeviceData
 from nas3d.early_stopping import EpochMonitor
 from nas3d.model import build_model
-from nas3d.pareto import EARLY_STOPPED_ATTR
 from nas3d.proxies import proxy_batch, score_proxies
 from nas3d.space import sample_architecture
 from nas3d.storages import StorageUnavailable
-from nas3d.study import NOT_TRAINED_ATTR, record_constraints
+from nas3d.study import record_constraints
 from nas3d.train import device_name, train_trial
 
 if TYPE_CHECKING:
     from optuna.artifacts._protocol import ArtifactStore
 
 logger = logging.getLogger(__name__)
-
-# Copied from an earlier trial onto a duplicate of its architecture.
-RESULT_ATTRS = ("val_acc", "params", "thop_macs", "train_seconds", "epochs", "best_epoch", "device")
-
 
 @dataclasses.dataclass(frozen=True)
 class ClaimedArchitecture:
@@ -124,14 +120,13 @@ class TrialObjective:
             # Whatever broke, the trial says why (Optuna keeps only a log line otherwise). Best effort:
             # the trial may already be finished (failed as stale by another worker).
             with contextlib.suppress(Exception):
-                trial.set_user_attr("failure_reason", f"{type(e).__name__}: {e}")
-                if not trained:  # it never reached training: it costs no budget
-                    trial.set_user_attr(NOT_TRAINED_ATTR, "error")
+                # "error" where it never reached training: then it costs no budget
+                records.fail_with_reason(trial, f"{type(e).__name__}: {e}",
+                                         not_trained=None if trained else "error")
             raise
 
     def _not_trained(self, trial: optuna.Trial, kind: str, reason: str) -> optuna.TrialPruned:
-        trial.set_user_attr(NOT_TRAINED_ATTR, kind)
-        trial.set_user_attr("failure_reason", reason)
+        records.fail_with_reason(trial, reason, not_trained=kind)
         return optuna.TrialPruned(reason)
 
     def _claim(self, trial: optuna.Trial) -> Architecture:
@@ -140,19 +135,19 @@ class TrialObjective:
         except InfeasibleArchitecture as e:
             raise self._not_trained(trial, "infeasible", f"infeasible: {e.reason}") from None
         arch_hash = arch.arch_hash()
-        trial.set_user_attr("arch", arch.short_str())
-        trial.set_user_attr("arch_json", arch.to_json())
-        trial.set_user_attr("arch_hash", arch_hash)
+        trial.set_user_attr(records.ARCH, arch.short_str())
+        trial.set_user_attr(records.ARCH_JSON, arch.to_json())
+        trial.set_user_attr(records.ARCH_HASH, arch_hash)
 
         earlier = self._earlier_evaluation(trial, arch_hash)
         if earlier is not None:
             # Recorded, not trained, and PRUNED rather than COMPLETE with copied values: a copy of a
             # good trial would count as fresh evidence for it, and TPE would propose it again and
             # again (bench/storage_overhead.py saw 376 duplicates per 8 new architectures that way).
-            trial.set_user_attr("duplicate_of", earlier.number)
+            trial.set_user_attr(records.DUPLICATE_OF, earlier.number)
             if earlier.state == TrialState.COMPLETE:
-                trial.set_user_attr("duplicate_values", earlier.values)
-                for key in RESULT_ATTRS:
+                trial.set_user_attr(records.DUPLICATE_VALUES, earlier.values)
+                for key in records.RESULT_ATTRS:
                     if key in earlier.user_attrs:
                         trial.set_user_attr(key, earlier.user_attrs[key])
                 reason = f"duplicate of trial {earlier.number} (the same architecture); not trained again"
@@ -170,8 +165,8 @@ class TrialObjective:
     def _cost(self, trial: optuna.Trial, arch: Architecture) -> ClaimedArchitecture:
         shape = self.shape
         costs = measure_costs(arch, shape.in_channels, shape.num_classes, shape.size)
-        trial.set_user_attr("params", costs.params)
-        trial.set_user_attr("thop_macs", costs.thop_macs)
+        trial.set_user_attr(records.PARAMS, costs.params)
+        trial.set_user_attr(records.THOP_MACS, costs.thop_macs)
         limits = self.config.constraints
         if limits.active:
             values = limits.evaluate(flops=costs.flops, params=costs.params)
@@ -188,7 +183,7 @@ class TrialObjective:
         arch, costs, data = claimed.arch, claimed.costs, self.data
         if data is None:
             raise ValueError("this objective was made with a data shape only: it can claim, not train")
-        trial.set_user_attr("device", device_name(self.device))
+        trial.set_user_attr(records.DEVICE, device_name(self.device))
         # Seed before the model is built: its initial weights come from the global generator, so a
         # trial and its retry (or the same architecture in another worker) start from the same weights.
         torch.manual_seed(self.config.train.seed)
@@ -200,10 +195,10 @@ class TrialObjective:
         result = train_trial(model, data, self.config.train, self.device, progress=self.progress,
                              on_epoch=monitor, should_stop=self.should_stop)
         self.epochs_trained += result.epochs_run
-        trial.set_user_attr("val_acc", result.val_acc)
-        trial.set_user_attr("train_seconds", round(result.train_seconds, 3))
-        trial.set_user_attr("epochs", result.epochs_run)
-        trial.set_user_attr("best_epoch", result.best_epoch)
+        trial.set_user_attr(records.VAL_ACC, result.val_acc)
+        trial.set_user_attr(records.TRAIN_SECONDS, round(result.train_seconds, 3))
+        trial.set_user_attr(records.EPOCHS, result.epochs_run)
+        trial.set_user_attr(records.BEST_EPOCH, result.best_epoch)
         if result.stopped_early:
             monitor.stop(result)  # PRUNED with the reason and the partial values; no checkpoint
         if self.artifact_store is not None:
@@ -216,8 +211,8 @@ class TrialObjective:
         the model trains from the same weights as without them."""
         images, labels = proxy_batch(self.data.train)
         scores, seconds = score_proxies(model, images, labels)
-        trial.set_user_attr("proxies", {k: v if np.isfinite(v) else None for k, v in scores.items()})
-        trial.set_user_attr("proxy_seconds", round(sum(seconds.values()), 3))
+        trial.set_user_attr(records.PROXIES, {k: v if np.isfinite(v) else None for k, v in scores.items()})
+        trial.set_user_attr(records.PROXY_SECONDS, round(sum(seconds.values()), 3))
 
     def _earlier_evaluation(self, trial: optuna.Trial, arch_hash: str) -> FrozenTrial | None:
         """The trial that trained (COMPLETE), is training (RUNNING) or was stopped early at a rung
@@ -231,9 +226,9 @@ class TrialObjective:
         states = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)
         matches = [
             other for other in trial.study.get_trials(deepcopy=False, states=states)
-            if other.user_attrs.get("arch_hash") == arch_hash and other.number != trial.number
-            and NOT_TRAINED_ATTR not in other.user_attrs and "duplicate_of" not in other.user_attrs
-            and (other.state != TrialState.PRUNED or other.user_attrs.get(EARLY_STOPPED_ATTR, False))
+            if other.user_attrs.get(records.ARCH_HASH) == arch_hash and other.number != trial.number
+            and records.NOT_TRAINED not in other.user_attrs and records.DUPLICATE_OF not in other.user_attrs
+            and (other.state != TrialState.PRUNED or other.user_attrs.get(records.EARLY_STOPPED, False))
         ]
         order = {TrialState.COMPLETE: 0, TrialState.RUNNING: 1, TrialState.PRUNED: 2}
         matches.sort(key=lambda t: (order[t.state], t.number))
@@ -257,9 +252,9 @@ class TrialObjective:
                 artifact_store=self.artifact_store, file_path=str(path), study_or_trial=trial
             )
             picture_id = _upload_picture(self.artifact_store, trial, model.arch, Path(tmp))
-        trial.set_user_attr("checkpoint_artifact", artifact_id)
+        trial.set_user_attr(records.CHECKPOINT_ARTIFACT, artifact_id)
         if picture_id is not None:
-            trial.set_user_attr("picture_artifact", picture_id)
+            trial.set_user_attr(records.PICTURE_ARTIFACT, picture_id)
 
 
 #: Why pictures could not be drawn, each warned about once per process (a search would repeat it per trial).

@@ -15,8 +15,9 @@ from typing import Any
 import optuna
 from optuna.storages import BaseStorage
 
+from nas3d import records
 from nas3d.budget import budget_state
-from nas3d.early_stopping import CURVE_ATTR, format_learning_curve
+from nas3d.early_stopping import format_learning_curve
 from nas3d.front import FrontPoint, StudyFront, collect_retrain_results, study_front
 from nas3d.front import fmt_or_dash as _fmt
 from nas3d.front import int_or_dash as _int
@@ -104,11 +105,9 @@ def retrain_failures(report: Any) -> str:
 
 def format_status(study: optuna.Study) -> str:
     """Counts by state, the budget, and the Pareto front as a table."""
-    from nas3d.study import CONFIG_ATTR
-
     trials = study.get_trials(deepcopy=False)
     counts = Counter(t.state.name for t in trials)
-    budget = study.user_attrs.get(CONFIG_ATTR, {}).get("study", {}).get("n_trials", "?")
+    budget = study.user_attrs.get(records.CONFIG, {}).get("study", {}).get("n_trials", "?")
     lines = [
         f"study {study.study_name}: {len(trials)} trials (budget {budget}); "
         + ", ".join(f"{state.lower()} {n}" for state, n in sorted(counts.items())),
@@ -130,11 +129,11 @@ def format_status(study: optuna.Study) -> str:
             lines.append("  " + "  ".join(f"{c:>9}" for c in cells) + f"  {p.arch}")
     failed = [
         t for t in trials
-        if t.state.name in ("FAIL", "PRUNED") and "duplicate_of" not in t.user_attrs
-        and "failure_reason" in t.user_attrs
+        if t.state.name in ("FAIL", "PRUNED") and records.DUPLICATE_OF not in t.user_attrs
+        and records.FAILURE_REASON in t.user_attrs
     ]
     for t in failed[-5:]:
-        lines.append(f"  trial {t.number} {t.state.name.lower()}: {t.user_attrs['failure_reason']}")
+        lines.append(f"  trial {t.number} {t.state.name.lower()}: {records.failure_reason(t)}")
     return "\n".join(lines)
 
 
@@ -382,7 +381,7 @@ def _mean_row(best: Sequence[tuple[FrontPoint, dict[str, Any], str]]) -> str:
 # -- nas3d status --trial N -----------------------------------------------------------------------------
 
 #: User attrs shown elsewhere in the trial report, or too long for a terminal line.
-_TRIAL_ATTRS_SHOWN_APART = ("failure_reason", "arch_json")
+_TRIAL_ATTRS_SHOWN_APART = (records.FAILURE_REASON, records.ARCH_JSON)
 
 
 def trial_report(storage: Any, study_name: str, number: int) -> str:
@@ -390,7 +389,6 @@ def trial_report(storage: Any, study_name: str, number: int) -> str:
     and its artifacts."""
     from optuna.artifacts import get_all_artifact_meta
 
-    from nas3d import records
     from nas3d.storages import make_storage
     from nas3d.study import load_trial
 
@@ -403,8 +401,8 @@ def trial_report(storage: Any, study_name: str, number: int) -> str:
     if start is not None:
         took = f", finished {end:%Y-%m-%d %H:%M:%S} ({(end - start).total_seconds():.1f} s)" if end else ""
         lines.append(f"  started {start:%Y-%m-%d %H:%M:%S}{took}")
-    if "failure_reason" in trial.user_attrs:
-        lines.append(f"  reason: {trial.user_attrs['failure_reason']}")
+    if records.FAILURE_REASON in trial.user_attrs:
+        lines.append(f"  reason: {records.failure_reason(trial)}")
     if records.retry_of(trial):  # each earlier attempt of these parameters, with why it ended
         lines.append("  retry history:")
         for earlier in (load_trial(backend, study_name, n) for n in records.retry_of(trial)):
@@ -412,12 +410,12 @@ def trial_report(storage: Any, study_name: str, number: int) -> str:
             lines.append(f"    trial {earlier.number} {earlier.state.name.lower()}: {reason}")
     if trial.params:
         lines.append("  params: " + ", ".join(f"{k}={v}" for k, v in sorted(trial.params.items())))
-    shown_apart = (*_TRIAL_ATTRS_SHOWN_APART, CURVE_ATTR, "early_stopping")
+    shown_apart = (*_TRIAL_ATTRS_SHOWN_APART, records.CURVE, records.DECISIONS)
     attrs = {k: v for k, v in trial.user_attrs.items() if k not in shown_apart}
     if attrs:
         lines.append("  user attrs:")
         lines += [f"    {k}: {v}" for k, v in sorted(attrs.items())]
-    if trial.user_attrs.get(CURVE_ATTR):
+    if trial.user_attrs.get(records.CURVE):
         # the curve with the best epoch and the stopper's decisions (its first line names the trial)
         curve = format_learning_curve(trial).splitlines()[1:]
         lines += ["  learning curve:", *("  " + line for line in curve)]

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from nas3d import records
 from nas3d.architecture import Architecture
 from nas3d.baselines import BASELINES
 from nas3d.checkpoint import checkpoint_data, load_checkpoint, save_checkpoint
@@ -213,9 +214,9 @@ class RetrainSource:
     @classmethod
     def from_trial(cls, study_name: str, trial: FrozenTrial) -> RetrainSource:
         """The architecture a trial sampled (its ``arch_json`` user attr)."""
-        text = trial.user_attrs.get("arch_json")
+        text = trial.user_attrs.get(records.ARCH_JSON)
         if text is None:
-            reason = trial.user_attrs.get("failure_reason", "no reason recorded")
+            reason = records.failure_reason(trial, "no reason recorded")
             raise ValueError(f"trial {trial.number} of study {study_name!r} has no architecture "
                              f"({trial.state.name.lower()}: {reason}); pick a trial with one, e.g. from "
                              "`nas3d status`")

@@ -16,13 +16,13 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
+from nas3d import records
 from nas3d.config import StudyConfig
 from nas3d.data import check_manifest_unchanged, prepare_data
 from nas3d.samplers import make_sampler
 from nas3d.seeds import seed_architectures
 from nas3d.space import params_for
 from nas3d.storages import (
-    ARTIFACTS_ATTR,
     StorageSpec,
     make_storage,
     prepare_artifact_location,
@@ -34,11 +34,6 @@ logger = logging.getLogger(__name__)
 
 METRIC_NAMES = ("val_auc", "flops")
 DIRECTIONS = ("maximize", "minimize")
-CONFIG_ATTR = "nas3d_config"
-#: Set on a trial that was decided without training (and so costs no budget): "duplicate",
-#: "over_constraints", "infeasible" or "error" (it failed before its training began).
-NOT_TRAINED_ATTR = "not_trained"
-WORKERS_ATTR = "nas3d:workers"  # study system attr: how many worker numbers were handed out
 
 
 class StudyNotFound(LookupError):
@@ -68,7 +63,7 @@ def create_study(
         load_if_exists=True,
     )
     wanted = config.to_dict()
-    existing = study.user_attrs.get(CONFIG_ATTR)
+    existing = study.user_attrs.get(records.CONFIG)
     if existing is not None:
         # Read back through the current dataclasses, so a setting added since the study was created
         # compares as its default instead of as a difference.
@@ -85,17 +80,17 @@ def create_study(
                 f"({_first_difference(existing, wanted)}); give the new one another name "
                 "(study.name / --name) or drop the change"
             )
-        recorded = study.user_attrs.get(ARTIFACTS_ATTR)
+        recorded = study.user_attrs.get(records.ARTIFACTS)
         if recorded is None:  # created before stores were recorded: record the one it used
-            study.set_user_attr(ARTIFACTS_ATTR, location)
+            study.set_user_attr(records.ARTIFACTS, location)
         elif artifacts is not None and recorded != location:
             raise ValueError(
                 f"study {config.study.name!r} already exists with its artifacts in {recorded}, not "
                 f"{location}; drop --artifacts, or give the new study another name (--name)"
             )
         return study
-    study.set_user_attr(ARTIFACTS_ATTR, location)
-    study.set_user_attr(CONFIG_ATTR, wanted)
+    study.set_user_attr(records.ARTIFACTS, location)
+    study.set_user_attr(records.CONFIG, wanted)
     with warnings.catch_warnings():  # experimental since Optuna 3.2, and what the dashboard reads
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(METRIC_NAMES))
@@ -137,7 +132,7 @@ def _existing_location(storage: optuna.storages.BaseStorage, name: str) -> str |
         study_id = storage.get_study_id_from_name(name)
     except KeyError:
         return None
-    return storage.get_study_user_attrs(study_id).get(ARTIFACTS_ATTR)
+    return storage.get_study_user_attrs(study_id).get(records.ARTIFACTS)
 
 
 def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -158,7 +153,7 @@ def enqueue_seed_architectures(study: optuna.Study, config: StudyConfig) -> int:
         except ValueError as e:
             logger.warning("warm start: skipping the %s seed architecture: %s", dataset, e)
             continue
-        study.enqueue_trial(params, user_attrs={"warm_start": f"seed:{dataset}"}, skip_if_exists=True)
+        study.enqueue_trial(params, user_attrs={records.WARM_START: f"seed:{dataset}"}, skip_if_exists=True)
         queued += 1
     return queued
 
@@ -180,9 +175,9 @@ def load_study(
                                               "(or run `nas3d search`)")
     # Read only this study's attrs: summaries of every study would load every trial in the database.
     user_attrs = storage.get_study_user_attrs(study_id)
-    if CONFIG_ATTR not in user_attrs:
-        raise ValueError(f"study {name!r} was not created by nas3d (no {CONFIG_ATTR!r} user attr)")
-    config = StudyConfig.from_dict(user_attrs[CONFIG_ATTR], source=f"study {name!r}")
+    if records.CONFIG not in user_attrs:
+        raise ValueError(f"study {name!r} was not created by nas3d (no {records.CONFIG!r} user attr)")
+    config = StudyConfig.from_dict(user_attrs[records.CONFIG], source=f"study {name!r}")
     if check_data:
         check_manifest_unchanged(config.data)
     sampler = make_sampler(config.study, space=config.space, ode=config.ode, worker_number=worker_number)
@@ -212,8 +207,8 @@ def allocate_worker_number(study: optuna.Study) -> int:
     Call it holding the study lock: the read and the write must not interleave with another worker's.
     """
     storage, study_id = study._storage, study._study_id
-    number = int(storage.get_study_system_attrs(study_id).get(WORKERS_ATTR, 0))
-    storage.set_study_system_attr(study_id, WORKERS_ATTR, number + 1)
+    number = int(storage.get_study_system_attrs(study_id).get(records.WORKERS, 0))
+    storage.set_study_system_attr(study_id, records.WORKERS, number + 1)
     return number
 
 
@@ -231,7 +226,7 @@ def record_constraints(trial: optuna.trial.Trial, values: Mapping[str, float]) -
         raise ValueError(f"constraint values must not be NaN, got {dict(values)}")
     # No public setter for system attrs exists in Optuna 5; this is what Optuna itself does
     # for samplers' constraints_func (optuna.samplers._base._process_constraints_after_trial).
-    trial.storage.set_trial_system_attr(trial._trial_id, "constraints", vals)
+    trial.storage.set_trial_system_attr(trial._trial_id, records.CONSTRAINTS, vals)
 
 
 def load_trial(storage: optuna.storages.BaseStorage, study_name: str, number: int) -> FrozenTrial:

@@ -10,16 +10,16 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from nas3d import records
 from nas3d.architecture import Architecture
 from nas3d.checkpoint import load_checkpoint
 from nas3d.config import StudyConfig, load_study_config
 from nas3d.data import load_splits
 from nas3d.objective import TrialObjective
-from nas3d.pareto import EARLY_STOPPED_ATTR
 from nas3d.seeds import seed_architectures
 from nas3d.space import params_for, sample_architecture
 from nas3d.storages import artifact_store_for, make_storage
-from nas3d.study import NOT_TRAINED_ATTR, allocate_worker_number, create_study, load_study
+from nas3d.study import allocate_worker_number, create_study, load_study
 from tests.conftest import GRAPHVIZ_WHY, tool_available
 from tests.test_drawing import without_dot
 
@@ -71,7 +71,7 @@ def test_an_architecture_the_early_stopper_ended_is_not_trained_again(tmp_path: 
 
     def stopped_at_a_rung(trial: optuna.Trial) -> tuple[float, float]:
         objective.claim(trial)  # as a trained trial: sampled and recorded, then ended at a rung
-        trial.set_user_attr(EARLY_STOPPED_ATTR, True)
+        trial.set_user_attr(records.EARLY_STOPPED, True)
         raise optuna.TrialPruned("stopped at a rung")
 
     study.enqueue_trial(params_for(arch, config.space))
@@ -81,7 +81,7 @@ def test_an_architecture_the_early_stopper_ended_is_not_trained_again(tmp_path: 
     stopped, again = study.get_trials()
     assert objective.trainings == 0
     assert again.state == TrialState.PRUNED and again.user_attrs["duplicate_of"] == stopped.number
-    assert again.user_attrs[NOT_TRAINED_ATTR] == "duplicate"
+    assert again.user_attrs[records.NOT_TRAINED] == "duplicate"
     assert "early stopper" in again.user_attrs["failure_reason"]
 
 

@@ -16,9 +16,10 @@ from optuna.trial import TrialState
 
 from nas3d.architecture import Architecture
 from nas3d.budget import WORKER_ATTR, budget_state
+from nas3d.records import NOT_TRAINED as NOT_TRAINED_ATTR
 from nas3d.space import params_for
 from nas3d.storages import make_storage
-from nas3d.study import NOT_TRAINED_ATTR, create_study
+from nas3d.study import create_study
 from nas3d.worker import run_worker
 from tests.test_study import smoke_config
 
