@@ -84,11 +84,13 @@ timings are wall-clock, so other load inflates them. Nothing is asserted.
     python bench/storage_overhead.py                                   # both backends, 100/1000/2000
     python bench/storage_overhead.py --measure-trial --device cuda     # ground the trial time on a GPU
     python bench/storage_overhead.py --backends sqlite --sizes 100 --repeats 2   # quick check
-    python bench/storage_overhead.py --baseline-sampler optuna-tpe     # nas3d's TPE vs Optuna's own
+    python bench/storage_overhead.py --baseline-sampler random         # the study's TPE vs another
 
-``--baseline-sampler optuna-tpe`` also measures every cell with Optuna's stock ``TPESampler`` (same
-options and seed) in place of nas3d's ``SharedSplitTPESampler``, in the same run, and prints the ratio
-of their db+smp times.
+``--baseline-sampler NAME`` also measures every cell with another sampler, in the same run, and prints
+the ratio of their db+smp times. ``optuna-tpe`` is Optuna's ``TPESampler`` built here with nas3d's
+options: what ``tpe`` is since nas3d dropped its own faster copy (docs/samplers.md#tpe-optunas-own). It
+replaces the sampler in this process only, so its claim-ahead rows still show the claim process's
+sampler, the study's own.
 """
 
 from __future__ import annotations
@@ -458,7 +460,7 @@ def claim_ahead_row(timeline: _Timeline, alone: float) -> dict[str, float]:
 
 
 #: --sampler / --baseline-sampler values: the study's samplers, and Optuna's own TPESampler with the
-#: options nas3d's TPE uses (the baseline for nas3d.samplers._tpe.SharedSplitTPESampler).
+#: options nas3d's TPE uses, built in this process (docs/samplers.md#tpe-optunas-own).
 SAMPLER_CHOICES = (*SAMPLERS, "optuna-tpe")
 
 

@@ -68,8 +68,17 @@ def test_readme_links_resolve() -> None:
     assert not broken, "README links that do not resolve:\n" + "\n".join(broken)
 
 
-def test_ci_runs_the_readmes_test_command() -> None:
+def test_ci_runs_the_readmes_test_command_then_the_newest_optuna() -> None:
     assert "make test " in README.read_text(encoding="utf-8")
     commands = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
                 if line.strip() and not line.lstrip().startswith("#")]
-    assert commands[-1] == "make test"
+    assert "make test" in commands
+    # then the storage and sampler tests again, on the newest release pyproject.toml allows
+    (allowed,) = re.findall(r'"(optuna[<>=][^"]*)"', (ROOT / "pyproject.toml").read_text())
+    after = commands[commands.index("make test"):]
+    assert any("--no-deps --target" in c and f'"{allowed}"' in c for c in after), allowed
+    (rerun,) = [c for c in after if "-m pytest" in c]
+    assert rerun.startswith("PYTHONPATH=")
+    tests = re.findall(r"tests/\S+\.py", rerun)
+    assert sorted(tests) == ["tests/test_samplers.py", "tests/test_storage.py"]
+    assert all((ROOT / t).exists() for t in tests)

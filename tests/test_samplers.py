@@ -1,15 +1,18 @@
-"""nas3d.samplers: the shared-split TPE proposes exactly what Optuna's TPESampler proposes, with less work."""
+"""The study's TPE (Optuna's own, with nas3d's options) on nas3d's define-by-run space.
+
+Also run by CI on the newest Optuna 5.x (``.ci/run``): what nas3d relies on of TPE's grouped,
+multivariate, constant-liar sampling must hold on every release that pyproject.toml allows.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import optuna
 import pytest
-from optuna.samplers._tpe import sampler as tpe_module
-from optuna.trial import TrialState
+from optuna.trial import FixedTrial, TrialState
 
-from nas3d.samplers import TPE_OPTIONS
-from nas3d.samplers._tpe import SharedSplitTPESampler, shortcuts_available
+from nas3d.config import StudySettings
+from nas3d.samplers import TPE_OPTIONS, make_sampler
 from nas3d.space import SearchSpace, sample_architecture
 from nas3d.study import DIRECTIONS, record_constraints
 
@@ -51,69 +54,26 @@ def propose(sampler: optuna.samplers.BaseSampler, trials: list, k: int) -> list[
     return proposals
 
 
+def study_tpe(seed: int) -> optuna.samplers.BaseSampler:
+    return make_sampler(StudySettings(name="x", sampler="tpe", sampler_seed=seed))
+
+
 @pytest.fixture(scope="module")
 def trials() -> list[optuna.trial.FrozenTrial]:
     return history(80)
 
 
-def test_proposes_exactly_what_optuna_tpe_proposes(trials: list) -> None:
-    assert shortcuts_available(), f"Optuna {optuna.__version__}: update nas3d.samplers._tpe._TESTED_OPTUNA"
-    stock = propose(optuna.samplers.TPESampler(**TPE_OPTIONS, seed=5), trials, 6)
-    shared = propose(SharedSplitTPESampler(**TPE_OPTIONS, seed=5), trials, 6)
-    assert shared == stock
-    assert len({tuple(sorted(p.items())) for p in shared}) > 1  # really sampled, not a constant
+def test_the_study_tpe_is_optunas_with_nas3d_options_and_seed(trials: list) -> None:
+    sampler = study_tpe(5)
+    assert type(sampler) is optuna.samplers.TPESampler
+    stock = optuna.samplers.TPESampler(**TPE_OPTIONS, seed=5)
+    assert propose(sampler, trials, 4) == propose(stock, trials, 4)
 
 
-def test_splits_once_per_trial_instead_of_once_per_group(
-    trials: list, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls = {"n": 0}
-    real_split = tpe_module._split_trials
-
-    def counting_split(*args: object, **kwargs: object) -> object:
-        calls["n"] += 1
-        return real_split(*args, **kwargs)
-
-    monkeypatch.setattr(tpe_module, "_split_trials", counting_split)
-    propose(optuna.samplers.TPESampler(**TPE_OPTIONS, seed=5), trials, 3)
-    stock_calls, calls["n"] = calls["n"], 0
-    propose(SharedSplitTPESampler(**TPE_OPTIONS, seed=5), trials, 3)
-    assert stock_calls > 3 * 5  # one split per parameter group (many groups in the nas3d space)
-    assert calls["n"] == 3
-
-
-def test_groups_match_optuna_after_trials_arrive_out_of_order(trials: list) -> None:
-    def sample_once(study: optuna.Study) -> None:  # the sampler reads the trials inside ask/suggest
-        trial = study.ask()
-        sample_architecture(trial, SearchSpace())
-        study.tell(trial, state=TrialState.FAIL)  # failed trials take no part in the groups
-
-    small = [t for t in trials if t.params["cell/num_ops"] <= 2]  # few params: few groups
-    large = [t for t in trials if t.params["cell/num_ops"] > 2]
-    groups = []
-    samplers = (optuna.samplers.TPESampler(**TPE_OPTIONS, seed=1),
-                SharedSplitTPESampler(**TPE_OPTIONS, seed=1))
-    for sampler in samplers:
-        study = optuna.create_study(directions=list(DIRECTIONS), sampler=sampler)
-        study.add_trials(small)
-        sample_once(study)  # the incremental decomposition has added these now
-        before = len(sampler._search_space_group.search_spaces)
-        study.add_trials(large[::-1])  # later numbers first, as parallel workers finish
-        sample_once(study)
-        groups.append(sampler._search_space_group.search_spaces)
-    assert groups[0] == groups[1]
-    assert len(groups[1]) > before  # the later trials brought new groups
-
-
-def test_a_patch_release_is_another_version(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(optuna, "__version__", "5.0.1")  # private code may change in a patch release
-    assert not shortcuts_available()
-
-
-def test_other_optuna_versions_get_plain_tpe(trials: list, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(optuna, "__version__", "99.0.0")
-    assert not shortcuts_available()
-    sampler = SharedSplitTPESampler(**TPE_OPTIONS, seed=5)
-    assert not sampler._shortcuts
-    stock = propose(optuna.samplers.TPESampler(**TPE_OPTIONS, seed=5), trials, 2)
-    assert propose(sampler, trials, 2) == stock
+def test_proposals_are_reproducible_architectures_of_the_space(trials: list) -> None:
+    proposals = propose(study_tpe(5), trials, 6)
+    assert propose(study_tpe(5), trials, 6) == proposals  # same seed and trials: same proposals
+    assert len({tuple(sorted(p.items())) for p in proposals}) > 1  # really sampled, not a constant
+    space = SearchSpace()
+    for params in proposals:  # each proposal is a whole architecture that FixedTrial rebuilds
+        assert space.contains(sample_architecture(FixedTrial(params), space))

@@ -1,7 +1,8 @@
 """The study's sampler, chosen by name: ``tpe`` (the default), ``nsga2``, ``random`` or ``ode``.
 
-Importing this package is cheap: a sampler's module (and Optuna's private TPE internals, for ``tpe``)
-is imported only when :func:`make_sampler` builds one.
+Importing this package is cheap: a sampler's module is imported only when :func:`make_sampler`
+builds one. ``tpe`` is Optuna's own ``TPESampler``; why nas3d keeps no faster copy of it:
+docs/samplers.md#tpe-optunas-own.
 """
 
 from __future__ import annotations
@@ -63,8 +64,6 @@ def make_sampler(
             space or SearchSpace(), population=ode.population, F=ode.F, CR=ode.CR,
             jumping_rate=ode.jumping_rate, mode=ode.mode, seed=seed,
         )
-    from nas3d.samplers._tpe import SharedSplitTPESampler
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)  # group=True, used knowingly
-        return SharedSplitTPESampler(**TPE_OPTIONS, seed=seed)
+        return optuna.samplers.TPESampler(**TPE_OPTIONS, seed=seed)
