@@ -51,11 +51,8 @@ from nas3d.train import EpochRecord, TrainResult
 from nas3d.util import check_choice
 
 __all__ = [
-    "CURVE_ATTR",
     "CURVE_KEYS",
     "OPTIONAL_CURVE_KEYS",
-    "DECISIONS_ATTR",
-    "EARLY_STOPPED_VALUES_ATTR",
     "KINDS",
     "Decision",
     "EarlyStoppingConfig",
@@ -69,9 +66,6 @@ __all__ = [
 ]
 
 KINDS = ("none", "moasha")
-# The old names of the attrs this module writes (see nas3d.records), still imported.
-CURVE_ATTR, DECISIONS_ATTR = records.CURVE, records.DECISIONS
-EARLY_STOPPED_VALUES_ATTR, FLOPS_ATTR = records.EARLY_STOPPED_VALUES, records.FLOPS
 #: The keys of the recorded curve (:data:`nas3d.records.CURVE`): one entry per epoch trained.
 CURVE_KEYS = ("epoch", "train_loss", "val_loss", "val_auc", "val_acc")
 #: Recorded beside CURVE_KEYS where the epoch has them (nas3d.train.EpochRecord's optional fields).

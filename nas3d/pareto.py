@@ -35,7 +35,6 @@ from nas3d.space import SearchSpace
 __all__ = [
     "AUC_IDEAL",
     "AUC_REFERENCE",
-    "EARLY_STOPPED_ATTR",
     "HypervolumeBox",
     "crowding_distances",
     "fully_trained",
@@ -48,7 +47,6 @@ __all__ = [
 
 AUC_REFERENCE = 0.5  # chance
 AUC_IDEAL = 1.0
-EARLY_STOPPED_ATTR = records.EARLY_STOPPED  # the old name, still imported
 
 
 def _chain(ops: Sequence[str]) -> tuple[tuple[int, int], ...]:

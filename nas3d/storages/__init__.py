@@ -22,7 +22,6 @@ it (``nas3d.storages._artifacts``).
 """
 
 from nas3d.storages._artifacts import (
-    ARTIFACTS_ATTR,
     ArtifactStoreUnavailable,
     S3ArtifactStore,
     StorageArtifactStores,
@@ -58,7 +57,6 @@ from nas3d.storages._spec import (
 
 __all__ = [
     "ACCEPTED_FORMS",
-    "ARTIFACTS_ATTR",
     "ArtifactStoreUnavailable",
     "DEFAULT_RETRY_WINDOW_S",
     "RETRY_WINDOW_ENV",

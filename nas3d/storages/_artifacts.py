@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
 _logger = logging.getLogger("nas3d.storages")
 
-ARTIFACTS_ATTR = records.ARTIFACTS  # the old name, still imported
 S3_SCHEME = "s3://"
 
 
