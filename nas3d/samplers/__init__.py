@@ -41,16 +41,25 @@ class SamplerChoice(Protocol):
 
 
 def make_sampler(
-    settings: SamplerChoice, *, space: SearchSpace | None = None, ode: ODESettings | None = None
+    settings: SamplerChoice, *, space: SearchSpace | None = None, ode: ODESettings | None = None,
+    worker_number: int | None = None,
 ) -> optuna.samplers.BaseSampler:
     """The study's sampler. Constraints need no ``constraints_func``: Optuna 5 samplers read them
     from the trials (see ``nas3d.study.record_constraints``). ``space`` and ``ode`` matter to
-    ``ode`` only, which proposes whole architectures of ``space`` (default: the seed space)."""
+    ``ode`` only, which proposes whole architectures of ``space`` (default: the seed space).
+
+    ``worker_number`` (a number no other worker of the study has) seeds a worker's own sampler from
+    the study's seed: workers with one seed would propose the same architectures in lockstep, and a
+    restarted worker would replay its first life."""
     import optuna
     from optuna.exceptions import ExperimentalWarning
 
     check_choice("sampler", settings.sampler, SAMPLERS)
     seed = settings.sampler_seed
+    if seed is not None and worker_number is not None:
+        import numpy as np
+
+        seed = int(np.random.SeedSequence([seed, worker_number]).generate_state(1)[0])
     if settings.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     if settings.sampler == "random":
