@@ -17,27 +17,28 @@ trial is failed and queued again.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
-import os
-import socket
 from collections.abc import Callable
 from typing import Any
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 
 from nas3d.budget import DEFAULT_MAX_FREE_STREAK
-from nas3d.claims import LATER, Claim, ClaimProcess, InlineClaims, TrialSource, with_retries
+from nas3d.claim_process import ClaimProcess
+from nas3d.claims import LATER, Claim, InlineClaims, TrialSource, WorkerSettings, with_retries
 from nas3d.data import load_splits
 from nas3d.heartbeat import StopFlag, quiet_optuna_warnings
 from nas3d.objective import TrialObjective
 from nas3d.outcomes import settle, tell
+from nas3d.samplers import make_sampler
 from nas3d.storages import (
     DEFAULT_HEARTBEAT_INTERVAL,
     StorageMissing,
     StorageUnavailable,
     check_artifact_store,
+    grace_period_for,
     make_storage,
     open_artifact_store,
     resolve_storage_url,
@@ -46,6 +47,7 @@ from nas3d.storages import (
     study_lock,
 )
 from nas3d.study import allocate_worker_number, load_study
+from nas3d.train import TrainingStopped
 from nas3d.train import torch_device as check_device
 from nas3d.util import EXIT_STORAGE
 
@@ -100,20 +102,21 @@ def run_worker(
     torch_device = check_device(device)
     window = storage_retry_window(retry_window)
     storage_url = resolve_storage_url(storage)
+    grace = grace_period_for(heartbeat_interval, grace_period)
     try:
         optuna_storage = make_storage(
-            storage_url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+            storage_url, heartbeat_interval=heartbeat_interval, grace_period=grace,
             retry_window=window, must_exist=True,
         )
-        load_study(study_name, optuna_storage, check_data=True)  # bad input first: study, changed data
+        study, config = load_study(study_name, optuna_storage, check_data=True)  # bad input first
         lock = study_lock(storage_url, study_name)
         with_retries(lock.acquire, window, optuna_storage)
         try:
-            study, _ = load_study(study_name, optuna_storage)
             number = allocate_worker_number(study)
         finally:
             lock.release()
-        study, config = load_study(study_name, optuna_storage, worker_number=number)
+        # Loaded before this worker had its number (bad input first): its own sampler is seeded now.
+        study.sampler = make_sampler(config.study, space=config.space, ode=config.ode, worker_number=number)
         location = study_artifact_location(optuna_storage, study_name)
     except StorageMissing:
         raise  # bad input: a restart cannot help (exit 2)
@@ -121,28 +124,22 @@ def run_worker(
         raise WorkerStorageLost(str(e)) from e
     check_artifact_store(location)  # one line, before any training, if this host cannot reach it
     data = load_splits(config.data, torch_device, for_search=True)
+    settings = WorkerSettings(
+        study_name=study_name, storage_url=storage_url, worker_number=number,
+        heartbeat_interval=heartbeat_interval, grace_period=grace, retry_window=window,
+        max_free_streak=max_free_streak, shape=data.shape,
+        log_level=logging.getLogger("nas3d").getEffectiveLevel(),
+    )
     stop = StopFlag()
     stop.install()
     objective = TrialObjective(config, data, torch_device, open_artifact_store(location), progress=progress,
                                should_stop=stop)
-    source = TrialSource(
-        study, optuna_storage, lock, objective, config=config,
-        marker={"worker": number, "host": socket.gethostname(), "pid": os.getpid()},
-        beats=isinstance(optuna_storage, optuna.storages.RDBStorage), heartbeat_interval=heartbeat_interval,
-        grace=grace_period or 4 * heartbeat_interval, window=window, max_free_streak=max_free_streak,
-        stop=stop,
-    )
+    source = TrialSource(settings, study, optuna_storage, lock, objective, stop)
     logger.info("worker %d (number %d in study %r) on %s, artifacts in %s",
                 worker_index, number, study_name, device, location)
 
-    claims: InlineClaims | ClaimProcess = InlineClaims(source)
-    if claim_ahead:
-        claims = ClaimProcess(source, {
-            "study_name": study_name, "storage": storage_url, "worker_number": number,
-            "shape": dataclasses.asdict(data.shape),
-            "log_level": logging.getLogger("nas3d").getEffectiveLevel(),
-        })
-    trained = 0
+    claims = ClaimProcess(source) if claim_ahead else InlineClaims(source)
+    finished = 0  # trials trained and told here (not those interrupted, nor those discarded)
     try:
         quiet_optuna_warnings()
         claims.request(wait=True)
@@ -153,10 +150,9 @@ def run_worker(
                 claims.request(wait=False)  # claimed ahead while this trial trains (in turn: after it)
             try:
                 train = functools.partial(objective.train, claim.trial, claim.architecture)
-                run_trial(study, claim.trial, train, stop)
+                finished += run_trial(study, claim.trial, train, stop)
             finally:
                 claim.stop_beating()
-            trained += 1
             claim = claims.result() if asked else None
             if isinstance(claim, Claim) and stop.requested:
                 source.give_back(claim)
@@ -168,23 +164,31 @@ def run_worker(
         raise WorkerStorageLost(str(e)) from e
     finally:
         claims.close()
+    ran = finished + claims.decided
     if stop.requested:
-        logger.info("worker stopped by %s after %d trials", stop.requested, trained + claims.decided)
-    return trained + claims.decided
+        logger.info("worker stopped by %s after %d trials", stop.requested, ran)
+    return ran
 
 
 def run_trial(
     study: optuna.Study, trial: optuna.Trial, evaluate: Callable[[], Any], stop: StopFlag
-) -> None:
+) -> bool:
     """Evaluate one asked trial (``evaluate()`` returns its values) and tell its outcome; failures
-    stay the trial's.
+    stay the trial's. Returns whether the trial ended here.
 
     A trial interrupted by ``stop`` is failed and queued again; anything else raised fails the trial
-    with its reason (set by the objective). Only :class:`StorageUnavailable` propagates.
+    with its reason (set by the objective). A trial another worker finished meanwhile (this worker
+    was silent past the grace period: stopped, or starved) keeps that outcome, and this result is
+    discarded. Only :class:`StorageUnavailable` propagates.
     """
     try:
         values = evaluate()
+    except UpdateFinishedTrialError:
+        logger.warning("trial %d was already finished by another worker (stale heartbeat: this worker "
+                       "was silent past the grace period); the result of this run is discarded", trial.number)
+        return False
     except BaseException as error:
         settle(study, trial, error, stop)
-    else:
-        tell(study, trial, values=values)
+        return not isinstance(error, TrainingStopped)
+    tell(study, trial, values=values)
+    return True

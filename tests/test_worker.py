@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import signal
 import subprocess
@@ -15,8 +16,8 @@ import pytest
 from optuna.trial import TrialState
 
 from nas3d.architecture import Architecture
-from nas3d.budget import WORKER_ATTR, budget_state
-from nas3d.records import NOT_TRAINED as NOT_TRAINED_ATTR
+from nas3d.budget import budget_state
+from nas3d.records import NOT_TRAINED, WORKER
 from nas3d.space import params_for
 from nas3d.storages import make_storage
 from nas3d.study import create_study
@@ -28,15 +29,21 @@ pytestmark = pytest.mark.slow
 HEARTBEAT = ["--heartbeat-interval", "1", "--grace-period", "3"]
 
 
-def start_worker(storage_url: str, name: str, index: int = 0, *extra: str) -> subprocess.Popen:
+def start_worker(storage_url: str, name: str, index: int = 0, *extra: str, log: Path | None = None,
+                 command: str = "worker") -> subprocess.Popen:
+    """``nas3d worker`` (or ``launch``) as a process; with ``log``, its output goes there, debug lines
+    included, to be read while it runs."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "nas3d", "worker", "--study-name", name, "--storage", storage_url,
-               "--worker-index", str(index), *HEARTBEAT, *extra]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    flags = ["--worker-index", str(index)] if command == "worker" else ["--cpu", "--workers", "1"]
+    command_line = [sys.executable, "-m", "nas3d", *(["-v"] if log else []), command, "--study-name", name,
+                    "--storage", storage_url, *flags, *HEARTBEAT, *extra]
+    output = log.open("w") if log else subprocess.PIPE
+    return subprocess.Popen(command_line, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
 
 
-def finish(process: subprocess.Popen, timeout: float = 240) -> str:
+def finish(process: subprocess.Popen, timeout: float = 240, log: Path | None = None) -> str:
     output, _ = process.communicate(timeout=timeout)
+    output = log.read_text() if log else output
     assert process.returncode == 0, output
     return output
 
@@ -52,7 +59,7 @@ def counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Trials that use budget: all but failed trials that were queued again, and duplicates."""
     trials = study.get_trials()
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
-    return [t for t in trials if t.number not in retried and NOT_TRAINED_ATTR not in t.user_attrs]
+    return [t for t in trials if t.number not in retried and NOT_TRAINED not in t.user_attrs]
 
 
 def test_two_workers_finish_exactly_the_budget(storage_url: str, tmp_path: Path) -> None:
@@ -103,6 +110,24 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def claim_process_of(worker: int) -> int:
+    """The claim process of worker process ``worker`` (its other child: multiprocessing's resource
+    tracker)."""
+    [claims] = [pid for pid in children(worker) if b"spawn_main" in _cmdline(pid)]
+    return claims
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _ended(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists() or _zombie(pid)
+
+
 def _zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
@@ -114,10 +139,10 @@ def test_killed_worker_trial_is_retried_and_budget_stays_exact(storage_url: str,
     study = long_trials_study(storage_url, tmp_path, "crash")
     victim = start_worker(storage_url, "crash")
     wait_until_training(study)
-    [claims] = children(victim.pid)  # the worker's claim process
+    claims = claim_process_of(victim.pid)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    wait_for(lambda: not Path(f"/proc/{claims}").exists() or _zombie(claims), timeout=30)  # it ends too
+    wait_for(lambda: _ended(claims), timeout=30)  # it ends too
     killed = next(t for t in study.get_trials() if t.state == TrialState.RUNNING)
     finish(start_worker(storage_url, "crash"))
     trials = study.get_trials()
@@ -141,6 +166,7 @@ def test_sigterm_leaves_no_running_trial_and_requeues_it(tmp_path: Path, claim_a
     wait_until_training(study, claimed=2 if claim_ahead else 1)
     worker.send_signal(signal.SIGTERM)
     output = finish(worker, timeout=60)
+    assert "worker stopped by SIGTERM after 0 trials" in output  # the interrupted one did not finish
     trials = study.get_trials()
     assert not [t for t in trials if t.state == TrialState.RUNNING], output
     interrupted = trials[:2] if claim_ahead else trials[:1]
@@ -163,14 +189,15 @@ def test_the_last_trials_are_not_claimed_ahead(tmp_path: Path) -> None:
     storage_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     # two trials that outlast both workers' start-up, one worker at first
     study = long_trials_study(storage_url, tmp_path, "tail", epochs=5000)
-    first = start_worker(storage_url, "tail", 0)
+    log = tmp_path / "first.log"
+    first = start_worker(storage_url, "tail", 0, log=log)
     wait_until_training(study)
-    time.sleep(5)  # its claim process has long had time to claim ahead, and must not have
+    wait_for(lambda: "nothing claimed ahead: 1 trials left for 1 busy workers" in log.read_text())
     assert budget_state(study).waiting == 1
     second = start_worker(storage_url, "tail", 1)
     wait_until_training(study, claimed=2)  # the second worker took the queued trial
     running = [t for t in study.get_trials() if t.state == TrialState.RUNNING]
-    assert {t.system_attrs[WORKER_ATTR]["pid"] for t in running} == {first.pid, second.pid}
+    assert {t.system_attrs[WORKER]["pid"] for t in running} == {first.pid, second.pid}
     for worker in (first, second):
         worker.send_signal(signal.SIGTERM)
         finish(worker, timeout=60)
@@ -219,29 +246,37 @@ def test_the_claim_process_waits_out_an_outage_its_worker_met(tmp_path: Path) ->
     counts for the claim process too."""
     import math
 
-    from nas3d.claims import Claim, ClaimProcess, TrialSource
+    from nas3d.claim_process import ClaimProcess
+    from nas3d.claims import Claim, TrialSource
     from nas3d.heartbeat import StopFlag
 
     storage_url, storage, busy = _study_with_a_silent_trial(tmp_path, "outage-age")
     storage.last_outage = time.monotonic()  # the worker just met an outage (its heartbeat was skipped)
     study = optuna.load_study(study_name="outage-age", storage=storage)
-    source = TrialSource(study, storage, None, None, config=None,
-                         marker={"worker": 0, "host": "here", "pid": os.getpid()}, beats=True,
-                         heartbeat_interval=1, grace=2, window=0, max_free_streak=100, stop=StopFlag())
-    claims = ClaimProcess(source, {"study_name": "outage-age", "storage": storage_url, "worker_number": 0,
-                                   "shape": {"in_channels": 1, "num_classes": 3, "size": 12},
-                                   "log_level": "WARNING"})
+    settings = _settings(storage_url, "outage-age")
+    claims = ClaimProcess(TrialSource(settings, study, storage, None, None, StopFlag()))
     try:
         claims.request(wait=True)
         first = claims.result()
         assert isinstance(first, Claim)
         assert storage.get_trial(busy).state == TrialState.RUNNING  # within a grace period of the outage
-        time.sleep(3)
+        wait_for(lambda: not storage.recovering(), interval=0.1)
         storage.last_outage = -math.inf  # nothing new: the claim process remembers the outage's time
         claims.request(wait=True)
         _assert_failed_as_stale(storage, busy, first, claims.result())
     finally:
         claims.close()
+
+
+def _settings(storage_url: str, name: str, **overrides):
+    """A worker's settings for the smoke study: heartbeats every second, a grace period of 2 s."""
+    from nas3d.claims import WorkerSettings
+    from nas3d.data import DataShape
+
+    values = dict(study_name=name, storage_url=storage_url, worker_number=0, heartbeat_interval=1,
+                  grace_period=2, retry_window=0, max_free_streak=100,
+                  shape=DataShape(in_channels=1, num_classes=3, size=12), log_level=logging.WARNING)
+    return WorkerSettings(**{**values, **overrides})
 
 
 def _study_with_a_silent_trial(tmp_path: Path, name: str):
@@ -251,9 +286,11 @@ def _study_with_a_silent_trial(tmp_path: Path, name: str):
     study = create_study(smoke_config(tmp_path, **{"study.name": name}), make_storage(storage_url))
     storage = make_storage(storage_url, heartbeat_interval=1, grace_period=2)
     busy = storage.create_new_trial(study._study_id)
-    storage.set_trial_system_attr(busy, WORKER_ATTR, {"worker": 9, "host": "elsewhere", "pid": 1})
+    storage.set_trial_system_attr(busy, WORKER, {"worker": 9, "host": "elsewhere", "pid": 1})
     storage.record_heartbeat(busy)
-    time.sleep(3)
+    # until its last beat is older than the grace period (Optuna's own staleness query, read only)
+    wait_for(lambda: busy in optuna.storages.RDBStorage._get_stale_trial_ids(storage, study._study_id),
+             interval=0.1)
     return storage_url, storage, busy
 
 
@@ -275,11 +312,8 @@ def test_an_outage_met_waiting_for_the_study_lock_holds_off_stale_failures(tmp_p
     from nas3d.storages import StorageUnavailable
 
     storage_url, storage, busy = _study_with_a_silent_trial(tmp_path, "lock-outage")
-    source = claim_source({"storage": storage_url, "study_name": "lock-outage", "worker_number": 0,
-                           "shape": {"in_channels": 1, "num_classes": 3, "size": 12},
-                           "marker": {"worker": 0, "host": "here", "pid": os.getpid()},
-                           "heartbeat_interval": 1, "grace": 2, "retry_window": 30, "max_free_streak": 100,
-                           "worker_pid": os.getppid()})  # as if this process were a claim process
+    # as if this process were a claim process (its worker: this process's parent)
+    source = claim_source(_settings(storage_url, "lock-outage", retry_window=30, pid=os.getppid()))
 
     class LockBehindAnOutage:  # the study lock's connection, refused once (the server was down)
         def __init__(self, lock) -> None:
@@ -298,7 +332,7 @@ def test_an_outage_met_waiting_for_the_study_lock_holds_off_stale_failures(tmp_p
     first = source.claim(wait=True)
     assert isinstance(first, Claim)
     assert storage.get_trial(busy).state == TrialState.RUNNING  # its worker may not have beaten yet
-    time.sleep(2.5)  # a grace period after the outage: now it is stale
+    wait_for(lambda: not source.storage.recovering(), interval=0.1)  # a grace period later: stale now
     _assert_failed_as_stale(storage, busy, first, source.claim(wait=True))
 
 
@@ -309,23 +343,128 @@ def test_a_claim_process_whose_worker_ended_claims_nothing(tmp_path: Path) -> No
     study = create_study(smoke_config(tmp_path, **{"study.name": "orphaned"}), make_storage(storage_url))
     # A stand-in worker: starts its claim process, asks for a claim and dies before the reply.
     script = (
-        "import os, sys, optuna\n"
-        "from nas3d.storages import make_storage\n"
-        "from nas3d.claims import ClaimProcess, TrialSource\n"
+        "import os, optuna\n"
+        "from nas3d.claim_process import ClaimProcess\n"
+        "from nas3d.claims import TrialSource\n"
         "from nas3d.heartbeat import StopFlag\n"
-        f"storage = make_storage({storage_url!r}, heartbeat_interval=1, grace_period=2)\n"
+        "from tests.test_worker import _settings\n"
+        f"settings = _settings({storage_url!r}, 'orphaned')\n"
+        "storage = settings.open_storage()\n"
         "study = optuna.load_study(study_name='orphaned', storage=storage)\n"
-        "source = TrialSource(study, storage, None, None, config=None, marker={'worker': 0, 'host': 'here',"
-        " 'pid': os.getpid()}, beats=True, heartbeat_interval=1, grace=2, window=0, max_free_streak=100,"
-        " stop=StopFlag())\n"
-        "claims = ClaimProcess(source, {'study_name': 'orphaned', 'storage': %r, 'worker_number': 0,"
-        " 'shape': {'in_channels': 1, 'num_classes': 3, 'size': 12}, 'log_level': 'WARNING'})\n"
+        "claims = ClaimProcess(TrialSource(settings, study, storage, None, None, StopFlag()))\n"
         "claims.request(wait=True)\n"
         "print(claims._process.pid, flush=True)\n"
         "os._exit(0)\n"
-    ) % storage_url
+    )
     worker = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert worker.returncode == 0, worker.stderr
     claim_process = int(worker.stdout.strip())
     wait_for(lambda: not Path(f"/proc/{claim_process}").exists() or _zombie(claim_process), timeout=60)
     assert study.get_trials() == []
+
+
+# --- a claim process killed, a trial claimed ahead lost, a worker stopped past the grace period -------
+
+
+def kill_children(pid: int) -> list[int]:
+    """``kill -9`` of every child of ``pid`` (``ps --ppid``), as an operator or the OOM killer would."""
+    killed = children(pid)
+    for child in killed:
+        os.kill(child, signal.SIGKILL)
+    return killed
+
+
+@pytest.mark.parametrize("command", ["worker", "launch"])
+def test_a_killed_claim_process_is_replaced_and_its_trial_queued_again(
+    storage_url: str, tmp_path: Path, command: str
+) -> None:
+    """kill -9 of the worker's children (``ps --ppid``), once while its claim process claims (a trial
+    asked and marked, not yet handed over) and once while a trial trains: the worker starts another
+    claim process each time, the trial claimed for nobody is failed and queued again, the budget is met
+    exactly, and the worker ends cleanly (``launch`` restarts nothing)."""
+    ops = ("relu_conv3", "mish_conv3", "conv3_in_relu")
+    study = long_trials_study(storage_url, tmp_path, "killed-claims", ops, epochs=30)
+    log = tmp_path / "worker.log"
+    process = start_worker(storage_url, "killed-claims", log=log, command=command)
+    worker = process.pid
+    if command == "launch":
+        wait_for(lambda: any(b"worker" in _cmdline(pid) for pid in children(process.pid)))
+        [worker] = [pid for pid in children(process.pid) if b"worker" in _cmdline(pid)]
+
+    def claiming() -> bool:  # asked and marked under the lock; its costs (seconds, a process's first) not yet
+        return any(t.state == TrialState.RUNNING and WORKER in t.system_attrs and "params" not in t.user_attrs
+                   for t in study.get_trials(deepcopy=False))
+
+    wait_for(claiming, interval=0.02)
+    kill_children(worker)
+    wait_until_training(study, claimed=2)  # a new claim process: one trial trains, the next is claimed
+    kill_children(worker)
+    output = finish(process, timeout=600, log=log)
+    assert output.count("the claim process of this worker ended (status -9); starting another") == 2, output
+    trials = study.get_trials()
+    [lost] = [t for t in trials if (t.user_attrs.get("failure_reason") or "").startswith("claimed by its")]
+    assert lost.state == TrialState.FAIL and "device" not in lost.user_attrs  # never trained
+    assert lost.user_attrs["failure_reason"].endswith("ended (status -9) before handing it over; re-queued")
+    [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == lost.number]
+    # the retry keeps what the lost trial had sampled when its claim process died
+    assert retry.state == TrialState.COMPLETE and retry.params.items() >= lost.params.items()
+    assert not [t for t in trials if t.state == TrialState.RUNNING], output
+    assert len(counted(study)) == budget_state(study).used == len(ops), output
+    assert all(t.state == TrialState.COMPLETE for t in counted(study)), output
+    assert "Traceback" not in output
+    if command == "launch":
+        assert "restarting" not in output and output.count("starting worker") == 1
+
+
+def test_a_trial_claimed_ahead_then_failed_as_stale_is_not_trained(tmp_path: Path) -> None:
+    """A claim process stopped past the grace period (SIGSTOP) while it holds a trial: another worker
+    fails that trial as stale and queues it again; the worker checks before training, and claims again."""
+    storage_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    ops = ("relu_conv3", "mish_conv3", "conv3_in_relu")
+    study = long_trials_study(storage_url, tmp_path, "stale-ahead", ops, epochs=30)
+    log = tmp_path / "worker.log"
+    worker = start_worker(storage_url, "stale-ahead", log=log)
+    wait_until_training(study, claimed=2)
+    claims = claim_process_of(worker.pid)
+    os.kill(claims, signal.SIGSTOP)
+    try:
+        # another worker's claim: the held trial's beats stopped a grace period ago (3 s)
+        other = optuna.load_study(study_name="stale-ahead",
+                                  storage=make_storage(storage_url, heartbeat_interval=1, grace_period=3))
+        wait_for(lambda: (optuna.storages.fail_stale_trials(other),
+                          other.trials[1].state == TrialState.FAIL)[1])
+    finally:
+        os.kill(claims, signal.SIGCONT)
+    output = finish(worker, timeout=600, log=log)
+    assert "trial 1, claimed ahead, was finished by another worker meanwhile (stale heartbeat)" in output
+    trials = study.get_trials()
+    assert trials[1].user_attrs["failure_reason"].startswith("stale heartbeat")
+    assert "device" not in trials[1].user_attrs  # not trained
+    assert not [t for t in trials if t.state == TrialState.RUNNING], output
+    assert len(counted(study)) == budget_state(study).used == len(ops)
+    assert all(t.state == TrialState.COMPLETE for t in counted(study)), output
+
+
+def test_a_worker_woken_past_the_grace_period_discards_its_result_in_one_line(tmp_path: Path) -> None:
+    """A worker stopped (SIGSTOP) past the grace period while it trains: its trial is failed as stale
+    and queued again; woken, it says in one line that its result is discarded, and goes on."""
+    storage_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    study = long_trials_study(storage_url, tmp_path, "zombie", ("relu_conv3",), epochs=30)
+    log = tmp_path / "worker.log"
+    worker = start_worker(storage_url, "zombie", "--no-claim-ahead", log=log)
+    wait_until_training(study)
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        other = optuna.load_study(study_name="zombie",
+                                  storage=make_storage(storage_url, heartbeat_interval=1, grace_period=3))
+        wait_for(lambda: (optuna.storages.fail_stale_trials(other),
+                          other.trials[0].state == TrialState.FAIL)[1])
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    output = finish(worker, timeout=600, log=log)
+    assert ("trial 0 was already finished by another worker (stale heartbeat: this worker was silent past "
+            "the grace period); the result of this run is discarded") in output
+    assert "UpdateFinishedTrialError" not in output
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # its retry trained here
+    assert "worker 0 ran 1 trials" in output  # the discarded one is not counted
