@@ -1,8 +1,8 @@
 """``nas3d export``: a trial's checkpoint copied out of the study's artifact store, and models as ONNX.
 
 Every file written here (and by ``nas3d predict`` and ``nas3d retrain``) goes through :func:`check_out`:
-an existing result is replaced only with ``--force``. A file appears whole or not at all, and an export
-that cannot write everything it was asked for (the picture without Graphviz) writes nothing.
+an existing result is replaced only with ``--force``. A file appears whole or not at all, and a checkpoint
+export that cannot draw the picture asked for (no Graphviz, or a failing ``dot``) writes neither file.
 """
 
 from __future__ import annotations
