@@ -12,7 +12,7 @@ Faults: storage calls retry through a database outage for the retry window
 :data:`EXIT_STORAGE`, which ``nas3d launch`` restarts. Anything raised inside a trial fails that trial
 with its reason and the worker goes on. Only bad input found before the first trial raises (the CLI
 exits 2). SIGINT/SIGTERM only set a flag; training checks it between batches, and the interrupted
-trial is failed and queued again.
+trial is failed and queued again. A claim process that dies is replaced (:mod:`nas3d.claim_process`).
 """
 
 from __future__ import annotations
@@ -98,6 +98,9 @@ def run_worker(
     missing data), each one line, before anything is written; and
     :class:`WorkerStorageLost` when the database is unreachable for longer than ``retry_window``
     seconds (default :func:`nas3d.storages.storage_retry_window`).
+
+    The claim process is started by ``multiprocessing`` (spawn), which imports the main module of a
+    script anew: a script that calls this needs the usual ``if __name__ == "__main__":`` guard.
     """
     torch_device = check_device(device)
     window = storage_retry_window(retry_window)
