@@ -131,6 +131,7 @@ from optuna.distributions import BaseDistribution
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
+import nas3d.claim_process
 import nas3d.claims
 import nas3d.objective
 import nas3d.study
@@ -407,7 +408,7 @@ class _Timeline:
 def instrumented_claim_ahead(timeline: _Timeline, standin: StandinTraining) -> Iterator[None]:
     """Record the real ``run_worker``'s timeline with claims made ahead (in its claim process); replace
     only ``train_trial``."""
-    real_result = nas3d.claims.ClaimProcess.result
+    real_result = nas3d.claim_process.ClaimProcess.result
 
     def result(self: Any) -> Any:
         try:
@@ -433,7 +434,7 @@ def instrumented_claim_ahead(timeline: _Timeline, standin: StandinTraining) -> I
 
     with ExitStack() as stack:
         for target, name, value in (
-            (nas3d.claims.ClaimProcess, "result", result),
+            (nas3d.claim_process.ClaimProcess, "result", result),
             (nas3d.objective, "train_trial", train),
             (nas3d.objective, "build_model", timed(timeline.builds, nas3d.objective.build_model)),
             (nas3d.objective.TrialObjective, "_store_checkpoint",
