@@ -132,3 +132,21 @@ def test_status_of_a_retry_shows_its_history_and_no_inherited_reason(storage_url
     history = text.splitlines().index("  retry history:")
     assert text.splitlines()[history + 1] == "    trial 0 fail: stale heartbeat: no heartbeat for over 120 s"
     assert "retry history" not in trial_report(study._storage, "s", 0)
+
+
+def test_an_orphan_retried_under_ode_gets_a_proposal_of_its_own() -> None:
+    from nas3d.samplers.ode import ODESampler
+    from nas3d.space import sample_architecture
+    from nas3d.study import DIRECTIONS
+
+    study = optuna.create_study(directions=list(DIRECTIONS), sampler=ODESampler(population=4, seed=0))
+    # an ask whose reply was lost: the trial exists, RUNNING, but the sampler never saw it
+    orphan_id = study._storage.create_new_trial(study._study_id)
+    records.mark_not_trained(study._storage, orphan_id, "lost")
+    assert records.fail_and_requeue(study, study._storage.get_trial(orphan_id), "orphaned: test")
+    retry = study.ask()  # pops the retry, which has neither parameters nor a proposal to inherit
+    assert records.retry_of(study._storage.get_trial(retry._trial_id)) == [0]
+    proposal = study._storage.get_trial(retry._trial_id).system_attrs
+    assert records.ODE_STAGE in proposal and records.ODE_PARAMS in proposal  # claimed afresh
+    sample_architecture(retry)
+    assert retry.params == proposal[records.ODE_PARAMS]
