@@ -23,7 +23,6 @@ from nas3d import records
 
 __all__ = [
     "DEFAULT_MAX_FREE_STREAK",
-    "WORKER_ATTR",
     "BudgetState",
     "budget_state",
     "log_spent",
@@ -31,7 +30,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-WORKER_ATTR = records.WORKER  # the old name, still imported
 #: How many trials in a row may be free (duplicates, over the constraints, ...) before a study stops.
 DEFAULT_MAX_FREE_STREAK = 100
 

@@ -15,9 +15,10 @@ import torch
 from optuna.trial import TrialState
 
 from nas3d.architecture import Architecture
-from nas3d.budget import WORKER_ATTR, budget_state
+from nas3d.budget import budget_state
 from nas3d.checkpoint import load_checkpoint
 from nas3d.records import NOT_TRAINED as NOT_TRAINED_ATTR
+from nas3d.records import WORKER as WORKER_ATTR
 from nas3d.records import WORKERS as WORKERS_ATTR
 from nas3d.space import params_for
 from nas3d.storages import make_storage
