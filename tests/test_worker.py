@@ -37,8 +37,11 @@ def start_worker(storage_url: str, name: str, index: int = 0, *extra: str, log: 
     flags = ["--worker-index", str(index)] if command == "worker" else ["--cpu", "--workers", "1"]
     command_line = [sys.executable, "-m", "nas3d", *(["-v"] if log else []), command, "--study-name", name,
                     "--storage", storage_url, *flags, *HEARTBEAT, *extra]
-    output = log.open("w") if log else subprocess.PIPE
-    return subprocess.Popen(command_line, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
+    if log is None:
+        return subprocess.Popen(command_line, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    with log.open("w") as output:  # the child has its own copy
+        return subprocess.Popen(command_line, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(process: subprocess.Popen, timeout: float = 240, log: Path | None = None) -> str:
@@ -451,7 +454,7 @@ def test_a_worker_woken_past_the_grace_period_discards_its_result_in_one_line(tm
     storage_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     study = long_trials_study(storage_url, tmp_path, "zombie", ("relu_conv3",), epochs=30)
     log = tmp_path / "worker.log"
-    worker = start_worker(storage_url, "zombie", "--no-claim-ahead", log=log)
+    worker = start_worker(storage_url, "zombie", 0, "--no-claim-ahead", log=log)
     wait_until_training(study)
     os.kill(worker.pid, signal.SIGSTOP)
     try:
