@@ -81,6 +81,19 @@ class Checkpoint:
             return dataclasses.replace(data.preprocessing, channels=self.in_channels)
         return Preprocessing(self.input_size, self.in_channels, "window", (0.0, 255.0))
 
+    @property
+    def threshold(self) -> float:
+        """A binary model's decision threshold (a sample is positive when its score is above it), as
+        ``nas3d retrain`` chose it on validation; 0.5 (MedMNIST's) where the file records none."""
+        recorded = self.metadata.get("threshold")
+        number = isinstance(recorded, int | float) and not isinstance(recorded, bool)
+        return float(recorded) if number else 0.5
+
+    @property
+    def binary(self) -> bool:
+        """Whether the model scores two classes (a thresholded positive class)."""
+        return self.num_classes == 2
+
     def build(self, device: torch.device | str = "cpu") -> nn.Module:
         """The network with these weights loaded, in eval mode."""
         model = self.recipe.build(self.in_channels, self.num_classes)

@@ -1,3 +1,5 @@
+# Long module: every text nas3d shows people about studies and retrained models, and the report's
+# files, kept together so that they read alike.
 """What nas3d shows people: status tables, one trial, retrain rows, the comparison with published numbers
 and ``nas3d report`` (its Pareto fronts come from :mod:`nas3d.front`, as the dashboard's do).
 
@@ -23,6 +25,7 @@ from nas3d.front import fmt_or_dash as _fmt
 from nas3d.front import int_or_dash as _int
 
 __all__ = [
+    "CALIBRATION_FILE",
     "REPORT_FILES",
     "SEED_HEADER",
     "compare_runs",
@@ -30,13 +33,16 @@ __all__ = [
     "format_status",
     "report_markdown",
     "trial_report",
+    "write_calibration_png",
     "write_report",
     "mean_line",
+    "paired_comparisons",
     "retrain_failures",
     "retrain_header",
     "retrain_summary",
     "run_retrain",
     "seed_row",
+    "single_class_warnings",
     "status_report",
 ]
 
@@ -68,12 +74,17 @@ def run_retrain(options: dict[str, Any], storage: Any, *, say: Callable[[str], o
     from nas3d.retrain import plan_retrain, retrain
 
     plan = plan_retrain(options, storage)
+    note = plan.size_note()
+    if note:
+        warn(note)
     say(retrain_header(plan))
     report = retrain(plan.source, plan.data, plan.config, plan.device, plan.out,
                      overwrite=options.get("force", False), progress=options.get("progress", False),
                      on_seed=lambda seed: say(seed_row(seed)))
     if report.failed:
         warn(retrain_failures(report))
+    for line in single_class_warnings(report.results["name"], report.results):
+        warn(line)
     say(retrain_summary(report))
     return 1 if report.failed else 0
 
@@ -137,7 +148,9 @@ def format_status(study: optuna.Study) -> str:
     return "\n".join(lines)
 
 
-_SEED_COLUMNS = ("seed", "val_auc", "val_acc", "test_auc", "test_acc", "best_ep", "seconds")
+# test_acc is MedMNIST's ACC at 0.5; thresh (chosen on val), bal_acc, sens and spec: binary tasks only.
+_SEED_COLUMNS = ("seed", "val_auc", "val_acc", "test_auc", "test_acc", "thresh", "bal_acc", "sens", "spec",
+                 "best_ep", "seconds")
 SEED_HEADER = "  " + "  ".join(f"{c:>8}" for c in _SEED_COLUMNS)
 
 
@@ -145,7 +158,9 @@ def seed_row(seed: Any) -> str:
     if not seed.completed:
         return f"  {seed.seed:>8}  failed: {seed.reason}"
     cells = (seed.seed, f"{seed.val_auc:.4f}", f"{seed.val_acc:.4f}", f"{seed.test_auc:.4f}",
-             f"{seed.test_acc:.4f}", seed.best_epoch, f"{seed.seconds:.1f}")
+             f"{seed.test_acc:.4f}", *(_fmt(getattr(seed, k, None)) for k in (
+                 "threshold", "test_balanced_accuracy", "test_sensitivity", "test_specificity")),
+             seed.best_epoch, f"{seed.seconds:.1f}")
     return "  " + "  ".join(f"{c:>8}" for c in cells)
 
 
@@ -153,12 +168,71 @@ def _mean_std(entry: dict[str, float] | None) -> str:
     return "-" if entry is None else f"{entry['mean']:.4f}±{entry['std']:.4f}"
 
 
+def _interval(summary: dict[str, Any], metric: str) -> str:
+    """`` [low, high]``: the 95 % bootstrap interval over the test samples, or nothing where none is
+    recorded (results.json written before intervals, or an undefined one)."""
+    low, high = (summary.get("intervals") or {}).get(metric) or (None, None)
+    if low is None or high is None or low != low or high != high:  # nan: undefined
+        return ""
+    return f" [{low:.3f}, {high:.3f}]"
+
+
+def _with_interval(summary: dict[str, Any], metric: str) -> str:
+    return _mean_std(summary.get(metric)) + _interval(summary, metric)
+
+
 def mean_line(summary: dict[str, Any], seeds: int) -> str:
+    """The retrain summary: mean±std over seeds with the 95 % bootstrap interval over the test samples,
+    and for a binary task the rates at the chosen threshold."""
     done = summary["completed"]
     if not done:
         return f"no seed completed (of {seeds})"
-    return (f"mean±std over {done} of {seeds} seeds: test AUC {_mean_std(summary['test_auc'])}, "
-            f"test ACC {_mean_std(summary['test_acc'])} (val AUC {_mean_std(summary['val_auc'])})")
+    line = (f"mean±std over {done} of {seeds} seeds: test AUC {_with_interval(summary, 'test_auc')}, "
+            f"test ACC {_with_interval(summary, 'test_acc')} (val AUC {_mean_std(summary['val_auc'])})")
+    if summary.get("intervals"):
+        line += "; [95 % BCa bootstrap interval over the test samples, seeds averaged]"
+    if summary.get("test_balanced_accuracy"):
+        line += (f"\nat the threshold chosen on val: balanced accuracy "
+                 f"{_mean_std(summary['test_balanced_accuracy'])}, sensitivity "
+                 f"{_mean_std(summary['test_sensitivity'])}, specificity "
+                 f"{_mean_std(summary['test_specificity'])}"
+                 " (test ACC above is MedMNIST's, at 0.5)")
+    return line
+
+
+def single_class_warnings(label: str, results: dict[str, Any]) -> list[str]:
+    """One warning per seed of ``results`` whose model predicts a single class on val or test."""
+    found = (results.get("summary") or {}).get("single_class") or {}
+    return [f"warning: {label} seed {seed} predicts a single class on {', '.join(where)}"
+            for seed, where in found.items()]
+
+
+def paired_comparisons(runs: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+    """For each two runs scored on the same test samples: their difference in mean test AUC with its
+    paired 95 % BCa bootstrap interval, and whether the difference is within it (the interval holds 0)."""
+    from nas3d.metrics import bootstrap_interval
+
+    def scores(results: dict[str, Any]) -> list[Any]:
+        return [s["test_scores"] for s in results["seeds"] if s.get("test_scores") is not None]
+
+    lines = []
+    scored = [(label, r) for label, r in runs if r.get("test_labels") and scores(r)]
+    for i, (label_a, a) in enumerate(scored):
+        for label_b, b in scored[i + 1:]:
+            if (a["dataset"], a["size"], a["test_labels"]) != (b["dataset"], b["size"], b["test_labels"]):
+                continue
+            difference = a["summary"]["test_auc"]["mean"] - b["summary"]["test_auc"]["mean"]
+            low, high = bootstrap_interval(a["test_labels"], scores(a), a["task"], "auc", other=scores(b))
+            if low != low:  # nan: undefined on these samples
+                verdict = "no interval (undefined on these samples)"
+            elif low <= 0 <= high:
+                verdict = ("they differ by less than their paired interval: not distinguishable on this "
+                           "test set")
+            else:
+                verdict = f"{label_a if difference > 0 else label_b} is better beyond the paired interval"
+            interval = "" if low != low else f", paired 95 % interval [{low:+.3f}, {high:+.3f}]"
+            lines.append(f"  {label_a} - {label_b}: test AUC {difference:+.4f}{interval}; {verdict}")
+    return lines
 
 
 def format_comparison(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
@@ -201,10 +275,19 @@ def format_comparison(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
         published = [_published(PUBLISHED[model].get(r["dataset"])) for model in resnets]
         rows.append([
             label, r["dataset"], str(r["size"]), f"{summary['completed']}/{len(r['retrain']['seeds'])}",
-            _mean_std(summary.get("test_auc")), _mean_std(summary.get("test_acc")),
+            _with_interval(summary, "test_auc"), _with_interval(summary, "test_acc"),
             f"{costs['flops'] / 1e6:,.1f}", f"{costs['params']:,}", *ratios, *published,
         ])
     lines = _table(header, rows)
+    if any(r["summary"].get("intervals") for _, r in runs):
+        lines.append("  test AUC/ACC: mean±std over seeds [95 % BCa bootstrap interval over the test "
+                     "samples]")
+    paired = paired_comparisons(runs)
+    if paired:
+        lines += ["", "paired comparisons (the same test samples, seeds averaged):", *paired]
+    warnings = [w for label, r in runs for w in single_class_warnings(label, r)]
+    if warnings:
+        lines += ["", *warnings]
 
     datasets = sorted({r["dataset"] for _, r in runs if r["dataset"] in PUBLISHED[PUBLISHED_MODELS[0]]})
     lines.append("")
@@ -304,17 +387,75 @@ def write_report(storage: Any, study_names: Sequence[str], out: str | Path,
     write_front_png(fronts, out / "pareto.png")
     html = front_figure(fronts).to_html(include_plotlyjs=True, full_html=True)  # offline: plotly.js inside
     atomic_write(out / "pareto.html", lambda f: f.write(html.encode("utf-8")))
-    text = report_markdown(fronts, runs)
+    calibration = write_calibration_png(_shown_runs(fronts, runs), out / CALIBRATION_FILE)
+    text = report_markdown(fronts, runs, calibration=calibration is not None)
     atomic_write(out / "report.md", lambda f: f.write(text.encode("utf-8")))
     pareto = sum(len(f.front) for f in fronts)
+    files = [*REPORT_FILES, *([CALIBRATION_FILE] if calibration else [])]
     return f"report on {len(fronts)} stud{'y' if len(fronts) == 1 else 'ies'} ({pareto} Pareto trials) " \
-           f"written to {out}: {', '.join(REPORT_FILES)}"
+           f"written to {out}: {', '.join(files)}"
 
 
-def report_markdown(fronts: Sequence[StudyFront], runs: Sequence[dict[str, Any]] = ()) -> str:
+CALIBRATION_FILE = "calibration.png"
+
+
+def _shown_runs(fronts: Sequence[StudyFront],
+                runs: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """The retrain results the report's table shows (one per retrained Pareto trial), labelled."""
+    shown = []
+    for front in fronts:
+        for p in front.front:
+            run = retrained(runs, front.study_name, p.number)
+            if run is not None:
+                shown.append((f"{front.study_name} trial {p.number}", run))
+    return shown
+
+
+def write_calibration_png(runs: Sequence[tuple[str, dict[str, Any]]], path: str | Path) -> Path | None:
+    """A reliability diagram of the binary runs' test predictions (each run's seeds pooled; 10 equal-width
+    bins of the positive score, marker area by count) against the diagonal of perfect calibration;
+    None, and nothing written, where no run is binary with recorded test scores."""
+    from nas3d.metrics import reliability_bins
+    from nas3d.util import atomic_write
+
+    curves = []
+    for label, r in runs:
+        scores = [s["test_scores"] for s in r["seeds"] if s.get("test_scores") is not None]
+        if r.get("task") == "binary-class" and scores and r.get("test_labels"):
+            labels = [y for _ in scores for y in r["test_labels"]]
+            curves.append((label, reliability_bins(labels, [v for s in scores for v in s])))
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; only files
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=120)
+    ax.plot([0, 1], [0, 1], color="#888", ls=":", lw=1, label="perfectly calibrated")
+    for label, points in curves:
+        mean_score, observed, counts = zip(*points, strict=True)
+        line, = ax.plot(mean_score, observed, marker="o", ms=0, lw=1.2, label=label)
+        sizes = [12 + 60 * c / max(counts) for c in counts]
+        ax.scatter(mean_score, observed, s=sizes, color=line.get_color())
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean predicted probability of the positive class",
+           ylabel="share of positives", title="Reliability of test predictions")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return atomic_write(Path(path), lambda f: f.write(buffer.getvalue()))
+
+
+def report_markdown(fronts: Sequence[StudyFront], runs: Sequence[dict[str, Any]] = (), *,
+                    calibration: bool = False) -> str:
     """The paper-style table: per Pareto trial val AUC/ACC, FLOPs, params, architecture, and where
-    retrained, test AUC/ACC mean±std beside the published ResNet-18/50+3D numbers; a mean row over
-    the studies (each study's best-val-AUC Pareto trial) when there are several; the hypervolumes."""
+    retrained, test AUC/ACC mean±std with their bootstrap intervals beside the published ResNet-18/50+3D
+    numbers; a mean row over the studies (each study's best-val-AUC Pareto trial) when there are several;
+    single-class warnings; the calibration figure (``calibration``: it was written); the hypervolumes."""
     from nas3d.baselines import PUBLISHED
 
     lines = ["# nas3d report", "",
@@ -334,13 +475,23 @@ def report_markdown(fronts: Sequence[StudyFront], runs: Sequence[dict[str, Any]]
                 best.append((p, summary, front.dataset))
             lines.append(f"| {front.dataset} | {front.study_name} | {p.number} | {p.val_auc:.4f} | "
                          f"{_fmt(p.val_acc)} | {p.flops / 1e6:,.2f} | {_int(p.params)} | "
-                         f"{_mean_std(summary.get('test_auc'))} | {_mean_std(summary.get('test_acc'))} | "
+                         f"{_with_interval(summary, 'test_auc')} | {_with_interval(summary, 'test_acc')} | "
                          + " | ".join(published) + f" | `{p.arch}` |")
         if not front.front:
             lines.append(f"| {front.dataset} | {front.study_name} | - | no fully trained trial yet |"
                          + " |" * (8 + len(_RESNETS)))
     if len(best) > 1:
         lines.append(_mean_row(best))
+    shown = _shown_runs(fronts, runs)
+    warnings = [w for label, r in shown for w in single_class_warnings(label, r)]
+    if any(r["summary"].get("intervals") for _, r in shown):
+        lines += ["", "Test AUC/ACC intervals: 95 % BCa bootstrap over the test samples (seeds averaged), "
+                  "beside the mean ± std over seeds (docs/metrics.md#intervals)."]
+    if warnings:
+        lines += ["", *(f"- **{w}**" for w in warnings)]
+    if calibration:
+        lines += ["", "Reliability of the retrained binary models' test predictions (seeds pooled; "
+                  "docs/metrics.md#calibration):", "", f"![Calibration]({CALIBRATION_FILE})"]
     lines += ["", "| study | dataset | size | fully trained | Pareto trials | hypervolume |",
               "|---|---|---:|---:|---:|---:|"]
     for f in fronts:
@@ -381,7 +532,7 @@ def _mean_row(best: Sequence[tuple[FrontPoint, dict[str, Any], str]]) -> str:
 # -- nas3d status --trial N -----------------------------------------------------------------------------
 
 #: User attrs shown elsewhere in the trial report, or too long for a terminal line.
-_TRIAL_ATTRS_SHOWN_APART = (records.FAILURE_REASON, records.ARCH_JSON)
+_TRIAL_ATTRS_SHOWN_APART = (records.FAILURE_REASON, records.ARCH_JSON, records.CHECKPOINT_MISSING)
 
 
 def trial_report(storage: Any, study_name: str, number: int) -> str:
@@ -418,9 +569,19 @@ def trial_report(storage: Any, study_name: str, number: int) -> str:
     if trial.user_attrs.get(records.CURVE):
         # the curve with the best epoch and the stopper's decisions (its first line names the trial)
         curve = format_learning_curve(trial).splitlines()[1:]
-        lines += ["  learning curve:", *("  " + line for line in curve)]
+        # Only the table: the lines above it repeat the reason and the values, shown apart above.
+        header = next((i for i, line in enumerate(curve) if line.split()[:1] == ["epoch"]), len(curve))
+        table = curve[header:]
+    else:
+        table = []
+    if table:
+        lines += ["  learning curve:", *("  " + line for line in table)]
     else:
         lines.append("  learning curve: not recorded")
+    missing = trial.user_attrs.get(records.CHECKPOINT_MISSING)
+    if missing:
+        lines.append(f"  checkpoint missing: {missing}; its weights come back by retraining it "
+                     f"(nas3d retrain --study-name {study_name} --trial {trial.number})")
     artifacts = get_all_artifact_meta(trial, storage=backend)
     if artifacts:
         lines.append("  artifacts:")

@@ -8,6 +8,12 @@ the highest validation AUC (``keep="val_acc"``: the highest validation ACC, the 
 AUC/ACC in float32 with ``medmnist.Evaluator`` on the real test split (synthetic data: the same
 metrics by :mod:`nas3d.metrics`). Training is :func:`nas3d.train.train_trial`
 with a patience equal to the epoch budget, so nothing stops early unless a patience is asked for.
+The recipe's options (``--set train.recipe=...``, ``train.schedule``, ...: docs/studies.md) are
+recorded with the results. A binary model's decision threshold is chosen on the validation split
+(``train.threshold``) and stored in its checkpoint; test ACC stays MedMNIST's (at 0.5), beside the
+balanced accuracy, sensitivity and specificity at the chosen threshold. The per-sample test scores
+are kept, and the summary carries a BCa bootstrap interval over the test samples
+(:func:`nas3d.metrics.bootstrap_interval`) beside the mean and standard deviation over seeds.
 Every run starts from a fresh initialisation seeded by its seed; a checkpoint given as the source
 contributes only its architecture, as in the paper.
 
@@ -39,7 +45,15 @@ from nas3d.checkpoint import checkpoint_data, load_checkpoint, save_checkpoint
 from nas3d.costs import measure_costs
 from nas3d.data import DATASETS, SYNTHETIC, DataConfig, DeviceData, load_splits, resolve_manifest
 from nas3d.export import check_out
-from nas3d.metrics import accuracy, auc, evaluator_metrics
+from nas3d.metrics import (
+    accuracy,
+    auc,
+    binary_rates,
+    bootstrap_interval,
+    choose_threshold,
+    evaluator_metrics,
+    single_class,
+)
 from nas3d.registry import ModelRecipe
 from nas3d.train import (
     KEEP_CHOICES,
@@ -75,7 +89,10 @@ logger = logging.getLogger(__name__)
 PAPER_SEEDS = (0, 42, 143, 1234, 3074)
 RESULTS_FILE = "results.json"
 RESULTS_FORMAT = "nas3d-retrain/1"
-SUMMARY_METRICS = ("val_auc", "val_acc", "test_auc", "test_acc")
+SUMMARY_METRICS = ("val_auc", "val_acc", "test_auc", "test_acc", "test_balanced_accuracy", "test_sensitivity",
+                   "test_specificity")
+#: Test metrics with a bootstrap interval in the summary (over the test samples, seeds averaged).
+INTERVAL_METRICS = {"test_auc": "auc", "test_acc": "acc"}
 FLOPS_CONVENTION = (
     "torch FlopCounterMode on a batch of one: FLOPs = 2 x MACs of convolutions and the classifier; "
     "norms, activations, pooling and additions not counted"
@@ -148,7 +165,8 @@ class RetrainConfig:
         t = self.train
         return {"epochs": t.max_epochs, "seeds": list(self.seeds), "batch_size": t.batch_size, "lr": t.lr,
                 "patience": self.patience, "amp": t.amp, "channels_last": t.channels_last, "keep": t.keep,
-                "cudnn_benchmark": t.cudnn_benchmark}
+                "cudnn_benchmark": t.cudnn_benchmark, "recipe": t.recipe,
+                **dataclasses.asdict(t.options), "threshold": t.threshold}
 
 
 @dataclass(frozen=True)
@@ -277,6 +295,19 @@ class RetrainPlan:
     config: RetrainConfig
     device: torch.device
     out: Path
+    searched_size: int | None = None  # the input size the model was searched (or trained) at, if known
+
+    def size_note(self) -> str | None:
+        """One line when the data's size differs from the size the model was searched at, with its
+        FLOPs at both (more voxels, more FLOPs: the front it was picked from no longer holds)."""
+        searched, size = self.searched_size, self.data.size
+        if searched is None or searched == size:
+            return None
+        recipe, data = self.source.recipe, self.data
+        before, after = (measure_costs(recipe, data.in_channels, data.num_classes, s, with_thop=False).flops
+                         for s in (searched, size))
+        return (f"the data is {size}³ but the model was searched at {searched}³: its FLOPs go from "
+                f"{before / 1e6:,.0f} M to {after / 1e6:,.0f} M a volume")
 
 
 def plan_retrain(options: dict[str, Any], storage: Any) -> RetrainPlan:
@@ -294,11 +325,16 @@ def plan_retrain(options: dict[str, Any], storage: Any) -> RetrainPlan:
         raise ValueError("--trial goes with --study-name; a checkpoint or baseline needs no trial number")
     if study_name and trial is None:
         raise ValueError("--study-name needs --trial N (the trial number `nas3d status` shows)")
+    sets = parse_overrides(options.get("set") or ())
+    unknown = [key for key in sets if key.partition(".")[0] not in ("data", "train")]
+    if unknown:
+        raise ValueError(f"retrain --set takes data.KEY=VALUE or train.KEY=VALUE, but got {unknown[0]!r}")
     config = RetrainConfig.of(
         epochs=options["epochs"], seeds=parse_seeds(options["seeds"]), batch_size=options["batch_size"],
         lr=options["lr"], patience=options.get("patience"), amp=not options.get("no_amp", False),
         keep=options.get("keep") or "val_auc",
     )
+    config = with_train_overrides(config, {k: v for k, v in sets.items() if k.startswith("train.")})
     device = torch_device(options.get("device") or "cpu")
     recorded = None
     if options.get("checkpoint"):
@@ -311,10 +347,29 @@ def plan_retrain(options: dict[str, Any], storage: Any) -> RetrainPlan:
         source = RetrainSource.from_baseline(options["baseline"])
     data = resolve_data(
         recorded, source, dataset=options.get("dataset"), size=options.get("size"),
-        root=options.get("data_root"), overrides=parse_overrides(options.get("set") or (), only_table="data"),
+        root=options.get("data_root"), overrides={k: v for k, v in sets.items() if k.startswith("data.")},
     )
     out = options.get("out") or storage_home() / "retrain" / f"{source.name}-{data.name}-{data.size}"
-    return RetrainPlan(source=source, data=data, config=config, device=device, out=Path(out))
+    searched = recorded.size if recorded is not None else source.source.get("input_size")
+    return RetrainPlan(source=source, data=data, config=config, device=device, out=Path(out),
+                       searched_size=searched)
+
+
+def with_train_overrides(config: RetrainConfig, overrides: dict[str, str]) -> RetrainConfig:
+    """``config`` with ``--set train.KEY=VALUE`` items applied to its :class:`TrainConfig`, checked as a
+    study file's [train] table is (the epochs, batch size and seeds stay the flags')."""
+    from nas3d.config import StudyConfig, StudySettings
+
+    taken = {"train.max_epochs": "--epochs", "train.batch_size": "--batch-size", "train.seed": "--seeds",
+             "train.lr": "--lr", "train.patience": "--patience", "train.keep": "--keep",
+             "train.amp": "--no-amp"}
+    for key in overrides:
+        if key in taken:
+            raise ValueError(f"retrain sets {key} by its flag {taken[key]}; drop --set {key}")
+    if not overrides:
+        return config
+    holder = StudyConfig(study=StudySettings(name="retrain"), train=config.train)
+    return dataclasses.replace(config, train=holder.with_overrides(overrides, source="command line").train)
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -340,11 +395,21 @@ class SeedResult:
     test_auc: float | None = None
     test_acc: float | None = None
     test_loss: float | None = None
+    # binary tasks: the threshold chosen on val, and the test rates at it (ACC above stays at 0.5)
+    threshold: float | None = None
+    test_balanced_accuracy: float | None = None
+    test_sensitivity: float | None = None
+    test_specificity: float | None = None
+    # where the model predicts one class for every sample: "val at 0.5", "test at the threshold", ...
+    single_class: tuple[str, ...] = ()
     best_epoch: int | None = None
     epochs_run: int | None = None
     train_seconds: float | None = None
     seconds: float | None = None  # the whole seed: build, training, test
     checkpoint: str | None = None  # file name inside the output folder
+    # per-sample test scores (positive-class score for a binary task, else a row per sample), in the
+    # order of results.json's "test_labels"; the bootstrap intervals are computed from them
+    test_scores: list[Any] | None = field(default=None, repr=False)
 
     @property
     def completed(self) -> bool:
@@ -422,6 +487,7 @@ def retrain(
                         else "medmnist.Evaluator on the test split"),
         },
         "costs": {**costs, "flops_convention": FLOPS_CONVENTION},
+        "test_labels": data.test.labels.cpu().tolist(),
         "seeds": [],
         "summary": {},
         "complete": False,
@@ -431,7 +497,7 @@ def retrain(
         result = _run_seed(source, data, data_config, config, seed, device, out_dir, progress)
         seed_results.append(result)
         results["seeds"] = [dataclasses.asdict(r) for r in seed_results]
-        results["summary"] = summarise(seed_results)
+        results["summary"] = summarise(seed_results, results["test_labels"], data.task)
         results["complete"] = len(seed_results) == len(config.seeds)
         _write_json(results_path, results)
         if result.completed:
@@ -467,6 +533,8 @@ def _run_seed(
         except TrainingFailure as e:
             raise type(e)(f"test {e} with the best-val weights") from None
         test_auc, test_acc = test_metrics(data_config, data.test, scores)
+        val_scores, _ = predict(model, data.val, device, config.batch_size,
+                                channels_last=config.train.channels_last)
     except TrainingFailure as e:
         del model
         if device.type == "cuda":
@@ -478,6 +546,8 @@ def _run_seed(
         "val_auc": trained.val_auc, "val_acc": trained.val_acc, "val_loss": trained.val_loss,
         "test_auc": test_auc, "test_acc": test_acc, "test_loss": test_loss,
     }
+    decision = decision_metrics(data, val_scores, scores, config.train.threshold)
+    metrics.update({k: v for k, v in decision.items() if k.startswith("test_")})
     metadata = {
         **{k: source.source[k] for k in ("study", "trial") if k in source.source},
         "dataset": data.name,
@@ -486,6 +556,8 @@ def _run_seed(
         "best_epoch": trained.best_epoch,
         "metrics": metrics,
         "retrain": config.to_dict(),
+        **({"threshold": decision["threshold"], "threshold_rule": config.train.threshold}
+           if decision["threshold"] is not None else {}),
     }
     save_checkpoint(out_dir / name, model, source.recipe, in_channels=data.in_channels,
                     num_classes=data.num_classes, input_size=data.size, metadata=metadata)
@@ -493,12 +565,45 @@ def _run_seed(
         seed=seed,
         status="completed",
         **metrics,
+        threshold=decision["threshold"],
+        single_class=decision["single_class"],
         best_epoch=trained.best_epoch,
         epochs_run=trained.epochs_run,
         train_seconds=round(trained.train_seconds, 3),
         seconds=round(time.perf_counter() - start, 3),
         checkpoint=name,
+        test_scores=compact_scores(scores, data.task),
     )
+
+
+def decision_metrics(data: DeviceData, val_scores: np.ndarray, test_scores: np.ndarray,
+                     rule: str) -> dict[str, Any]:
+    """A binary model's threshold chosen on ``val_scores`` by ``rule`` with the test rates at it, and
+    where the model predicts a single class (val and test, at 0.5 and at the threshold; multi-class:
+    by argmax)."""
+    assert data.test is not None
+    found: dict[str, Any] = {"threshold": None, "single_class": ()}
+    cuts = {"0.5": 0.5}
+    if data.task == "binary-class":
+        threshold = choose_threshold(data.val.labels.cpu().numpy(), val_scores, rule)
+        rates = binary_rates(data.test.labels.cpu().numpy(), test_scores, threshold)
+        found.update({"threshold": threshold, **{f"test_{k}": v for k, v in rates.items()}})
+        cuts["the threshold"] = threshold
+    else:
+        cuts = {"argmax": 0.5}
+    found["single_class"] = tuple(
+        f"{split} at {where}" for split, scores in (("val", val_scores), ("test", test_scores))
+        for where, cut in cuts.items() if single_class(scores, data.task, cut) is not None)
+    return found
+
+
+def compact_scores(scores: np.ndarray, task: str) -> list[Any]:
+    """Scores for results.json: float32 values by their shortest exact decimal (ranks and thresholds
+    on them are those of the float32 scores); the positive column only for a binary task."""
+    values = np.asarray(scores, dtype=np.float32)
+    values = values[:, -1] if task == "binary-class" else values
+    return json.loads(np.array2string(values, separator=",", threshold=values.size + 1,
+                                      floatmode="unique", max_line_width=2**31))
 
 
 def test_metrics(data_config: DataConfig, split: Any, scores: np.ndarray) -> tuple[float, float]:
@@ -511,16 +616,25 @@ def test_metrics(data_config: DataConfig, split: Any, scores: np.ndarray) -> tup
                              scores)
 
 
-def summarise(seeds: Sequence[SeedResult]) -> dict[str, Any]:
+def summarise(seeds: Sequence[SeedResult], test_labels: Sequence[int] | None = None,
+              task: str | None = None) -> dict[str, Any]:
     """Mean and standard deviation (population, ddof=0, as ``np.std``) of each metric over the
-    completed seeds; ``None`` where no seed completed."""
+    completed seeds (``None`` where no seed completed or the task has no such metric); with the test
+    labels and task, ``intervals``: a 95 % BCa bootstrap interval over the test samples of test AUC
+    and ACC (seeds averaged); ``single_class``: the seeds that predict one class somewhere."""
     completed = [s for s in seeds if s.completed]
     summary: dict[str, Any] = {"completed": len(completed), "failed": len(seeds) - len(completed)}
     for metric in SUMMARY_METRICS:
-        values = np.array([getattr(s, metric) for s in completed], dtype=np.float64)
+        values = np.array([getattr(s, metric) for s in completed
+                           if getattr(s, metric) is not None], dtype=np.float64)
         summary[metric] = (
             {"mean": float(values.mean()), "std": float(values.std())} if len(values) else None
         )
+    scored = [s.test_scores for s in completed if s.test_scores is not None]
+    if test_labels is not None and task is not None and scored:
+        summary["intervals"] = {name: list(bootstrap_interval(test_labels, scored, task, metric))
+                                for name, metric in INTERVAL_METRICS.items()}
+    summary["single_class"] = {str(s.seed): list(s.single_class) for s in completed if s.single_class}
     return summary
 
 

@@ -1,3 +1,4 @@
+# Long module: the trainer (recipe options, the loop, evaluation, device helpers) is one concern.
 """Training one trial: on-device data, Adam, early stopping on validation loss.
 
 The recipe is the seed study's (docs/studies.md#the-seed-studys-recipe): Adam, cross-entropy,
@@ -5,6 +6,9 @@ validation every epoch, stop after ``patience`` epochs without a lower validatio
 score is the best validation AUC seen (the seed's "fitness = best val score"; ties go to the lower
 loss); the model ends holding that epoch's weights, and that epoch's ACC and loss are reported with
 it. Stopping watches the loss, as the seed does, because it keeps moving where AUC plateaus.
+Options beyond it (docs/studies.md#training-recipes): a learning-rate ``schedule``, AdamW's
+``weight_decay``, ``class_weights`` in the loss and ``augment``; ``recipe = "paper"`` (the default)
+is the seed study's exactly, and an explicit key overrides the named recipe's value.
 
 Batches are drawn by index from whole splits already on the device (:class:`nas3d.data.Split`), so
 the loop does no per-sample Python work and no host-to-device copies. It runs in channels_last_3d
@@ -19,6 +23,7 @@ caller records.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -32,11 +37,43 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nas3d.data import DeviceData, Split
-from nas3d.metrics import accuracy, auc
-from nas3d.util import check_choice
+from nas3d.metrics import accuracy, auc, parse_threshold_rule
+from nas3d.util import check_choice, unknown_option_message
 
 #: The epoch a run keeps: by best validation AUC or best validation ACC (TrainConfig.keep).
 KEEP_CHOICES = ("val_auc", "val_acc")
+SCHEDULES = ("constant", "multistep", "cosine")
+CLASS_WEIGHTS = ("none", "balanced")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The options a named recipe sets (``TrainConfig.options`` resolves them)."""
+
+    schedule: str = "constant"  # learning rate per epoch: constant, multistep (x0.1 at 50 % and 75 %), cosine
+    warmup_epochs: int = 0  # linear warm-up epochs before the cosine decay (cosine only)
+    weight_decay: float = 0.0  # AdamW's decoupled decay when > 0; plain Adam at 0
+    class_weights: str = "none"  # "balanced": inverse class frequency of the training split in the loss
+    augment: bool = False  # per-batch flips, 90-degree rotations, a small affine and intensity jitter
+
+    def __post_init__(self) -> None:
+        check_choice("train.schedule", self.schedule, SCHEDULES)
+        check_choice("train.class_weights", self.class_weights, CLASS_WEIGHTS)
+        if self.warmup_epochs < 0:
+            raise ValueError(f"train.warmup_epochs must be >= 0, but got {self.warmup_epochs!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(
+                f"train.weight_decay must be a finite number >= 0, but got {self.weight_decay!r}")
+
+
+#: Named recipes. "paper" is the seed study's (constant lr, Adam, unweighted loss, no augmentation);
+#: "small3d" turns on every option for small, imbalanced volume sets, to be measured
+#: (bench/recipe_table.py) before any default changes.
+RECIPES = {
+    "paper": Recipe(),
+    "small3d": Recipe(schedule="cosine", warmup_epochs=1, weight_decay=1e-2, class_weights="balanced",
+                      augment=True),
+}
 
 
 @dataclass(frozen=True)
@@ -69,6 +106,17 @@ class TrainConfig:
     # and MedMNIST's own benchmark code's choice) or the best validation ACC (the seed code's choice).
     # Ties go to the lower validation loss.
     keep: str = "val_auc"
+    # A named recipe (RECIPES); each option below left unset (None) takes the recipe's value, so
+    # `recipe = "small3d"` with `augment = false` is that recipe without augmentation.
+    recipe: str = "paper"
+    schedule: str | None = None
+    warmup_epochs: int | None = None
+    weight_decay: float | None = None
+    class_weights: str | None = None
+    augment: bool | None = None
+    # The decision threshold of a binary model, chosen on the validation split after training
+    # (nas3d retrain): "youden" maximises balanced accuracy, "sensitivity:0.9" reaches that sensitivity.
+    threshold: str = "youden"
 
     def __post_init__(self) -> None:
         for name in ("max_epochs", "patience", "batch_size"):
@@ -77,6 +125,32 @@ class TrainConfig:
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"train.lr must be a finite number > 0, but got {self.lr!r}")
         check_choice("train.keep", self.keep, KEEP_CHOICES)
+        if self.recipe not in RECIPES:
+            raise ValueError(unknown_option_message("train.recipe", self.recipe, list(RECIPES)))
+        self.options  # noqa: B018  (validates the resolved options)
+        parse_threshold_rule(self.threshold)
+
+    @property
+    def options(self) -> Recipe:
+        """The recipe's options with this config's explicit keys applied."""
+        explicit = {f: getattr(self, f) for f in Recipe.__dataclass_fields__ if getattr(self, f) is not None}
+        return dataclasses.replace(RECIPES[self.recipe], **explicit)
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of 1-based ``epoch`` by the schedule.
+
+        multistep: MedMNIST's, x0.1 from 50 % and again from 75 % of ``max_epochs``. cosine: a linear
+        warm-up to ``lr`` over ``warmup_epochs``, then a half cosine down to 0 at the end.
+        """
+        options, total, index = self.options, self.max_epochs, epoch - 1
+        if options.schedule == "multistep":
+            return self.lr * 0.1 ** sum(index >= m for m in (int(0.5 * total), int(0.75 * total)))
+        if options.schedule == "cosine":
+            warmup = min(options.warmup_epochs, total - 1)
+            if index < warmup:
+                return self.lr * (index + 1) / (warmup + 1)
+            return self.lr * 0.5 * (1 + math.cos(math.pi * (index - warmup) / (total - warmup)))
+        return self.lr
 
 
 class TrainingFailure(RuntimeError):
@@ -188,7 +262,17 @@ def _train(
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last_3d)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    options = config.options
+    if options.weight_decay > 0:
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
+                                                             weight_decay=options.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    class_weight = balanced_class_weights(data.train.labels, data.num_classes) \
+        if options.class_weights == "balanced" else None
+    # Augmentation draws from its own generator, so turning it on leaves the batch order unchanged.
+    augment_generator = torch.Generator().manual_seed(config.seed + AUGMENT_SEED_OFFSET) \
+        if options.augment else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     history: list[EpochRecord] = []
@@ -201,6 +285,8 @@ def _train(
     with bar:
         for epoch in range(1, config.max_epochs + 1):
             tick = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr_at(epoch)
             train_loss = train_epoch(
                 model,
                 data.train,
@@ -211,6 +297,8 @@ def _train(
                 amp_dtype=amp_dtype,
                 channels_last=channels_last,
                 should_stop=should_stop,
+                class_weight=class_weight,
+                augment_generator=augment_generator,
             )
             train_time += time.perf_counter() - tick  # train_epoch ends in a sync (.item()), so this is real
             if not math.isfinite(train_loss):
@@ -358,10 +446,14 @@ def train_epoch(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    class_weight: torch.Tensor | None = None,
+    augment_generator: torch.Generator | None = None,
 ) -> float:
     """One pass over ``split`` in the order ``generator`` shuffles; returns the mean training loss.
 
     ``should_stop`` is polled before each batch; :class:`TrainingStopped` is raised when it is true.
+    ``class_weight`` weighs the cross-entropy per class; ``augment_generator`` (a CPU generator)
+    turns on :func:`augment_batch`. The reported loss is the unweighted mean either way.
 
     The loss is summed on the device and read once at the end, so CUDA never waits on the host
     mid-epoch; a nan shows up in the returned mean.
@@ -373,17 +465,77 @@ def train_epoch(
         if should_stop is not None and should_stop():
             raise TrainingStopped("stop requested")
         images, labels = split.batch(index)
+        if augment_generator is not None:
+            images = augment_batch(images, augment_generator)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = F.cross_entropy(logits.float(), labels, weight=class_weight)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        total += loss.detach() * len(labels)
+        plain = loss if class_weight is None else F.cross_entropy(logits.detach().float(), labels)
+        total += plain.detach() * len(labels)
     return total.item() / len(split)
+
+
+#: Added to the run's seed for the augmentation generator (any fixed offset keeps it apart from the
+#: batch-order generator's stream).
+AUGMENT_SEED_OFFSET = 0x5EED
+
+
+def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """scikit-learn's "balanced" weights, ``n / (num_classes * count_c)``, on ``labels``' device; a class
+    absent from ``labels`` weighs as if it had one sample (it never appears in the loss anyway)."""
+    counts = torch.bincount(labels, minlength=num_classes).clamp(min=1).float()
+    return len(labels) / (num_classes * counts)
+
+
+def augment_batch(images: torch.Tensor, generator: torch.Generator, *, max_degrees: float = 10.0,
+                  max_scale: float = 0.1, max_shift: float = 0.05, max_jitter: float = 0.1) -> torch.Tensor:
+    """A randomly augmented copy of ``images`` ``(B, C, D, H, W)``, every sample drawn independently.
+
+    In the axial plane (the last two axes, H and W): a flip of each axis (p = 1/2) and a rotation by
+    k x 90 degrees (k uniform in 0..3), both exact index permutations; then a small affine (in-plane
+    rotation within ``max_degrees``, scale within 1 +- ``max_scale``, shift within ``max_shift`` of the
+    extent on every axis; trilinear, border padding) and an intensity jitter (x * (1 + a) + b, a and b
+    within +- ``max_jitter``). Every draw comes from ``generator`` (a CPU generator: the same draws on
+    any device), so a CPU run is bit-reproducible. MONAI's RandFlip/RandRotate90/RandAffine draw per
+    sample from a numpy RandomState and transform one sample at a time, which would mean a Python loop
+    per batch and a generator outside torch's seeding; hence this batch transform in torch.
+    """
+    batch, device = images.shape[0], images.device
+
+    def uniform(*shape: int) -> torch.Tensor:
+        return (torch.rand(*shape, generator=generator) * 2 - 1).to(device)
+
+    flips = (torch.rand(batch, 2, generator=generator) < 0.5).to(device)
+    turns = torch.randint(0, 4, (batch,), generator=generator).to(device)
+    angles, scales, shifts = uniform(batch) * math.radians(max_degrees), 1 + uniform(batch) * max_scale, \
+        uniform(batch, 3) * max_shift * 2
+    gain, offset = uniform(batch) * max_jitter, uniform(batch) * max_jitter
+
+    def where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask.view(-1, 1, 1, 1, 1), a, b)
+
+    out = where(flips[:, 0], images.flip(-2), images)
+    out = where(flips[:, 1], out.flip(-1), out)
+    if out.shape[-1] == out.shape[-2]:  # a quarter turn keeps the shape only on a square plane
+        rotated = out
+        for k in (1, 2, 3):
+            rotated = where(turns == k, torch.rot90(out, k, dims=(-2, -1)), rotated)
+        out = rotated
+    # affine_grid's theta maps output to input coordinates in (x, y, z) = (W, H, D) order.
+    cos, sin = torch.cos(angles) / scales, torch.sin(angles) / scales
+    theta = torch.zeros(batch, 3, 4, device=device, dtype=out.dtype)
+    theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+    theta[:, 2, 2] = 1 / scales
+    theta[:, :, 3] = shifts.to(out.dtype)
+    grid = F.affine_grid(theta, list(out.shape), align_corners=False)
+    out = F.grid_sample(out, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out * (1 + gain.view(-1, 1, 1, 1, 1)) + offset.view(-1, 1, 1, 1, 1)
 
 
 def predict(

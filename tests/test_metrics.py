@@ -97,3 +97,63 @@ def test_equal_to_medmnist_evaluator_on_the_real_file(split: str) -> None:
         assert ours == tuple(expected)
     with pytest.raises(ValueError, match="labels differ from medmnist.Evaluator's"):
         evaluator_metrics("adrenalmnist3d", split, 28, REAL_ROOT, labels[::-1], probabilities)
+
+
+# -- thresholds, intervals, calibration -----------------------------------------------------------------
+
+
+def test_youden_threshold_is_the_known_best_and_a_sensitivity_target_is_met() -> None:
+    from nas3d.metrics import binary_rates, choose_threshold
+
+    labels = np.array([0, 0, 0, 0, 1, 0, 1, 1])
+    scores = np.array([0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4])  # all below 0.5: ACC at 0.5 says "0"
+    threshold = choose_threshold(labels, scores)  # sens 1, spec 4/5 below 0.25; sens 2/3, spec 1 above 0.3
+    assert threshold == pytest.approx(0.225)
+    assert binary_rates(labels, scores, threshold) == {"balanced_accuracy": 0.9, "sensitivity": 1.0,
+                                                       "specificity": 0.8}
+    assert choose_threshold(labels, scores, "sensitivity:0.6") == pytest.approx(0.325)
+    assert choose_threshold(labels, np.c_[1 - scores, scores]) == pytest.approx(0.225)  # (N, 2) scores
+    with pytest.raises(ValueError, match='train.threshold must be "youden" or "sensitivity:T"'):
+        choose_threshold(labels, scores, "specificity:0.9")
+    with pytest.raises(ValueError, match="needs both classes"):
+        choose_threshold(np.zeros(3), scores[:3])
+
+
+def test_single_class_is_found_at_a_threshold_and_by_argmax() -> None:
+    from nas3d.metrics import single_class
+
+    scores = np.array([[0.9, 0.1], [0.7, 0.3]])
+    assert single_class(scores, "binary-class") == 0 and single_class(scores, "binary-class", 0.2) is None
+    assert single_class(np.array([[0.2, 0.5, 0.3], [0.1, 0.6, 0.3]]), "multi-class") == 1
+
+
+def test_bootstrap_interval_holds_the_estimate_and_pairs_two_models() -> None:
+    from nas3d.metrics import bootstrap_interval
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 120)
+    good = [np.clip(labels * 0.4 + rng.random(120) * 0.6, 0, 1) for _ in range(2)]
+    noise = [rng.random(120)]
+    for metric, measure in (("auc", auc), ("acc", accuracy)):
+        estimate = np.mean([measure(labels, s, "binary-class") for s in good])
+        low, high = bootstrap_interval(labels, good, "binary-class", metric)
+        assert low < estimate < high and high - low < 0.3
+    again = bootstrap_interval(labels, good, "binary-class")
+    assert bootstrap_interval(labels, good, "binary-class") == again  # seeded: the same interval
+    low, high = bootstrap_interval(labels, good, "binary-class", other=noise)  # clearly better: > 0
+    assert 0 < low < high
+    low, high = bootstrap_interval(labels, good[:1], "binary-class", other=good[1:])  # alike: 0 inside
+    assert low < 0 < high
+    assert bootstrap_interval(labels, good, "binary-class", other=good[::-1]) == pytest.approx(
+        (np.nan, np.nan), nan_ok=True)  # a difference that is 0 on every resample has no interval
+    scores = rng.dirichlet([1, 1, 1], 90)
+    three = rng.integers(0, 3, 90)
+    low, high = bootstrap_interval(three, [scores], "multi-class")
+    assert low < auc(three, scores, "multi-class") < high
+
+
+def test_reliability_bins_average_scores_and_outcomes_per_bin() -> None:
+    from nas3d.metrics import reliability_bins
+
+    bins = reliability_bins(np.array([0, 1, 1, 1]), np.array([0.05, 0.15, 0.92, 0.98]))
+    assert bins == [(0.05, 0.0, 1), (0.15, 1.0, 1), (pytest.approx(0.95), 1.0, 2)]

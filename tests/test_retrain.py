@@ -14,7 +14,7 @@ from nas3d.architecture import Architecture
 from nas3d.checkpoint import load_checkpoint
 from nas3d.costs import measure_costs
 from nas3d.data import DataConfig, load_splits
-from nas3d.metrics import accuracy, auc
+from nas3d.metrics import accuracy, auc, binary_rates, bootstrap_interval, choose_threshold
 from nas3d.registry import ModelRecipe
 from nas3d.retrain import PAPER_SEEDS, RetrainConfig, RetrainSource, load_results, retrain
 from nas3d.train import predict
@@ -44,8 +44,14 @@ def test_the_recorded_recipe_keeps_the_flat_form_of_earlier_versions() -> None:
     config = RetrainConfig.of(epochs=3, seeds=(1, 2), batch_size=8, lr=0.01, patience=2, amp=False)
     assert config.to_dict() == {"epochs": 3, "seeds": [1, 2], "batch_size": 8, "lr": 0.01, "patience": 2,
                                 "amp": False, "channels_last": True, "keep": "val_auc",
-                                "cudnn_benchmark": True}
+                                "cudnn_benchmark": True, "recipe": "paper", "schedule": "constant",
+                                "warmup_epochs": 0, "weight_decay": 0.0, "class_weights": "none",
+                                "augment": False, "threshold": "youden"}
     assert RetrainConfig().to_dict()["patience"] is None  # every epoch trains
+    # the recipe's options are recorded resolved: a named recipe with one key overridden
+    small = RetrainConfig.of(recipe="small3d", augment=False).to_dict()
+    assert (small["recipe"], small["schedule"], small["augment"], small["class_weights"]) == (
+        "small3d", "cosine", False, "balanced")
 
 
 @pytest.mark.parametrize(
@@ -92,12 +98,26 @@ def test_results_match_the_metrics_of_the_saved_best_checkpoints(tmp_path: Path)
         assert entry["test_auc"] == auc(labels, scores, "binary-class")
         assert entry["test_acc"] == accuracy(labels, scores, "binary-class")
         assert checkpoint.metadata["metrics"]["test_auc"] == entry["test_auc"]
+        # the per-sample test scores are kept exactly (they give the same AUC), in test_labels' order
+        assert results["test_labels"] == labels.tolist()
+        assert np.array_equal(np.float32(entry["test_scores"]), scores[:, 1])
+        # the threshold chosen on val is in the checkpoint, with the test rates at it
+        val_scores, _ = predict(model, data.val, "cpu", 16, channels_last=True)
+        threshold = choose_threshold(data.val.labels.numpy(), val_scores)
+        assert entry["threshold"] == checkpoint.threshold == checkpoint.metadata["threshold"] == threshold
+        rates = binary_rates(labels, scores, threshold)
+        assert entry["test_balanced_accuracy"] == rates["balanced_accuracy"]
+        assert (entry["test_sensitivity"], entry["test_specificity"]) == (rates["sensitivity"],
+                                                                         rates["specificity"])
 
     summary = results["summary"]
     test_aucs = [s["test_auc"] for s in results["seeds"]]
     assert summary["completed"] == 2 and summary["failed"] == 0
     assert summary["test_auc"]["mean"] == pytest.approx(np.mean(test_aucs))
     assert summary["test_auc"]["std"] == pytest.approx(np.std(test_aucs))
+    # the bootstrap interval over the test samples is the one of the kept scores
+    expected = bootstrap_interval(labels, [s["test_scores"] for s in results["seeds"]], "binary-class")
+    assert summary["intervals"]["test_auc"] == pytest.approx(list(expected), nan_ok=True)
 
 
 def test_seeds_give_different_initialisations_and_reruns_the_same(tmp_path: Path) -> None:
@@ -120,7 +140,8 @@ def test_a_failing_seed_is_recorded_with_its_reason_not_scored(tmp_path: Path) -
         assert entry["status"] == "failed" and entry["reason"].startswith("NonFiniteLoss: ")
         assert entry["test_auc"] is None and entry["checkpoint"] is None
     assert results["summary"] == {"completed": 0, "failed": 2, "val_auc": None, "val_acc": None,
-                                  "test_auc": None, "test_acc": None}
+                                  "test_auc": None, "test_acc": None, "test_balanced_accuracy": None,
+                                  "test_sensitivity": None, "test_specificity": None, "single_class": {}}
     assert not list((tmp_path / "out").glob("seed-*.pt"))
 
 
@@ -169,3 +190,52 @@ def test_a_checkpoint_of_the_first_format_still_loads_and_predicts_as_it_did() -
     torch.testing.assert_close(logits, torch.tensor([[-0.3046598434448242, -0.2169724404811859]]))
     source = RetrainSource.from_checkpoint(Path(__file__).parent / "data" / "checkpoint-format1.pt")
     assert source.name == "smoke-trial3" and source.recipe.architecture == checkpoint.architecture
+
+
+def _options(**extra: object) -> dict:
+    return {"baseline": "resnet18", "dataset": "synthetic", "epochs": 3, "seeds": "0", "batch_size": 8,
+            "lr": 1e-3, **extra}
+
+
+def test_retrain_takes_the_recipe_options_by_set() -> None:
+    from nas3d.retrain import plan_retrain
+
+    plan = plan_retrain(_options(set=["train.recipe=small3d", "train.augment=false",
+                                      "train.threshold=sensitivity:0.9", "data.synthetic_samples=40"]), None)
+    options = plan.config.train.options
+    assert (options.schedule, options.class_weights, options.augment) == ("cosine", "balanced", False)
+    assert plan.config.train.threshold == "sensitivity:0.9" and plan.data.synthetic_samples == 40
+    assert plan.config.epochs == 3  # the flags stay the flags'
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["train.lr=1"], "retrain sets train.lr by its flag --lr; drop --set train.lr"),
+        (["study.name=x"], "retrain --set takes data.KEY=VALUE or train.KEY=VALUE, but got 'study.name'"),
+        (["train.schedule=linear"], "train.schedule must be one of constant, multistep, cosine"),
+        (["train.threshold=sensitivity:2"], 'train.threshold must be "youden" or "sensitivity:T"'),
+    ],
+)
+def test_bad_recipe_options_are_one_line_errors(sets: list[str], message: str) -> None:
+    from nas3d.retrain import plan_retrain
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")) as raised:
+        plan_retrain(_options(set=sets), None)
+    assert "\n" not in str(raised.value)
+
+
+def test_decision_metrics_find_single_class_models() -> None:
+    from nas3d.data import DeviceData, Split
+    from nas3d.retrain import decision_metrics
+
+    def split(labels: list[int]) -> Split:
+        return Split(torch.zeros(len(labels), 1, 2, 2, 2), torch.tensor(labels), "binary-class")
+
+    data = DeviceData(name="toy", num_classes=2, in_channels=1, size=2,
+                      train=split([0, 1]), val=split([0, 0, 1, 1]), test=split([0, 1, 1]))
+    low = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]])  # ranks val perfectly, all below 0.5
+    found = decision_metrics(data, low, np.array([[0.9, 0.1], [0.7, 0.3], [0.65, 0.35]]), "youden")
+    assert found["threshold"] == pytest.approx(0.25)  # midway between the classes on val
+    assert found["single_class"] == ("val at 0.5", "test at 0.5")
+    assert found["test_sensitivity"] == 1.0 and found["test_specificity"] == 1.0

@@ -224,3 +224,61 @@ def test_cudnn_benchmark_is_set_for_the_run_only(data: DeviceData) -> None:
         assert torch.backends.cudnn.benchmark is False  # a CPU run leaves the global flag alone
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+# -- recipe options -------------------------------------------------------------------------------------
+
+
+def test_schedules_give_the_documented_rate_per_epoch() -> None:
+    constant = TrainConfig(max_epochs=8, lr=0.1)
+    assert [constant.lr_at(e) for e in range(1, 9)] == [0.1] * 8
+    multistep = replace(constant, schedule="multistep")  # MedMNIST's: x0.1 from epoch 5 (50 %), 7 (75 %)
+    assert [multistep.lr_at(e) for e in range(1, 9)] == pytest.approx([0.1] * 4 + [0.01] * 2 + [0.001] * 2)
+    cosine = replace(constant, schedule="cosine", warmup_epochs=2)
+    rates = [cosine.lr_at(e) for e in range(1, 9)]
+    assert rates[:3] == pytest.approx([0.1 / 3, 0.2 / 3, 0.1])  # linear warm-up, then the full rate
+    assert all(a > b for a, b in zip(rates[2:], rates[3:], strict=False)) and rates[-1] > 0
+    assert rates[5] == pytest.approx(0.1 * 0.5 * (1 + np.cos(np.pi * 3 / 6)))
+
+
+def test_the_paper_recipe_is_todays_and_explicit_keys_override_a_named_one() -> None:
+    from nas3d.train import RECIPES, Recipe
+
+    # constant, Adam, no weights, no augmentation
+    assert TrainConfig().options == RECIPES["paper"] == Recipe()
+    small = TrainConfig(recipe="small3d", weight_decay=0.0)
+    assert small.options == replace(RECIPES["small3d"], weight_decay=0.0)
+    with pytest.raises(ValueError, match="unknown train.recipe 'fast'"):
+        TrainConfig(recipe="fast")
+    with pytest.raises(ValueError, match="train.weight_decay must be a finite number >= 0"):
+        TrainConfig(weight_decay=-1.0)
+
+
+def test_balanced_class_weights_are_inverse_frequency() -> None:
+    from nas3d.train import balanced_class_weights
+
+    weights = balanced_class_weights(torch.tensor([0, 0, 0, 1]), 3)
+    assert weights.tolist() == pytest.approx([4 / 9, 4 / 3, 4 / 3])  # absent class 2 counts as one
+
+
+def test_augmentation_is_reproducible_and_keeps_shapes_and_labels() -> None:
+    from nas3d.train import augment_batch
+
+    images = torch.rand(6, 1, 5, 7, 7)
+    first = augment_batch(images, torch.Generator().manual_seed(3))
+    again = augment_batch(images, torch.Generator().manual_seed(3))
+    other = augment_batch(images, torch.Generator().manual_seed(4))
+    assert first.shape == images.shape and first.dtype == images.dtype
+    assert torch.equal(first, again) and not torch.equal(first, other) and not torch.equal(first, images)
+    # without the affine and jitter, a sample is its own flips/quarter turns: the same values, moved
+    exact = augment_batch(images, torch.Generator().manual_seed(3), max_degrees=0, max_scale=0, max_shift=0,
+                          max_jitter=0)
+    assert torch.allclose(exact.flatten(1).sort().values, images.flatten(1).sort().values, atol=1e-6)
+
+
+def test_every_option_trains_reproducibly_and_changes_the_run(data: DeviceData) -> None:
+    options = replace(FAST, max_epochs=3, schedule="cosine", warmup_epochs=1, weight_decay=0.01,
+                      class_weights="balanced", augment=True)
+    runs = [train_trial(tiny_cnn(data.num_classes, seed=7), data, config, "cpu").history
+            for config in (options, options, replace(FAST, max_epochs=3))]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
