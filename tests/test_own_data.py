@@ -20,6 +20,7 @@ from nas3d.baselines import BASELINES
 from nas3d.checkpoint import load_checkpoint, save_checkpoint
 from nas3d.data import (
     CACHE_DIR,
+    CT_WINDOWS,
     DataConfig,
     ManifestChanged,
     ManifestError,
@@ -136,7 +137,7 @@ def test_the_second_read_comes_from_the_cache_and_a_changed_volume_misses_only_i
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     csv_path = nifti_folder(tmp_path)
-    cfg = manifest_config(csv_path)
+    cfg = manifest_config(csv_path, normalise="zscore")  # per volume: one volume's change is its own
     first = prepare_manifest(cfg)
     read = []
     original = preprocessing.read_volume
@@ -147,8 +148,34 @@ def test_the_second_read_comes_from_the_cache_and_a_changed_volume_misses_only_i
     changed = prepare_manifest(cfg)
     assert read == ["case001_0.nii.gz"] and changed.config.manifest_hash != first.config.manifest_hash
     # other preprocessing settings are other entries
-    prepare_manifest(dataclasses.replace(cfg, normalise="zscore"))
+    prepare_manifest(dataclasses.replace(cfg, normalise="minmax"))
     assert len(read) == 25
+    prepare_manifest(dataclasses.replace(cfg, normalise="minmax", spacing=(1.0, 1.0, 2.0)))
+    assert len(read) == 49
+
+
+def test_percentile_bounds_come_from_the_training_split_once_and_a_changed_one_prepares_all_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    csv_path = nifti_folder(tmp_path)
+    first = prepare_manifest(manifest_config(csv_path))  # percentile, the default
+    (low, high), = first.config.percentile_bounds
+    rows = list(csv.DictReader(open(csv_path)))
+    files = [tmp_path / rows[i]["image"] for i in first.splits["train"]]
+    values = np.concatenate([(np.load(f) if f.suffix == ".npy" else nibabel.load(f).get_fdata()).reshape(-1)
+                             for f in files])
+    assert np.allclose((low, high), np.percentile(values, (0.5, 99.5)), atol=1e-4)
+    read = []
+    original = preprocessing.read_volume
+    monkeypatch.setattr(preprocessing, "read_volume", lambda path: read.append(path.name) or original(path))
+    again = prepare_manifest(manifest_config(csv_path))
+    assert read == [] and again.config.percentile_bounds == first.config.percentile_bounds
+    assert np.array_equal(again.images, first.images)
+    train_row = rows[int(first.splits["train"][0])]["image"]
+    write_volume(tmp_path / train_row, np.full((10, 11, 9), 50.0, np.float32))
+    changed = prepare_manifest(manifest_config(csv_path))
+    assert changed.config.percentile_bounds != first.config.percentile_bounds
+    assert len(read) >= 24  # the bounds changed: every sample is prepared again, none mixed
 
 
 def test_a_recorded_hash_the_files_no_longer_have_is_refused(tmp_path: Path) -> None:
@@ -240,24 +267,37 @@ def test_a_split_column_is_followed(tmp_path: Path) -> None:
     assert prepared.splits["val"].tolist() == [1, 4, 7, 10, 13, 16]
 
 
-@pytest.mark.parametrize("normalise", ["minmax", "zscore", "window"])
+@pytest.mark.parametrize("normalise", ["minmax", "zscore", "window", "ct", "percentile"])
 def test_normalisations(normalise: str) -> None:
     volume = np.arange(4 * 4 * 4, dtype=np.float32).reshape(1, 4, 4, 4) * 10
-    out = prepare_volume(volume, Preprocessing(4, 1, normalise, (0.0, 100.0)))
+    out = prepare_volume(volume, Preprocessing(4, 1, normalise, (0.0, 100.0), bounds=[(0.0, 100.0)]))
     if normalise == "minmax":
         assert out.min() == 0 and out.max() == 1
     elif normalise == "zscore":
         assert abs(out.mean()) < 1e-5 and abs(out.std() - 1) < 1e-5
-    else:
+    else:  # clipped to [0, 100] and scaled to [0, 1]: the window's, or the recorded percentile bounds
         assert out.min() == 0 and out.max() == 1 and np.count_nonzero(out == 1) == 64 - 10
 
 
-def test_resampling_is_trilinear_on_the_whole_volume() -> None:
+def test_a_named_ct_window_is_its_hounsfield_bounds() -> None:
+    assert CT_WINDOWS == {"soft_tissue": (-160.0, 240.0), "lung": (-1350.0, 150.0), "bone": (-450.0, 1050.0)}
+    assert DataConfig(dataset="x.csv", normalise="ct").window == (-160.0, 240.0)  # the default window
+    assert DataConfig(dataset="x.csv", normalise="ct", window="lung").window == (-1350.0, 150.0)
+    assert DataConfig(dataset="x.csv", normalise="ct", window=[-100, 300]).window == (-100.0, 300.0)
+    assert DataConfig(dataset="x.csv", normalise="window").window == (0.0, 255.0)
+    with pytest.raises(ValueError, match="unknown CT window 'lungs'. Did you mean 'lung'"):
+        DataConfig(dataset="x.csv", normalise="ct", window="lungs")
+
+
+def test_a_numpy_volume_is_taken_as_stored_padded_to_a_cube_and_resized_trilinearly() -> None:
     volume = np.random.default_rng(0).random((1, 10, 7, 13)).astype(np.float32)
     out = prepare_volume(volume, Preprocessing(6, 1, "window", (0.0, 1.0)))
-    expected = torch.nn.functional.interpolate(torch.from_numpy(volume)[None], size=(6, 6, 6),
+    # no affine: the voxels as stored, padded about the centre to 13³ with the minimum, then resized
+    low = volume.min()
+    cube = np.pad(volume[0], ((1, 2), (3, 3), (0, 0)), constant_values=low)
+    expected = torch.nn.functional.interpolate(torch.from_numpy(cube)[None, None], size=(6, 6, 6),
                                                mode="trilinear", align_corners=False)[0]
-    assert np.allclose(out, expected.numpy())
+    assert np.allclose(out, expected.numpy(), atol=1e-6)
 
 
 def _medmnist_equivalence(npz: Path, medmnist_cfg: DataConfig, tmp_path: Path) -> None:
@@ -328,10 +368,11 @@ def test_predict_writes_a_row_per_volume_with_class_columns(tmp_path: Path) -> N
     resolved = resolve_manifest(manifest_config(csv_path))
     checkpoint = load_checkpoint(_checkpoint(tmp_path / "m.pt", TINY, resolved))
     assert checkpoint.class_names == ("benign", "malignant")
-    assert checkpoint.preprocessing == Preprocessing(8, 1, "minmax", (0.0, 255.0))
+    assert checkpoint.preprocessing == Preprocessing(8, 1, "percentile", (0.0, 255.0), (1.0, 1.0, 1.0),
+                                                     bounds=resolved.percentile_bounds)
     out, rows = write_predictions(tmp_path / "m.pt", tmp_path / "p.csv", manifest=csv_path)
     table = list(csv.DictReader(open(out)))
-    assert rows == 24 and list(table[0]) == ["image", "label", "benign", "malignant", "predicted"]
+    assert rows == 24 and list(table[0])[:5] == ["image", "label", "benign", "malignant", "predicted"]
     # the same probabilities as the model on the training tensors of those volumes
     prepared = prepare_manifest(resolved)
     expected = torch.softmax(checkpoint.build()(torch.from_numpy(prepared.images)), 1).detach().numpy()
@@ -454,3 +495,32 @@ def test_the_walk_through_on_postgresql_with_two_workers(postgres_server: str, t
     nifti_folder(tmp_path)
     with temporary_database(postgres_server, "nas3d_own_data") as url:
         _walk_through(tmp_path, url, ["--cpu", "--workers", "2"])
+
+
+def test_predict_and_onnx_use_the_threshold_the_checkpoint_records(tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime
+
+    csv_path = nifti_folder(tmp_path / "own")
+    resolved = resolve_manifest(manifest_config(csv_path))
+    path = _checkpoint(tmp_path / "m.pt", TINY, resolved)
+    assert load_checkpoint(path).threshold == 0.5  # none recorded (an older file): MedMNIST's 0.5
+    write_predictions(path, tmp_path / "half.csv", manifest=csv_path)
+    half = list(csv.DictReader(open(tmp_path / "half.csv")))
+    malignant = np.array([float(r["malignant"]) for r in half])
+    threshold = float(np.median(malignant))  # a threshold that splits these volumes in two
+    raw = torch.load(path, weights_only=True)
+    raw["metadata"]["threshold"] = threshold
+    torch.save(raw, path)
+    checkpoint = load_checkpoint(path)
+    assert checkpoint.threshold == threshold
+    write_predictions(path, tmp_path / "p.csv", manifest=csv_path)
+    table = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert {r["threshold"] for r in table} == {f"{threshold:.6g}"} and {r["threshold"] for r in half} == {"0.5"}
+    assert [r["predicted"] for r in table] == ["malignant" if p > threshold else "benign" for p in malignant]
+    assert {r["predicted"] for r in table} == {"benign", "malignant"}
+    export_onnx(checkpoint, tmp_path / "m.onnx")
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert float(props["nas3d.threshold"]) == threshold
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert float(session.get_modelmeta().custom_metadata_map["nas3d.threshold"]) == threshold

@@ -24,13 +24,17 @@ from nas3d.data.load import (
 from nas3d.data.manifest import CACHE_DIR, Manifest, ManifestRow, is_manifest, read_manifest
 from nas3d.data.medmnist_file import DATASETS, DOWNLOAD_TIMEOUT_S, SIZES
 from nas3d.data.preprocessing import (
+    CT_WINDOWS,
     NORMALISATIONS,
     PREPROCESS_VERSION,
     VOLUME_SUFFIXES,
     Preprocessing,
+    Volume,
     prepare_for_model,
+    prepare_image,
     prepare_sample,
     prepare_volume,
+    read_sample,
     read_volume,
 )
 from nas3d.data.source import DataSource
@@ -39,6 +43,7 @@ from nas3d.data.synthetic import SYNTHETIC, SYNTHETIC_VERSION, write_synthetic_n
 
 __all__ = [
     "CACHE_DIR",
+    "CT_WINDOWS",
     "DATASETS",
     "DOWNLOAD_TIMEOUT_S",
     "NORMALISATIONS",
@@ -62,6 +67,7 @@ __all__ = [
     "Preprocessing",
     "Selection",
     "Split",
+    "Volume",
     "check_data",
     "check_manifest_unchanged",
     "ensure_file",
@@ -71,11 +77,13 @@ __all__ = [
     "manifest_hashes",
     "prepare_data",
     "prepare_for_model",
+    "prepare_image",
     "prepare_manifest",
     "prepare_sample",
     "prepare_volume",
     "read_arrays",
     "read_manifest",
+    "read_sample",
     "read_volume",
     "resolve_manifest",
     "stratified_subset",

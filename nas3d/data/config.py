@@ -11,7 +11,7 @@ from medmnist.info import DEFAULT_ROOT
 from nas3d.data.manifest import is_manifest
 from nas3d.data.manifest_source import ManifestSource
 from nas3d.data.medmnist_file import DATASETS, MedMNISTFile
-from nas3d.data.preprocessing import NORMALISATIONS, Preprocessing
+from nas3d.data.preprocessing import CT_WINDOWS, NORMALISATIONS, Preprocessing
 from nas3d.data.source import DataSource
 from nas3d.data.splits import Selection
 from nas3d.data.synthetic import SYNTHETIC, SyntheticFile
@@ -40,18 +40,29 @@ class DataConfig:
     synthetic_classes: int = 2
     synthetic_samples: int = 256  # training samples; val and test get a quarter each
     # manifests only (dataset = "path/labels.csv"; docs/own-data.md)
-    normalise: str = "minmax"  # per volume after resampling: "minmax" to [0, 1], "zscore", or "window"
-    window: tuple[float, ...] = (0.0, 255.0)  # normalise = "window": clip to [low, high], scale to [0, 1]
+    # "percentile" (the training split's 0.5-99.5 %, the default: it suits any modality), "ct" (a HU
+    # window), "zscore" (per volume, for MRI), "minmax" (per volume) or "window" (clip to data.window)
+    normalise: str = "percentile"
+    # "ct" and "window": [low, high]; "ct" also takes a name (soft_tissue, lung, bone; default
+    # soft_tissue); "window" defaults to [0, 255], MedMNIST's uint8 / 255
+    window: tuple[float, ...] | str = ()
+    spacing: tuple[float, ...] = ()  # target spacing in mm (R, A, S); () = the manifest's median
+    crop_foreground: bool = False  # crop each volume to the box of voxels above its minimum first
+    positive_class: str = ""  # a binary manifest's positive class; "" = data.classes' second, else a rule
     split_fractions: tuple[float, ...] = (0.7, 0.15, 0.15)  # train, val, test without a split column
     split_seed: int = 0  # the stratified split's seed
-    classes: tuple[str, ...] = ()  # class names in index order; () = the manifest's labels, sorted
+    classes: tuple[str, ...] = ()  # class names in index order; () = the manifest's labels (docs/own-data.md)
     # recorded when the study is created (nas3d.data.prepare_data), checked by every worker
     channels: int = 0  # image columns × channels per volume
     manifest_hash: str = ""  # sha256 over the CSV and every volume it names
+    percentile_bounds: tuple[tuple[float, ...], ...] = ()  # "percentile": [low, high] per channel
 
     def __post_init__(self) -> None:
-        for name in ("window", "split_fractions", "classes"):  # JSON gives lists; keep the config hashable
+        object.__setattr__(self, "window", _window_bounds(self.normalise, self.window))
+        for name in ("split_fractions", "classes", "spacing"):  # JSON gives lists; keep the config hashable
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "percentile_bounds", tuple(tuple(float(v) for v in b)
+                                                           for b in self.percentile_bounds))
         if self.dataset not in (*DATASETS, SYNTHETIC) and not is_manifest(self.dataset):
             raise ValueError(
                 "data.dataset: " + unknown_option_message("dataset", self.dataset, (*DATASETS, SYNTHETIC))
@@ -60,6 +71,12 @@ class DataConfig:
         check_choice("data.normalise", self.normalise, NORMALISATIONS)
         if len(self.window) != 2 or not self.window[0] < self.window[1]:
             raise ValueError(f"data.window must be [low, high] with low < high, but got {list(self.window)}")
+        if self.spacing and (len(self.spacing) != 3 or min(self.spacing) <= 0):
+            raise ValueError(f"data.spacing must be three spacings in mm > 0 (R, A, S), but got "
+                             f"{list(self.spacing)}")
+        if any(len(b) != 2 or not b[0] < b[1] for b in self.percentile_bounds):
+            raise ValueError("data.percentile_bounds must be [low, high] per channel with low < high, but "
+                             f"got {[list(b) for b in self.percentile_bounds]}")
         fractions = self.split_fractions
         if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1.0) > 1e-6:
             raise ValueError("data.split_fractions must be three fractions > 0 (train, val, test) summing "
@@ -91,6 +108,7 @@ class DataConfig:
             return ManifestSource(
                 Path(self.dataset).expanduser().absolute(), self.size, self.normalise, self.window,
                 self.split_fractions, self.split_seed, self.classes, self.channels, self.manifest_hash,
+                self.spacing, self.crop_foreground, self.percentile_bounds, self.positive_class,
             )
         if self.dataset == SYNTHETIC:
             return SyntheticFile.of(self.size, self.data_root, self.synthetic_classes, self.synthetic_samples)
@@ -118,8 +136,8 @@ class DataConfig:
 
     @property
     def resolved(self) -> bool:
-        """Whether the manifest's classes, channels and hash are recorded (see :func:`prepare_data`)."""
-        return not self.is_manifest or bool(self.manifest_hash and self.classes and self.channels)
+        """Whether what a study records of its manifest is recorded (see :func:`prepare_data`)."""
+        return not self.is_manifest or self.source.resolved
 
     @property
     def data_root(self) -> Path:
@@ -159,3 +177,15 @@ class DataConfig:
     def preprocessing(self) -> Preprocessing:
         """How a volume becomes model input for this data: what ``nas3d predict`` and ONNX users repeat."""
         return self.source.preprocessing
+
+
+def _window_bounds(normalise: str, window: tuple[float, ...] | str | list[float]) -> tuple[float, ...]:
+    """``data.window`` as ``(low, high)``: a CT window's name resolved, ``()`` the normalisation's default."""
+    if isinstance(window, str):
+        if window not in CT_WINDOWS:
+            raise ValueError("data.window: " + unknown_option_message("CT window", window, tuple(CT_WINDOWS))
+                             + ", or [low, high] in HU")
+        return CT_WINDOWS[window]
+    if not window:
+        return CT_WINDOWS["soft_tissue"] if normalise == "ct" else (0.0, 255.0)
+    return tuple(float(v) for v in window)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import csv
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from nas3d.data.errors import DatasetUnavailable, ManifestError
 from nas3d.data.splits import SPLITS
-from nas3d.util import one_line
+from nas3d.util import did_you_mean, one_line
 
 CACHE_DIR = ".nas3d-cache"  # beside the CSV: prepared samples and file hashes
 _IMAGE_COLUMN = re.compile(r"image(?:_(\d+))?")
@@ -121,8 +122,80 @@ def _canonical_label(text: str) -> str:
         return text
 
 
+#: Labels that read as the negative class of a binary task (compared in lower case).
+NEGATIVE_NAMES = frozenset({"normal", "healthy", "benign", "negative", "neg", "control", "controls", "absent",
+                            "no", "none", "false", "non-disease", "nondisease", "no_finding", "no finding"})
+
+
 def sorted_classes(labels: set[str]) -> tuple[str, ...]:
-    """A manifest's class names in index order when ``data.classes`` does not give them."""
+    """A manifest's labels in a stable order: integers numerically (0..K-1 stay themselves), else names
+    alphabetically."""
     if all(re.fullmatch(r"-?\d+", label) for label in labels):
-        return tuple(sorted(labels, key=int))  # integer labels in numeric order: 0..K-1 stay themselves
+        return tuple(sorted(labels, key=int))
     return tuple(sorted(labels))
+
+
+def class_order(
+    manifest: Manifest, classes: tuple[str, ...] = (), positive: str = ""
+) -> tuple[tuple[str, ...], str, str]:
+    """The class names in index order, the positive class of a binary task ("" otherwise) and, when
+    nas3d chose it by the rule below, why (else ""). One-line :class:`ManifestError` for a label
+    that is not a class, naming its CSV line and the class it is closest to.
+
+    ``classes`` (``data.classes``) gives the order, its second class positive. Else the manifest's
+    labels are the classes; for a binary task the positive class (the second) is ``positive``
+    (``data.positive_class``), else by this rule: of integer labels the higher; of names, the one
+    that is not a negative-sounding name (:data:`NEGATIVE_NAMES`: normal, healthy, benign, ...);
+    else the rarer class (the finding a screen looks for), and of two as common the alphabetically
+    later one. Multi-class labels keep :func:`sorted_classes`' order."""
+    counts = Counter(row.label for row in manifest.rows if row.label is not None)
+    given = bool(classes)
+    if given:
+        for row in manifest.rows:
+            if row.label not in classes:
+                raise ManifestError(f"{manifest.where(row)}: label {row.label!r} is not one of the classes "
+                                    f"{list(classes)} (data.classes){_near(row.label, classes)}")
+    else:
+        for row in manifest.rows:  # a label on one or two rows next to a common one is a typo
+            label = row.label or ""
+            near = did_you_mean(label, [c for c in counts if c != label and counts[c] > 2 * counts[label]])
+            if counts[label] <= 2 and near:
+                raise ManifestError(f"{manifest.where(row)}: label {label!r} is on {counts[label]} row(s) "
+                                    f"only (a class needs 3); did you mean {near!r}?")
+        classes = sorted_classes(set(counts))
+    if len(classes) < 2:
+        raise ManifestError(f"manifest {manifest.path}: every row has label {classes[0]!r}; a "
+                            "classifier needs at least two classes")
+    if positive and positive not in classes:
+        raise ManifestError(f"data.positive_class {positive!r} is not one of the labels {list(classes)}"
+                            f"{_near(positive, classes)}")
+    if len(classes) != 2:
+        if positive:
+            raise ManifestError(f"data.positive_class is for a binary task, but manifest {manifest.path} has "
+                                f"{len(classes)} classes; drop it")
+        return classes, "", ""
+    if given:
+        if positive and positive != classes[1]:
+            raise ManifestError(f"data.positive_class {positive!r} is the first of data.classes "
+                                f"{list(classes)}; the second is the positive one: swap them, or drop one")
+        return classes, classes[1], ""
+    if positive:
+        return (classes[0] if classes[1] == positive else classes[1], positive), positive, ""
+    first, second = classes
+    if all(re.fullmatch(r"-?\d+", c) for c in classes):
+        return classes, second, f"of integer labels, the higher is positive; {first!r} is negative"
+    negative = [c for c in classes if c.strip().lower() in NEGATIVE_NAMES]
+    if len(negative) == 1:
+        chosen = second if negative[0] == first else first
+        return (negative[0], chosen), chosen, f"{negative[0]!r} reads as the negative class"
+    if counts[first] != counts[second]:
+        chosen = min(classes, key=lambda c: counts[c])
+        other = first if chosen == second else second
+        return (other, chosen), chosen, (f"the rarer class: {counts[chosen]} rows against {counts[other]}; "
+                                          "neither name reads as negative")
+    return classes, second, "the alphabetically later of two classes as common, neither name negative"
+
+
+def _near(value: str | None, valid: tuple[str, ...]) -> str:
+    close = did_you_mean(value or "", valid)
+    return f"; did you mean {close!r}?" if close else ""

@@ -10,6 +10,8 @@ volume) and its class names are recorded in the study's configuration when it is
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +21,16 @@ import torch
 
 from nas3d.data.errors import ManifestChanged, ManifestError
 from nas3d.data.hashes import StoredHashes, manifest_hashes
-from nas3d.data.manifest import Manifest, ManifestRow, read_manifest, sorted_classes
-from nas3d.data.preprocessing import Preprocessing, prepare_sample
+from nas3d.data.manifest import Manifest, ManifestRow, class_order, read_manifest
+from nas3d.data.preprocessing import (
+    PERCENTILE_SAMPLES,
+    PERCENTILES,
+    Preprocessing,
+    median_spacing,
+    percentile_bounds,
+    prepare_volumes,
+    read_sample,
+)
 from nas3d.data.splits import SPLITS, DeviceData, Selection, Split
 from nas3d.util import atomic_write
 
@@ -57,6 +67,10 @@ class ManifestSource:
     classes: tuple[str, ...]
     channels: int
     manifest_hash: str
+    spacing: tuple[float, ...] = ()
+    crop_foreground: bool = False
+    percentile_bounds: tuple[tuple[float, ...], ...] = ()
+    positive_class: str = ""
 
     def __post_init__(self) -> None:
         if not 4 <= self.size <= 256:  # any size: tests and smoke studies use tiny volumes
@@ -88,7 +102,20 @@ class ManifestSource:
 
     @property
     def preprocessing(self) -> Preprocessing:
-        return Preprocessing(self.size, self.channels, self.normalise, self.window)
+        return Preprocessing(self.size, self.channels, self.normalise, self.window, self.spacing,
+                             self.crop_foreground, self.percentile_bounds)  # type: ignore[arg-type]
+
+    @property
+    def resolved(self) -> bool:
+        """Whether everything a study records of the manifest is filled in (classes, channels, hash,
+        spacing where a volume is NIfTI, and the percentile bounds)."""
+        return bool(self.manifest_hash and self.classes and self.channels
+                    and (self.percentile_bounds or self.normalise != "percentile"))
+
+    def _recorded(self) -> dict[str, object]:
+        return {"dataset": str(self.path), "classes": self.classes, "channels": self.channels,
+                "manifest_hash": self.manifest_hash, "spacing": self.spacing,
+                "percentile_bounds": self.percentile_bounds, "positive_class": self.positive_class}
 
     def check(self) -> dict[str, object]:
         """Check and prepare every sample (filling the cache); what the study records."""
@@ -99,10 +126,9 @@ class ManifestSource:
         and content hash. Recorded ones are checked against the files only (they passed every check
         when they were recorded); else every sample is prepared, and ``hold`` keeps the samples for
         the load that follows in this process (see ``_held``)."""
-        if self.manifest_hash and self.classes and self.channels:
+        if self.resolved:
             self.check_unchanged()
-            return {"dataset": str(self.path), "classes": self.classes, "channels": self.channels,
-                    "manifest_hash": self.manifest_hash}
+            return self._recorded()
         return self.prepare(keep=hold).recorded
 
     def load(self, device: torch.device | str, selection: Selection) -> DeviceData:
@@ -157,53 +183,85 @@ class ManifestSource:
         manifest = read_manifest(self.path)
         stored = StoredHashes(manifest.cache)  # saved once every check has passed
         digest, hashes = self._check_hash(manifest, stored)
-        labelled = {row.label for row in manifest.rows if row.label is not None}
-        classes = self.classes or sorted_classes(labelled)
-        key = (str(manifest.path), self.size, self.normalise, self.window, self.split_fractions,
-               self.split_seed, classes, digest)
+        classes, positive, why = class_order(manifest, self.classes, self.positive_class)
+        def held_key(spacing: tuple[float, ...], bounds: tuple[tuple[float, ...], ...]) -> tuple[object, ...]:
+            return (str(manifest.path), self.size, self.normalise, self.window, self.split_fractions,
+                    self.split_seed, classes, digest, spacing, self.crop_foreground, bounds)
+
+        key = held_key(self.spacing, self.percentile_bounds)
         if key in _held:
             return _held[key] if keep else _held.pop(key)
         _held.clear()  # one manifest at a time: an older one is not loaded any more
-        for row in manifest.rows:
-            if row.label not in classes:
-                raise ManifestError(f"{manifest.where(row)}: label {row.label!r} is not one of the classes "
-                                    f"{list(classes)} (data.classes)")
-        if len(classes) < 2:
-            raise ManifestError(f"manifest {manifest.path}: every row has label {classes[0]!r}; a "
-                                "classifier needs at least two classes")
         labels = np.array([classes.index(row.label) for row in manifest.rows], dtype=np.int64)  # type: ignore[arg-type]
         splits = _split_indices(manifest, labels, classes, self.split_fractions, self.split_seed)
-
+        if why and not self.resolved:  # said when the study is created, not by every worker
+            logger.info("manifest %s: positive class %r (%s); set data.positive_class to choose",
+                        manifest.path.name, positive, why)
+        if not manifest.has_split and not self.resolved:
+            logger.info("manifest %s has no split column: split stratified by class (data.split_fractions "
+                        "%s, data.split_seed %d) into %s", manifest.path.name, list(self.split_fractions),
+                        self.split_seed, ", ".join(f"{len(splits[s])} {s}" for s in SPLITS))
+        spacing = self.spacing or median_spacing([image for row in manifest.rows for image in row.images])
+        bounds = self.percentile_bounds
+        bounds_entry = None  # percentile bounds to keep once every check has passed
+        if self.normalise == "percentile" and not bounds:
+            bounds, bounds_entry = _training_bounds(manifest, [hashes[i] for i in splits["train"]],
+                                                    splits["train"])
         # channels: known once a sample is read
-        pre = Preprocessing(self.size, 0, self.normalise, self.window)
+        pre = Preprocessing(self.size, 0, self.normalise, self.window, spacing, self.crop_foreground,
+                            bounds)  # type: ignore[arg-type]
         samples: list[np.ndarray] = []
         missing: list[tuple[Path, np.ndarray]] = []
         first: tuple[int, ManifestRow] | None = None
         for row, row_hashes in zip(manifest.rows, hashes, strict=True):
             entry = manifest.cache / f"{pre.cache_key(row_hashes)}.npy"
             sample = _read_cache_entry(entry, self.size)
-            if sample is None:
-                sample = prepare_sample(row.images, pre, where=manifest.where(row))
-                missing.append((entry, sample))
+            volumes = read_sample(row.images, where=manifest.where(row)) if sample is None else []
+            channels = sum(v.array.shape[0] for v in volumes) if sample is None else sample.shape[0]
             if first is None:
-                first = (sample.shape[0], row)
-            elif sample.shape[0] != first[0]:
+                first = (channels, row)
+            elif channels != first[0]:  # checked before preparing: the channels decide the bounds used
                 raise ManifestError(
-                    f"{manifest.where(row)}: the sample has {sample.shape[0]} channel(s), but line "
+                    f"{manifest.where(row)}: the sample has {channels} channel(s), but line "
                     f"{first[1].line}'s has {first[0]}; every sample needs the same channels"
                 )
+            if sample is None:
+                sample = prepare_volumes(volumes, pre)
+                missing.append((entry, sample))
             samples.append(sample)
         assert first is not None
         if write_cache:
             if missing:
                 _write_cache_entries(manifest.cache, missing)
+            if bounds_entry is not None:
+                _write_cache_entries(manifest.cache, [bounds_entry])
             stored.save()
         recorded = {"dataset": str(manifest.path), "classes": classes, "channels": first[0],
-                    "manifest_hash": digest}
+                    "manifest_hash": digest, "spacing": spacing, "percentile_bounds": bounds,
+                    "positive_class": positive}
         prepared = PreparedSamples(recorded, np.stack(samples), labels, splits)
-        if keep:
-            _held[key] = prepared
+        if keep:  # held under what the study records, which the load that follows is given
+            _held[held_key(spacing, bounds)] = prepared
         return prepared
+
+
+def _training_bounds(
+    manifest: Manifest, train_hashes: list[tuple[str, ...]], train: np.ndarray
+) -> tuple[tuple[tuple[float, float], ...], tuple[Path, np.ndarray] | None]:
+    """``normalise = "percentile"``'s bounds per channel over the training split's volumes, and the
+    cache entry to write when they were computed here (None when read from it): kept in the cache
+    folder by the content hashes of those volumes, so they are read for it once."""
+    key = hashlib.sha256(json.dumps([PERCENTILES, PERCENTILE_SAMPLES, train_hashes]).encode()).hexdigest()
+    entry = manifest.cache / f"{key[:40]}.bounds"  # an .npy array, named apart from the samples
+    try:
+        stored = np.load(entry, allow_pickle=False)
+        if stored.ndim == 2 and stored.shape[1] == 2:
+            return tuple((float(lo), float(hi)) for lo, hi in stored), None
+    except (OSError, ValueError, EOFError):
+        pass  # not there (or damaged): computed again
+    rows = [manifest.rows[i] for i in train]
+    bounds = percentile_bounds(read_sample(row.images, where=manifest.where(row)) for row in rows)
+    return bounds, (entry, np.array(bounds, dtype=np.float64))
 
 
 def _read_cache_entry(entry: Path, size: int) -> np.ndarray | None:
