@@ -516,7 +516,8 @@ def test_predict_and_onnx_use_the_threshold_the_checkpoint_records(tmp_path: Pat
     assert checkpoint.threshold == threshold
     write_predictions(path, tmp_path / "p.csv", manifest=csv_path)
     table = list(csv.DictReader(open(tmp_path / "p.csv")))
-    assert {r["threshold"] for r in table} == {f"{threshold:.6g}"} and {r["threshold"] for r in half} == {"0.5"}
+    assert {r["threshold"] for r in half} == {"0.5"}
+    assert {r["threshold"] for r in table} == {f"{threshold:.6g}"}
     assert [r["predicted"] for r in table] == ["malignant" if p > threshold else "benign" for p in malignant]
     assert {r["predicted"] for r in table} == {"benign", "malignant"}
     export_onnx(checkpoint, tmp_path / "m.onnx")

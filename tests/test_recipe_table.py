@@ -1,0 +1,64 @@
+"""bench/recipe_table.py: its variants, resuming, and the table it prints, on tiny synthetic data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nas3d.seeds import seed_architectures
+from nas3d.train import RECIPES, Recipe
+from tests._bench import load_bench
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_bench("recipe_table")
+
+
+def test_variants_are_todays_recipe_each_option_alone_and_all_combined(bench) -> None:
+    args = type("Args", (), {"epochs": 12, "batch_size": 32, "lr": 1e-3})()
+    options = {name: bench.train_config(args, name, 0).options for name in bench.VARIANTS}
+    assert options["paper"] == Recipe() and options["all"] == RECIPES["small3d"]
+    for name in ("multistep", "cosine", "weight_decay", "balanced", "augment"):  # one option each
+        changed = {k for k, v in vars(options[name]).items() if v != getattr(Recipe(), k)} - {"warmup_epochs"}
+        assert len(changed) == 1, (name, changed)
+    archs = bench.architectures("adrenalmnist3d")
+    assert archs["seed"] == seed_architectures()["adrenalmnist3d"]
+    assert archs["cpu_best"].short_str() == ("S1C1F8 1=mish_conv3(0) 2=conv3_in_relu(0) 3=conv3_in_mish(1,2) "
+                                             "out(3)")
+
+
+def test_bad_arguments_exit_2_with_one_line(bench, tmp_path: Path, capsys) -> None:
+    assert bench.main(["--data-root", str(tmp_path), "--variants", "paper,fast"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --variants takes some of paper, multistep")
+    assert bench.main(["--report", "--out", str(tmp_path / "none.json")]) == 2
+    assert "build it first" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_small_build_writes_runs_resumes_without_training_and_prints_the_table(bench, tmp_path: Path,
+                                                                                capsys) -> None:
+    out = tmp_path / "recipes.json"
+    args = ["--data-root", str(tmp_path / "data"), "--dataset", "synthetic", "--size", "8", "--epochs", "1",
+            "--batch-size", "64", "--seeds", "0", "--variants", "paper,all", "--threads", "1",
+            "--out", str(out)]
+    assert bench.main(args) == 0
+    first = json.loads(out.read_text())
+    assert [(r["arch"], r["variant"], r["seed"]) for r in first["runs"]] == [
+        ("seed", "paper", 0), ("seed", "all", 0), ("cpu_best", "paper", 0), ("cpu_best", "all", 0)]
+    for run in first["runs"]:
+        assert 0 <= run["test_auc"] <= 1 and 0 < run["threshold"] < 1
+        assert isinstance(run["one_class_val"], bool) and isinstance(run["one_class_test"], bool)
+        assert run["options"]["augment"] == (run["variant"] == "all")
+    printed = capsys.readouterr().out
+    assert "recipe table: synthetic 8³, 1 epochs at batch 64" in printed and "one class test" in printed
+    assert bench.main(args) == 0  # again: nothing left to train
+    assert "4 done already" in capsys.readouterr().out
+    assert json.loads(out.read_text())["runs"] == first["runs"]
+    with pytest.raises(ValueError, match=r"another protocol \(differs in: epochs\)"):
+        bench.load_document(out, first["protocol"] | {"epochs": 2})
+    assert bench.main(["--report", "--out", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in table[-2:]] == [["cpu_best", "paper", "1"], ["cpu_best", "all", "1"]]
