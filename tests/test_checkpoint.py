@@ -57,3 +57,14 @@ def test_a_checkpoint_that_does_not_match_its_recipe_is_refused(tmp_path: Path, 
     with pytest.raises(ValueError, match="does not match the file") as info:
         load_checkpoint(path)
     assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("recorded", "expected"), [(None, 0.5), (0.27, 0.27), (True, 0.5), ("0.3", 0.5)],
+                         ids=["none (older files)", "recorded", "a bool", "text"])
+def test_the_threshold_is_the_recorded_number_else_medmnists(tmp_path: Path, recorded, expected) -> None:
+    def edit(raw: dict) -> None:
+        if recorded is not None:
+            raw["metadata"]["threshold"] = recorded
+
+    checkpoint = load_checkpoint(_edited(_saved(tmp_path), edit))
+    assert checkpoint.threshold == expected and checkpoint.binary
