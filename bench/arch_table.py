@@ -108,6 +108,7 @@ def table_config(args: argparse.Namespace) -> StudyConfig:
         "study.n_trials": args.archs,
         "study.sampler": "random",  # every trial is enqueued: the sampler never proposes one
         "study.sampler_seed": args.seed,
+        "study.proxies": True,  # the table's rows carry the zero-cost proxies (replay_table reads them)
         "data.search_fraction": args.search_fraction,
         "data.root": str(Path(args.data_root).resolve()),
         "data.download": False,

@@ -132,10 +132,10 @@ class Search(Launch):
     name, help = "search", "create a study, run workers until its budget is spent, summarise"
     flags, exclusive = ("--storage", *_DEFINITION, *_LAUNCH), (("--study", "--dataset"),)
     def run(self, args: argparse.Namespace) -> int | str:
-        from nas3d.report import status_report
+        from nas3d import report, study
         code = super().run(args)  # creates the study once the devices check out
-        print(status_report(args.storage, args.study_name))
-        return code
+        print(report.status_report(args.storage, args.study_name))
+        return code or study.require_trained(args.storage, args.study_name)  # nothing trained: exit 2
 
 
 class Status(Command):

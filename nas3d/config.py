@@ -50,15 +50,19 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class StudySettings:
-    """The ``[study]`` table: identity, budget and sampler."""
+    """The ``[study]`` table: identity, budget, sampler and what each trial records besides its scores."""
 
     name: str
-    # budget: architectures evaluated (complete + pruned + failed) across all workers; duplicates of
-    # an evaluated architecture are free, up to n_trials of them (see nas3d.budget)
+    # budget: architectures trained (complete + stopped early) across all workers; duplicates of an
+    # evaluated architecture and failed trials are free, up to 100 in a row (see nas3d.budget).
+    # A study's budget can be raised later (create-study / search --n-trials N), never lowered.
     n_trials: int = 200
     sampler: str = "tpe"
     sampler_seed: int | None = None
     warm_start: str = "none"  # "seed": enqueue the seed study's published architectures first
+    # Zero-cost proxy scores of each untrained model (user attr "proxies"): 31-36 s a trial at 64³ on
+    # a CPU, read only by the benches (bench/arch_table.py), so off unless a study asks.
+    proxies: bool = False
 
     def __post_init__(self) -> None:
         if not self.name.strip():

@@ -39,11 +39,16 @@ def check_out(path: str | Path, overwrite: bool, *, example: str | None = None) 
     return path
 
 
-def _no_checkpoint_reason(trial: FrozenTrial) -> str:
+def _no_checkpoint_reason(trial: FrozenTrial, study_name: str) -> str:
     state = trial.state.name.lower()
     attrs = trial.user_attrs
     if trial.state in (TrialState.RUNNING, TrialState.WAITING):
         return f"it is {state}; export it once it completes"
+    if trial.state == TrialState.COMPLETE and records.CHECKPOINT_MISSING in attrs:
+        why = one_line(attrs[records.CHECKPOINT_MISSING])
+        return (f"its scores stand, but the artifact store did not take its checkpoint ({why}); retrain "
+                f"its recorded architecture to get one: nas3d retrain --study-name {study_name} --trial "
+                f"{trial.number}")
     if trial.state == TrialState.COMPLETE:
         return "it completed without one (its worker had no artifact store)"
     verb = {"PRUNED": "was pruned", "FAIL": "failed"}.get(trial.state.name, f"is {state}")
@@ -89,7 +94,7 @@ def export_checkpoint(
     artifact_id = trial.user_attrs.get(records.CHECKPOINT_ARTIFACT)
     if artifact_id is None:
         raise LookupError(f"trial {trial.number} of study {study_name!r} has no checkpoint: "
-                          + _no_checkpoint_reason(trial))
+                          + _no_checkpoint_reason(trial, study_name))
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         with atomic_path(out) as partial:

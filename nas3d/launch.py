@@ -6,7 +6,8 @@ workers see only their GPU (``CUDA_VISIBLE_DEVICES``), so ``cuda`` inside a work
 * A worker that exits for storage reasons (:data:`nas3d.util.EXIT_STORAGE`: the database stayed
   unreachable past its retry window, or at start-up) is started again with backoff for as long as
   the storage retry window lasts. One that crashes otherwise is restarted a few times per slot. One
-  that rejected its input (exit 2) is not restarted: that cannot help.
+  that rejected its input (exit 2), or whose artifact store kept refusing checkpoints
+  (:data:`nas3d.util.EXIT_ARTIFACTS`), is not restarted: that cannot help.
 * SIGINT/SIGTERM are passed on to every worker, which stops its trial between two batches, queues it
   again and exits. A worker still running ``kill_grace`` seconds later gets SIGKILL, and the trial
   it left RUNNING is failed and queued again here, so nothing stays RUNNING.
@@ -27,7 +28,7 @@ from typing import Any
 
 from nas3d.storages import storage_retry_window
 from nas3d.train import gpu_count, no_gpu_message
-from nas3d.util import EXIT_STORAGE, EXIT_USAGE
+from nas3d.util import EXIT_ARTIFACTS, EXIT_STORAGE, EXIT_USAGE
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ def launch(
                 if code is None or slot.handled:
                     continue
                 slot.handled = True
-                if code in (0, EXIT_USAGE) or stopping is not None:
+                if code in (0, EXIT_USAGE, EXIT_ARTIFACTS) or stopping is not None:
                     continue
                 if code == EXIT_STORAGE:
                     _schedule_storage_restart(slot, now, window)

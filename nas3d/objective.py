@@ -3,7 +3,8 @@
 A trial decided without training (a duplicate of an architecture already evaluated, one over the
 study's constraints, an infeasible one) is PRUNED and marked ``not_trained``; a training failure FAILS;
 each with ``failure_reason``. A trained trial's checkpoint (and the architecture's picture, where
-Graphviz's ``dot`` is installed) goes into the study's artifact store.
+Graphviz's ``dot`` is installed) goes into the study's artifact store; where the store refuses it, the
+trial still completes with its scores, marked ``checkpoint_missing`` with the store's error.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from nas3d.early_stopping import EpochMonitor
 from nas3d.model import build_model
 from nas3d.proxies import proxy_batch, score_proxies
 from nas3d.space import sample_architecture
-from nas3d.storages import StorageUnavailable
+from nas3d.storages import StorageUnavailable, artifact_write_errors, describe_artifact_store
 from nas3d.study import record_constraints
 from nas3d.train import device_name, train_trial
+from nas3d.util import one_line
 
 if TYPE_CHECKING:
     from optuna.artifacts._protocol import ArtifactStore
@@ -84,6 +86,10 @@ class TrialObjective:
         self.progress = progress
         self.should_stop = should_stop
         self.trainings = 0  # how many trials this objective actually trained
+        # Checkpoints the artifact store refused since it last took one, and the last refusal (one
+        # line): a worker stops once the store keeps failing (nas3d.worker).
+        self.store_failures_in_row = 0
+        self.store_failure: str | None = None
         self.epochs_trained = 0  # epochs those trainings ran, stopped ones included
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
@@ -189,7 +195,8 @@ class TrialObjective:
         torch.manual_seed(self.config.train.seed)
         model = build_model(arch, data.in_channels, data.num_classes).to(self.device)
         self.trainings += 1
-        self._record_proxies(trial, model)
+        if self.config.study.proxies:  # off unless asked for: 31-36 s a trial at 64³ on a CPU
+            self._record_proxies(trial, model)
         # Records the learning curve every epoch and runs the [early_stopping] stopper at its rungs.
         monitor = EpochMonitor(trial, self.config.early_stopping, self.config.train.max_epochs, costs.flops)
         result = train_trial(model, data, self.config.train, self.device, progress=self.progress,
@@ -248,9 +255,21 @@ class TrialObjective:
             path = Path(tmp) / f"trial-{trial.number}.pt"
             save_checkpoint(path, model, model.arch, in_channels=self.data.in_channels,
                             num_classes=self.data.num_classes, input_size=self.data.size, metadata=metadata)
-            artifact_id = upload_artifact(
-                artifact_store=self.artifact_store, file_path=str(path), study_or_trial=trial
-            )
+            try:
+                artifact_id = upload_artifact(
+                    artifact_store=self.artifact_store, file_path=str(path), study_or_trial=trial
+                )
+            except artifact_write_errors() as e:
+                # The store's fault, not the trial's: the training (the expensive part) stands, and
+                # its architecture is recorded, so retraining it recovers the weights.
+                self.store_failure = (f"the artifact store {describe_artifact_store(self.artifact_store)} "
+                                      f"refused trial {trial.number}'s checkpoint: {one_line(e)}")
+                self.store_failures_in_row += 1
+                trial.set_user_attr(records.CHECKPOINT_MISSING, self.store_failure)
+                logger.warning("trial %d keeps its scores without a checkpoint: %s", trial.number,
+                               self.store_failure)
+                return
+            self.store_failures_in_row = 0
             picture_id = _upload_picture(self.artifact_store, trial, model.arch, Path(tmp))
         trial.set_user_attr(records.CHECKPOINT_ARTIFACT, artifact_id)
         if picture_id is not None:
@@ -275,4 +294,9 @@ def _upload_picture(artifact_store: Any, trial: optuna.Trial, arch: Any, folder:
             logger.warning("no architecture picture for trial %d, nor for this process's later trials (their "
                            "checkpoints are kept): %s", trial.number, e)
         return None
-    return upload_artifact(artifact_store=artifact_store, file_path=str(path), study_or_trial=trial)
+    try:
+        return upload_artifact(artifact_store=artifact_store, file_path=str(path), study_or_trial=trial)
+    except artifact_write_errors() as e:
+        logger.warning("no architecture picture for trial %d (its checkpoint is kept): %s", trial.number,
+                       one_line(e))
+        return None

@@ -6,6 +6,7 @@ Volumes are prepared exactly as in training (:attr:`nas3d.checkpoint.Checkpoint.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ from nas3d.checkpoint import Checkpoint, load_checkpoint
 from nas3d.export import check_out
 from nas3d.util import atomic_write
 
-__all__ = ["predict_command", "predict_volumes", "write_predictions"]
+__all__ = ["predict_command", "predict_volumes", "size_note", "write_predictions"]
+
+logger = logging.getLogger(__name__)
 
 
 def predict_volumes(
@@ -84,6 +87,9 @@ def write_predictions(
     clash = sorted(set(keys + ["predicted", "threshold"]) & set(classes))
     if clash:
         raise ValueError(f"class name {clash[0]!r} is also a column name of the predictions; rename it")
+    note = size_note(checkpoint, samples[0]) if samples else None
+    if note:
+        logger.warning(note)
     probabilities = predict_volumes(checkpoint, samples, device, batch_size)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -94,6 +100,25 @@ def write_predictions(
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda file: file.write(buffer.getvalue().encode("utf-8")))
     return out, len(ids)
+
+
+def size_note(checkpoint: Checkpoint, sample: tuple[str, tuple[Path, ...]]) -> str | None:
+    """One line when the first sample's volumes are cubes of another size than the one the model was
+    searched at (they are resized to it), with the model's FLOPs at both sizes; None otherwise."""
+    from nas3d.costs import measure_costs
+    from nas3d.data import read_sample
+
+    where, files = sample
+    shapes = {volume.array.shape[1:] for volume in read_sample(files, where=where)}
+    searched = checkpoint.input_size
+    if len(shapes) != 1 or len(set(next(iter(shapes)))) != 1 or next(iter(shapes))[0] == searched:
+        return None  # not a cube (resampled by spacing anyway), or already the model's size
+    size = int(next(iter(shapes))[0])
+    at = {s: measure_costs(checkpoint.recipe, checkpoint.in_channels, checkpoint.num_classes, s,
+                           with_thop=False).flops for s in (searched, size)}
+    return (f"{where} is {size}³ but the model was searched at {searched}³: the volumes are resized to "
+            f"{searched}³, where the model costs {at[searched] / 1e6:,.0f} M FLOPs a volume "
+            f"({at[size] / 1e6:,.0f} M at {size}³)")
 
 
 def predict_command(flags: dict[str, Any]) -> str:

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
 __all__ = [
-    "ARCH", "ARCH_HASH", "ARCH_JSON", "ARTIFACTS", "BEST_EPOCH", "CHECKPOINT_ARTIFACT", "CONFIG",
+    "ARCH", "ARCH_HASH", "ARCH_JSON", "ARTIFACTS", "BEST_EPOCH", "CHECKPOINT_ARTIFACT",
+    "CHECKPOINT_MISSING", "CONFIG",
     "CONSTRAINTS", "CURVE", "DECISIONS", "DEVICE", "DUPLICATE_OF", "DUPLICATE_VALUES",
     "EARLY_STOPPED", "EARLY_STOPPED_VALUES", "EPOCHS", "FAILED_TRIAL", "FAILURE_REASON",
     "FIXED_PARAMS", "FLOPS", "NOT_TRAINED", "ODE_HASH", "ODE_KIND", "ODE_PARAMS", "ODE_PREFIX",
@@ -65,6 +66,10 @@ PROXIES = "proxies"  # zero-cost proxy scores by name (None where not finite)
 PROXY_SECONDS = "proxy_seconds"  # time spent computing them
 CHECKPOINT_ARTIFACT = "checkpoint_artifact"  # artifact id of the trained weights
 PICTURE_ARTIFACT = "picture_artifact"  # artifact id of the cell drawn as SVG
+#: On a COMPLETE trial whose checkpoint the artifact store refused: why, one line (the store, the path
+#: and the OS error). Its scores stand; its weights are only had by retraining its recorded
+#: architecture (``nas3d retrain --study-name S --trial N``).
+CHECKPOINT_MISSING = "checkpoint_missing"
 
 #: What a duplicate copies from the trial that trained its architecture.
 RESULT_ATTRS = (VAL_ACC, PARAMS, THOP_MACS, TRAIN_SECONDS, EPOCHS, BEST_EPOCH, DEVICE)

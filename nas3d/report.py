@@ -74,6 +74,9 @@ def run_retrain(options: dict[str, Any], storage: Any, *, say: Callable[[str], o
     from nas3d.retrain import plan_retrain, retrain
 
     plan = plan_retrain(options, storage)
+    note = plan.size_note()
+    if note:
+        warn(note)
     say(retrain_header(plan))
     report = retrain(plan.source, plan.data, plan.config, plan.device, plan.out,
                      overwrite=options.get("force", False), progress=options.get("progress", False),
@@ -529,7 +532,7 @@ def _mean_row(best: Sequence[tuple[FrontPoint, dict[str, Any], str]]) -> str:
 # -- nas3d status --trial N -----------------------------------------------------------------------------
 
 #: User attrs shown elsewhere in the trial report, or too long for a terminal line.
-_TRIAL_ATTRS_SHOWN_APART = (records.FAILURE_REASON, records.ARCH_JSON)
+_TRIAL_ATTRS_SHOWN_APART = (records.FAILURE_REASON, records.ARCH_JSON, records.CHECKPOINT_MISSING)
 
 
 def trial_report(storage: Any, study_name: str, number: int) -> str:
@@ -566,9 +569,19 @@ def trial_report(storage: Any, study_name: str, number: int) -> str:
     if trial.user_attrs.get(records.CURVE):
         # the curve with the best epoch and the stopper's decisions (its first line names the trial)
         curve = format_learning_curve(trial).splitlines()[1:]
-        lines += ["  learning curve:", *("  " + line for line in curve)]
+        # Only the table: the lines above it repeat the reason and the values, shown apart above.
+        header = next((i for i, line in enumerate(curve) if line.split()[:1] == ["epoch"]), len(curve))
+        table = curve[header:]
+    else:
+        table = []
+    if table:
+        lines += ["  learning curve:", *("  " + line for line in table)]
     else:
         lines.append("  learning curve: not recorded")
+    missing = trial.user_attrs.get(records.CHECKPOINT_MISSING)
+    if missing:
+        lines.append(f"  checkpoint missing: {missing}; its weights come back by retraining it "
+                     f"(nas3d retrain --study-name {study_name} --trial {trial.number})")
     artifacts = get_all_artifact_meta(trial, storage=backend)
     if artifacts:
         lines.append("  artifacts:")

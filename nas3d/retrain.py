@@ -295,6 +295,19 @@ class RetrainPlan:
     config: RetrainConfig
     device: torch.device
     out: Path
+    searched_size: int | None = None  # the input size the model was searched (or trained) at, if known
+
+    def size_note(self) -> str | None:
+        """One line when the data's size differs from the size the model was searched at, with its
+        FLOPs at both (more voxels, more FLOPs: the front it was picked from no longer holds)."""
+        searched, size = self.searched_size, self.data.size
+        if searched is None or searched == size:
+            return None
+        recipe, data = self.source.recipe, self.data
+        before, after = (measure_costs(recipe, data.in_channels, data.num_classes, s, with_thop=False).flops
+                         for s in (searched, size))
+        return (f"the data is {size}³ but the model was searched at {searched}³: its FLOPs go from "
+                f"{before / 1e6:,.0f} M to {after / 1e6:,.0f} M a volume")
 
 
 def plan_retrain(options: dict[str, Any], storage: Any) -> RetrainPlan:
@@ -337,7 +350,9 @@ def plan_retrain(options: dict[str, Any], storage: Any) -> RetrainPlan:
         root=options.get("data_root"), overrides={k: v for k, v in sets.items() if k.startswith("data.")},
     )
     out = options.get("out") or storage_home() / "retrain" / f"{source.name}-{data.name}-{data.size}"
-    return RetrainPlan(source=source, data=data, config=config, device=device, out=Path(out))
+    searched = recorded.size if recorded is not None else source.source.get("input_size")
+    return RetrainPlan(source=source, data=data, config=config, device=device, out=Path(out),
+                       searched_size=searched)
 
 
 def with_train_overrides(config: RetrainConfig, overrides: dict[str, str]) -> RetrainConfig:

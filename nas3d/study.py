@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from nas3d import records
 from nas3d.config import StudyConfig
@@ -52,6 +52,7 @@ def create_study(
     store (workers of one study must all train the same way and write to one place), for a relative
     folder given to a PostgreSQL study, and when the store cannot be reached.
     """
+    check_cap_fits_space(config)
     location = resolve_artifact_location(artifacts, getattr(storage, "url", None))
     if artifacts is not None or _existing_location(storage, config.study.name) is None:
         prepare_artifact_location(location)  # before the study exists: a bad store creates nothing
@@ -68,6 +69,9 @@ def create_study(
         # Read back through the current dataclasses, so a setting added since the study was created
         # compares as its default instead of as a difference.
         existing = StudyConfig.from_dict(existing, source=f"study {config.study.name!r}").to_dict()
+        if existing != wanted and _only_budget_differs(existing, wanted):
+            _raise_budget(study, existing["study"]["n_trials"], wanted)
+            existing = wanted
         if existing != wanted and _first_difference(existing, wanted).startswith("data.manifest_hash:"):
             raise ValueError(
                 f"study {config.study.name!r} was created from other contents of manifest "
@@ -110,6 +114,8 @@ def prepare_study(
     manifest's samples are all prepared (and cached), and the study records the manifest's absolute
     path, class names, channels and content hash (:func:`nas3d.data.prepare_data`).
     """
+    if config.data.in_channels > 0:  # known before the data is read (a manifest's once prepared)
+        check_cap_fits_space(config)  # before a download or a manifest's preparation
     config = dataclasses.replace(config, data=prepare_data(config.data))
     return create_study(config, make_storage(storage), artifacts=artifacts)
 
@@ -125,6 +131,83 @@ def prepare_study_from_flags(
     config = resolve_study_config(flags.get("study"), flags.get("dataset"), flags, flags.get("set") or ())
     prepare_study(config, storage, artifacts=flags.get("artifacts"))
     return config
+
+
+def _only_budget_differs(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    def without_budget(config: dict[str, Any]) -> dict[str, Any]:
+        return {**config, "study": {k: v for k, v in config["study"].items() if k != "n_trials"}}
+
+    return without_budget(old) == without_budget(new)
+
+
+def _raise_budget(study: optuna.Study, stored: int, wanted: dict[str, Any]) -> None:
+    """Give an existing study the larger budget ``wanted`` asks for (a used-up study goes on: its
+    workers, started again, claim the new trials); a smaller one is refused."""
+    asked = wanted["study"]["n_trials"]
+    if asked < stored:
+        raise ValueError(
+            f"study {study.study_name!r} has a budget of {stored} trials; a budget can be raised, not "
+            f"lowered: give --n-trials {stored} or more (or set study.n_trials so)"
+        )
+    study.set_user_attr(records.CONFIG, wanted)
+    logger.info("study %r: budget raised from %d to %d trials", study.study_name, stored, asked)
+
+
+def smallest_flops(config: StudyConfig) -> tuple[int, str]:
+    """The FLOPs of the study space's smallest architecture at the study's input size, channels and
+    classes, and that architecture in short form (counted on the meta device)."""
+    from nas3d.costs import measure_costs
+    from nas3d.pareto import smallest_seed_architecture
+
+    arch = smallest_seed_architecture(config.space)
+    data = config.data
+    return measure_costs(arch, data.in_channels, data.num_classes, data.size, with_thop=False).flops, \
+        arch.short_str()
+
+
+def check_cap_fits_space(config: StudyConfig) -> None:
+    """Refuse (one line) a ``max_flops`` cap below the smallest architecture of the space at the
+    study's size: every proposal would be over it, and nothing would train."""
+    cap = config.constraints.max_flops
+    if cap is None:
+        return
+    flops, arch = smallest_flops(config)
+    if flops > cap:
+        size = config.data.size
+        raise ValueError(
+            f"constraints.max_flops {cap:.3g} is below the smallest architecture of the space at {size}³ "
+            f"({flops / 1e9:.3g} GFLOPs, {flops:.3g} FLOPs: {arch}), so no architecture could train; raise "
+            f"max_flops to at least {flops:.3g} (--set constraints.max_flops={flops:.3g}), or use a "
+            "smaller --size"
+        )
+
+
+class NothingTrained(ValueError):
+    """A search ended without one trained architecture; the message says why, in one line."""
+
+
+def require_trained(storage: str | StorageSpec | None, study_name: str) -> int:
+    """0 when study ``study_name`` has a trained architecture (complete, or stopped early at a rung);
+    else :class:`NothingTrained` naming what became of its trials and the first reason given."""
+    study = optuna.load_study(study_name=study_name, storage=make_storage(storage, must_exist=True))
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.COMPLETE or t.user_attrs.get(records.EARLY_STOPPED) for t in trials):
+        return 0
+    if not trials:
+        raise NothingTrained(f"study {study_name!r} ended with no trials at all; see the workers' log")
+    kinds: dict[str, int] = {}
+    for trial in trials:
+        kind = trial.user_attrs.get(records.NOT_TRAINED) or trial.state.name.lower()
+        kinds[kind] = kinds.get(kind, 0) + 1
+    common = max(kinds, key=kinds.__getitem__)
+    example = next((records.failure_reason(t) for t in trials if records.failure_reason(t)
+                    and (t.user_attrs.get(records.NOT_TRAINED) or t.state.name.lower()) == common), None)
+    by_count = sorted(kinds.items(), key=lambda item: -item[1])
+    counts = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in by_count)
+    raise NothingTrained(
+        f"study {study_name!r} trained nothing: of its {len(trials)} trials, {counts}"
+        + (f" (e.g. {example})" if example else "") + "; fix that, then run it again"
+    )
 
 
 def _existing_location(storage: optuna.storages.BaseStorage, name: str) -> str | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import IO
 
 __all__ = [
+    "EXIT_ARTIFACTS",
     "EXIT_STORAGE",
     "EXIT_USAGE",
     "atomic_path",
@@ -26,6 +27,9 @@ EXIT_USAGE = 2
 #: Exit status of a worker that lost its database past the retry window (EX_TEMPFAIL): the supervisor
 #: restarts it with backoff.
 EXIT_STORAGE = 75
+#: Exit status of a worker whose artifact store refused checkpoints several times in a row (EX_IOERR):
+#: not restarted either, since a read-only or full store needs an operator first.
+EXIT_ARTIFACTS = 74
 
 
 def one_line(text: object, limit: int | None = None) -> str:

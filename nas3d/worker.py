@@ -13,6 +13,8 @@ Faults: storage calls retry through a database outage for the retry window
 with its reason and the worker goes on. Only bad input found before the first trial raises (the CLI
 exits 2). SIGINT/SIGTERM only set a flag; training checks it between batches, and the interrupted
 trial is failed and queued again. A claim process that dies is replaced (:mod:`nas3d.claim_process`).
+A checkpoint the artifact store refuses leaves its trial complete (``checkpoint_missing``); after
+:data:`MAX_STORE_FAILURES` in a row the worker exits :data:`EXIT_ARTIFACTS` (not restarted).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from nas3d.claims import LATER, Claim, InlineClaims, TrialSource, WorkerSettings
 from nas3d.data import load_splits
 from nas3d.heartbeat import StopFlag, quiet_optuna_warnings
 from nas3d.objective import TrialObjective
-from nas3d.outcomes import settle, tell
+from nas3d.outcomes import interrupted, settle, tell
 from nas3d.samplers import make_sampler
 from nas3d.storages import (
     DEFAULT_HEARTBEAT_INTERVAL,
@@ -49,9 +51,9 @@ from nas3d.storages import (
 from nas3d.study import allocate_worker_number, load_study
 from nas3d.train import TrainingStopped
 from nas3d.train import torch_device as check_device
-from nas3d.util import EXIT_STORAGE
+from nas3d.util import EXIT_ARTIFACTS, EXIT_STORAGE
 
-__all__ = ["WorkerStorageLost", "run_trial", "run_worker"]
+__all__ = ["MAX_STORE_FAILURES", "ArtifactStoreFailing", "WorkerStorageLost", "run_trial", "run_worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,25 @@ class WorkerStorageLost(SystemExit):
         self.message = message
         # SystemExit prints nothing: say why in the log, in one line.
         logger.error("worker exits (status %d, to be restarted): %s", EXIT_STORAGE, message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+#: Checkpoints in a row the artifact store may refuse before the worker stops: each such trial keeps
+#: its scores (``checkpoint_missing``), but a store that stays read-only or full would have every
+#: later training lose its weights.
+MAX_STORE_FAILURES = 3
+
+
+class ArtifactStoreFailing(SystemExit):
+    """The study's artifact store refused :data:`MAX_STORE_FAILURES` checkpoints in a row: the process
+    exits :data:`EXIT_ARTIFACTS`, which ``nas3d launch`` does not restart (the store needs fixing)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(EXIT_ARTIFACTS)
+        self.message = message
+        logger.error("worker exits (status %d, not restarted): %s", EXIT_ARTIFACTS, message)
 
     def __str__(self) -> str:
         return self.message
@@ -157,6 +178,8 @@ def run_worker(
             finally:
                 claim.stop_beating()
             claim = claims.result() if asked else None
+            if objective.store_failures_in_row >= MAX_STORE_FAILURES:
+                _stop_for_store(study, claim, objective.store_failure)
             if isinstance(claim, Claim) and stop.requested:
                 source.give_back(claim)
                 claim = None
@@ -171,6 +194,22 @@ def run_worker(
     if stop.requested:
         logger.info("worker stopped by %s after %d trials", stop.requested, ran)
     return ran
+
+
+def _stop_for_store(study: optuna.Study, claim: Claim | object, failure: str | None) -> None:
+    """Give back the trial claimed ahead (queued again: no one trained it) and raise
+    :class:`ArtifactStoreFailing` naming the store, the path and the OS error."""
+    if isinstance(claim, Claim):
+        try:
+            interrupted(study, claim.trial, "its worker stopped: the artifact store refuses checkpoints",
+                        trained=False)
+        finally:
+            claim.stop_beating()
+    raise ArtifactStoreFailing(
+        f"{MAX_STORE_FAILURES} checkpoints in a row were not stored (those trials keep their scores, "
+        f"marked checkpoint_missing); the last: {failure}; make the store writable with space left, then "
+        "start the workers again"
+    )
 
 
 def run_trial(

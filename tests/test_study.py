@@ -222,7 +222,8 @@ def test_a_study_from_before_a_new_setting_still_matches_its_file(tmp_path: Path
 
 
 def test_a_trained_trial_records_proxies_and_full_validation_curves(tmp_path: Path) -> None:
-    config = smoke_config(tmp_path, **{"data.search_fraction": 0.5, "data.record_full_val": True})
+    config = smoke_config(tmp_path, **{"data.search_fraction": 0.5, "data.record_full_val": True,
+                                       "study.proxies": True})
     study, objective = make_objective(config, f"sqlite:///{tmp_path / 'db.sqlite'}")
     study.optimize(objective, n_trials=1)
     attrs = study.trials[0].user_attrs

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -77,7 +78,51 @@ def open_artifact_store(location: str) -> ArtifactStore:
     if location.startswith(S3_SCHEME):
         bucket, _, prefix = location[len(S3_SCHEME) :].partition("/")
         return S3ArtifactStore(bucket, prefix)
-    return FileSystemArtifactStore(location)
+    return FolderArtifactStore(location)
+
+
+class FolderArtifactStore(FileSystemArtifactStore):
+    """Optuna's folder store, whose writes leave a whole artifact or none.
+
+    Optuna's own writes the artifact's final name directly, so a full disk leaves a 0-byte or cut
+    file under an id the trial records. Here the bytes go to a hidden temporary name beside it,
+    renamed once complete and removed on failure; the error names the artifact's path (a full disk's
+    ``OSError`` names none).
+    """
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        path = self._get_filepath(artifact_id)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                shutil.copyfileobj(content_body, f)
+            os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            # OSError(errno, ...) is the errno's subclass again (PermissionError, ...), with the path
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+
+    def __repr__(self) -> str:
+        return f"FolderArtifactStore({self._base_path})"
+
+
+def artifact_write_errors() -> tuple[type[BaseException], ...]:
+    """What a store's ``write`` raises when the store (not the caller) fails: an ``OSError`` for a
+    folder, and botocore's errors for a bucket where boto3 is installed."""
+    try:
+        import botocore.exceptions
+    except ImportError:
+        return (OSError,)
+    return (OSError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
+
+
+def describe_artifact_store(store: Any) -> str:
+    """Where ``store`` writes, for a message: its folder or ``s3://bucket/prefix``."""
+    if isinstance(store, S3ArtifactStore):
+        return f"{S3_SCHEME}{store.bucket}/{store.prefix}".rstrip("/")
+    base = getattr(store, "_base_path", None)
+    return str(base) if base is not None else repr(store)
 
 
 class S3ArtifactStore:
@@ -248,7 +293,7 @@ def artifact_store_for(
     if chosen and not str(chosen).startswith(S3_SCHEME):
         base = Path(chosen).expanduser().resolve()
         base.mkdir(parents=True, exist_ok=True)
-        return FileSystemArtifactStore(base)
+        return FolderArtifactStore(base)
     if chosen:
         return open_artifact_store(resolve_artifact_location(chosen, storage_url))
     return StorageArtifactStores(storage_url)
