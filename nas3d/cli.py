@@ -5,6 +5,7 @@ Results on stdout, logs on stderr; a user error is one line on stderr and exit 2
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "--study": dict(metavar="FILE", help="study file (TOML), e.g. studies/smoke.toml"),
     "--dataset": dict(help="a MedMNIST3D flag, 'synthetic', or your own labels CSV (a path ending in .csv, "
                       "see docs/own-data.md); retrain: default the recorded one"),
-    "--size": dict(type=int, help="volume size, 28 or 64 (default: the file's or the recorded one, else 28)"),
+    "--size": dict(type=int, help="MedMNIST 28 or 64, a manifest 4..256 (default: the file's, else 28)"),
     "--name": dict(help="study name (overrides the file)"),
     "--n-trials": dict(type=int, help="trial budget across all workers"),
     "--max-epochs": dict(type=int, help="training epochs per trial, at most"),
@@ -81,6 +82,7 @@ class Command:
     exclusive: tuple[tuple[str, ...], ...] = ()
     required_choice = False  # one of each exclusive group must be given
     overrides: dict[str, dict[str, Any]] = {}
+    target = ""  # "module:function" that runs the command given (flags, storage)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         for group in self.exclusive:
@@ -90,7 +92,9 @@ class Command:
         for flag in self.flags:
             parser.add_argument(flag, **{**_FLAGS[flag], **self.overrides.get(flag, {})})
 
-    def run(self, args: argparse.Namespace) -> int | str: ...
+    def run(self, args: argparse.Namespace) -> int | str:
+        module, function = self.target.split(":")
+        return getattr(importlib.import_module(module), function)(vars(args), getattr(args, "storage", None))
 
 
 def _create(args: argparse.Namespace) -> str:
@@ -106,7 +110,6 @@ class CreateStudy(Command):
     def run(self, args: argparse.Namespace) -> int | str:
         return _create(args) and 0
 
-
 class Worker(Command):
     name, help = "worker", "run trials of a study on one device until its budget is spent"
     flags = ("--storage", "--study-name", "--device", "--worker-index", *_WORKER)
@@ -117,7 +120,6 @@ class Worker(Command):
                          progress=args.progress, claim_ahead=args.claim_ahead)
         return logging.getLogger("nas3d").info("worker %d ran %d trials", args.worker_index, ran) or 0
 
-
 class Launch(Command):
     name, help = "launch", "start and supervise workers for a study"
     flags = ("--storage", "--study-name", *_LAUNCH)
@@ -126,7 +128,6 @@ class Launch(Command):
         study = getattr(args, "study_name", None) or (lambda: _create(args))  # once the devices check out
         args.study_name, code = launch_from_flags(vars(args), args.storage.url, study)
         return code
-
 
 class Search(Launch):
     name, help = "search", "create a study, run workers until its budget is spent, summarise"
@@ -137,7 +138,6 @@ class Search(Launch):
         print(report.status_report(args.storage, args.study_name))
         return code or study.require_trained(args.storage, args.study_name)  # nothing trained: exit 2
 
-
 class Status(Command):
     name, help = "status", "trial counts by state, the hypervolume and the Pareto front; or one trial"
     flags = ("--storage", "--study-name", "--trial")
@@ -146,7 +146,6 @@ class Status(Command):
     def run(self, args: argparse.Namespace) -> int | str:
         from nas3d.report import status_report
         return status_report(args.storage, args.study_name, args.trial)
-
 
 class Dashboard(Command):
     name = "dashboard"
@@ -158,7 +157,6 @@ class Dashboard(Command):
         return serve_dashboard(args.storage, args.study_name, host=args.host, port=args.port,
                                refresh_seconds=args.refresh, retrain_paths=args.retrain_results)
 
-
 class Report(Command):
     name, help = "report", "pareto.png, pareto.html and a paper-style report.md for one or more studies"
     flags = ("--storage", "--study-name", "--out", "--retrain-results")
@@ -168,7 +166,6 @@ class Report(Command):
         from nas3d.report import write_report
         return write_report(args.storage, args.study_name, args.out, args.retrain_results)
 
-
 class Export(Command):
     name, help = "export", "copy a trial's checkpoint out of the study's artifact store, or a model to ONNX"
     exclusive, required_choice = (("--study-name", "--checkpoint"),), True
@@ -176,10 +173,14 @@ class Export(Command):
     overrides = {"--study-name": dict(required=False, help="with --trial"), "--trial": dict(required=False),
                  "--checkpoint": dict(metavar="FILE", help="a checkpoint file to export to ONNX"),
                  "--out": dict(required=False, metavar="PATH", help="checkpoint (--format onnx: ONNX) file")}
-    def run(self, args: argparse.Namespace) -> int | str:
-        from nas3d.export import export_command
-        return export_command(vars(args), args.storage)
+    target = "nas3d.export:export_command"
 
+class Prepare(Command):
+    name, help = "prepare", "write a manifest's samples as the network sees them: a .npy and a .nii.gz each"
+    flags = ("--manifest", "--study", "--size", "--set", "--storage", "--study-name", "--out", "--force")
+    overrides = {"--study-name": dict(required=False, help="the study's recorded preprocessing"),
+                 "--out": dict(required=True, metavar="DIR", help="folder to write into")}
+    target = "nas3d.prepare:prepare_command"
 
 class Predict(Command):
     name, help = "predict", "class probabilities for your volumes (a manifest or files) from a checkpoint"
@@ -190,7 +191,6 @@ class Predict(Command):
     def run(self, args: argparse.Namespace) -> int | str:
         from nas3d.predict import predict_command
         return predict_command(vars(args))
-
 
 class Retrain(Command):
     name, help = "retrain", "final training by the paper's protocol (200 epochs, five seeds), then test"
@@ -206,7 +206,6 @@ class Retrain(Command):
         return run_retrain(vars(args), args.storage, say=lambda line: print(line, flush=True),
                            warn=lambda line: print(line, file=sys.stderr))
 
-
 class Compare(Command):
     name, help = "compare", "retrain results side by side with the published MedMNIST numbers"
     flags = ("runs",)
@@ -216,7 +215,7 @@ class Compare(Command):
 
 
 _COMMANDS: tuple[Command, ...] = (CreateStudy(), Worker(), Launch(), Status(), Search(), Export(), Predict(),
-                                  Retrain(), Compare(), Dashboard(), Report())
+                                  Prepare(), Retrain(), Compare(), Dashboard(), Report())
 
 
 def build_parser() -> argparse.ArgumentParser:

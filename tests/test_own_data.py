@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -347,6 +348,41 @@ def test_a_bad_volume_is_one_line_naming_its_row_and_caches_nothing(tmp_path: Pa
         resolve_manifest(manifest_config(csv_path))
     assert expected in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / CACHE_DIR).exists()
+
+
+def test_prepare_writes_what_the_network_sees_with_its_affine(tmp_path: Path) -> None:
+    from nas3d.cli import main
+    from nas3d.config import StudyConfig, StudySettings
+    from nas3d.study import prepare_study
+
+    csv_path = nifti_folder(tmp_path / "own", n=12)
+    out = tmp_path / "seen"
+    assert main(["prepare", "--manifest", str(csv_path), "--size", "8", "--out", str(out)]) == 0
+    trained = prepare_manifest(manifest_config(csv_path))  # what a search of the same settings trains on
+    rows = list(csv.DictReader(open(csv_path)))
+    for i, row in enumerate(rows):
+        name = Path(row["image"]).name.split(".")[0]
+        array = np.load(out / f"{name}.npy")
+        assert array.dtype == np.float32 and array.shape == (1, 8, 8, 8)
+        assert np.allclose(array, trained.images[i], atol=1e-6), name
+    picture = nibabel.load(out / "case001_0.nii.gz")
+    assert np.allclose(picture.get_fdata(), np.load(out / "case001_0.npy")[0], atol=1e-6)
+    # (10, 11, 9) voxels of 1 mm padded to an 11 mm cube, 8 voxels across: 11/8 mm each; the odd voxel
+    # of padding along R goes after, so the cube's centre is the volume's (4.5, 5, 4) but for half a voxel
+    assert np.allclose(np.diag(picture.affine)[:3], 11 / 8)
+    centre = picture.affine @ np.array([3.5, 3.5, 3.5, 1.0])
+    assert np.allclose(centre[:3], [5.0, 5.0, 4.0])
+    settings = json.loads((out / "preprocessing.json").read_text())
+    assert settings["normalise"] == "percentile" and settings["bounds"] == [list(b) for b in
+                                                                             trained.config.percentile_bounds]
+    assert main(["prepare", "--manifest", str(csv_path), "--size", "8", "--out", str(out)]) == 2  # exists
+    # a study's recorded preprocessing, as predict replays it
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    zscore = manifest_config(csv_path, normalise="zscore")
+    prepare_study(StudyConfig(study=StudySettings(name="mine"), data=zscore), url)
+    assert main(["prepare", "--study-name", "mine", "--storage", url, "--out", str(out), "--force"]) == 0
+    zscored = prepare_manifest(zscore)
+    assert np.allclose(np.load(out / "case000_0.npy"), zscored.images[0], atol=1e-6)
 
 
 # --- checkpoints, predict, ONNX --------------------------------------------------------------------

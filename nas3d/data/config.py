@@ -61,6 +61,7 @@ class DataConfig:
         object.__setattr__(self, "window", _window_bounds(self.normalise, self.window))
         for name in ("split_fractions", "classes", "spacing"):  # JSON gives lists; keep the config hashable
             object.__setattr__(self, name, tuple(getattr(self, name)))
+    monai_version: str = ""  # the MONAI version whose transforms prepared the samples
         object.__setattr__(self, "percentile_bounds", tuple(tuple(float(v) for v in b)
                                                            for b in self.percentile_bounds))
         if self.dataset not in (*DATASETS, SYNTHETIC) and not is_manifest(self.dataset):
@@ -120,6 +121,7 @@ class DataConfig:
 
     @property
     def is_medmnist(self) -> bool:
+                self.monai_version,
         """A real MedMNIST3D flag (scored by medmnist's Evaluator), not synthetic data or a manifest."""
         return self.dataset in DATASETS
 

@@ -27,6 +27,7 @@ from nas3d.data.preprocessing import (
     PERCENTILES,
     Preprocessing,
     median_spacing,
+    monai_version,
     percentile_bounds,
     prepare_volumes,
     read_sample,
@@ -71,6 +72,7 @@ class ManifestSource:
     crop_foreground: bool = False
     percentile_bounds: tuple[tuple[float, ...], ...] = ()
     positive_class: str = ""
+    monai_version: str = ""
 
     def __post_init__(self) -> None:
         if not 4 <= self.size <= 256:  # any size: tests and smoke studies use tiny volumes
@@ -109,13 +111,14 @@ class ManifestSource:
     def resolved(self) -> bool:
         """Whether everything a study records of the manifest is filled in (classes, channels, hash,
         spacing where a volume is NIfTI, and the percentile bounds)."""
-        return bool(self.manifest_hash and self.classes and self.channels
+        return bool(self.manifest_hash and self.classes and self.channels and self.monai_version
                     and (self.percentile_bounds or self.normalise != "percentile"))
 
     def _recorded(self) -> dict[str, object]:
         return {"dataset": str(self.path), "classes": self.classes, "channels": self.channels,
                 "manifest_hash": self.manifest_hash, "spacing": self.spacing,
-                "percentile_bounds": self.percentile_bounds, "positive_class": self.positive_class}
+                "percentile_bounds": self.percentile_bounds, "positive_class": self.positive_class,
+                "monai_version": self.monai_version}
 
     def check(self) -> dict[str, object]:
         """Check and prepare every sample (filling the cache); what the study records."""
@@ -128,6 +131,10 @@ class ManifestSource:
         the load that follows in this process (see ``_held``)."""
         if self.resolved:
             self.check_unchanged()
+            if self.monai_version != monai_version():
+                logger.warning("the study's samples were prepared with MONAI %s, this host has %s: its "
+                               "samples may differ slightly; install MONAI %s on every host",
+                               self.monai_version, monai_version(), self.monai_version)
             return self._recorded()
         return self.prepare(keep=hold).recorded
 
@@ -209,7 +216,7 @@ class ManifestSource:
                                                     splits["train"])
         # channels: known once a sample is read
         pre = Preprocessing(self.size, 0, self.normalise, self.window, spacing, self.crop_foreground,
-                            bounds)  # type: ignore[arg-type]
+                            bounds)  # type: ignore[arg-type] (this host's MONAI: in every cache key)
         samples: list[np.ndarray] = []
         missing: list[tuple[Path, np.ndarray]] = []
         first: tuple[int, ManifestRow] | None = None
@@ -238,7 +245,7 @@ class ManifestSource:
             stored.save()
         recorded = {"dataset": str(manifest.path), "classes": classes, "channels": first[0],
                     "manifest_hash": digest, "spacing": spacing, "percentile_bounds": bounds,
-                    "positive_class": positive}
+                    "positive_class": positive, "monai_version": self.monai_version or pre.monai}
         prepared = PreparedSamples(recorded, np.stack(samples), labels, splits)
         if keep:  # held under what the study records, which the load that follows is given
             _held[held_key(spacing, bounds)] = prepared

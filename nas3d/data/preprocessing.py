@@ -88,6 +88,8 @@ class Preprocessing:
     crop_foreground: bool = False
     bounds: tuple[tuple[float, float], ...] = ()  # "percentile": [low, high] per channel
     monai: str = ""  # the MONAI version that prepared the samples ("" = this one)
+    # 1: a checkpoint from before geometry (each volume resized by its shape, then normalised), replayed so
+    version: int = PREPROCESS_VERSION
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "window", tuple(float(v) for v in self.window))
@@ -97,14 +99,17 @@ class Preprocessing:
         check_choice("normalise", self.normalise, NORMALISATIONS)
 
     def to_dict(self) -> dict[str, object]:
-        return {"version": PREPROCESS_VERSION, "size": self.size, "channels": self.channels,
+        return {"version": self.version, "size": self.size, "channels": self.channels,
                 "normalise": self.normalise, "window": list(self.window), "spacing": list(self.spacing),
                 "crop_foreground": self.crop_foreground, "bounds": [list(b) for b in self.bounds],
                 "monai": self.monai}
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> Preprocessing:
-        return cls(**{k: v for k, v in data.items() if k != "version"})  # type: ignore[arg-type]
+        if data.get("version", 1) == 1:  # recorded before geometry and MONAI
+            return cls(int(data["size"]), int(data["channels"]), str(data["normalise"]),  # type: ignore[call-overload]
+                       tuple(data.get("window") or (0.0, 255.0)), monai="none", version=1)  # type: ignore[arg-type]
+        return cls(**data)  # type: ignore[arg-type]
 
     def cache_key(self, file_hashes: tuple[str, ...]) -> str:
         """The cache entry of a sample whose volumes have these content hashes, prepared this way:
@@ -237,6 +242,8 @@ def prepare_image(volume: Volume | np.ndarray, pre: Preprocessing, *, first_chan
     if not isinstance(volume, Volume):
         volume = Volume(np.asarray(volume, dtype=np.float32), None)
     array = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))
+    if pre.version == 1:
+        return MetaTensor(_by_shape(array, pre))
     if volume.affine is None:
         # NumPy: no affine; the voxels are taken as stored, each as wide as the target spacing's mean.
         side = float(np.mean(pre.spacing)) if pre.spacing else 1.0
@@ -270,6 +277,23 @@ def prepare_image(volume: Volume | np.ndarray, pre: Preprocessing, *, first_chan
         # pad with each channel's minimum (the background: air, or the scanner's zero)
         x = ResizeWithPadOrCrop(cube, mode="constant", value=0.0)(x - low) + low
     return Resize((pre.size,) * 3, mode="trilinear", align_corners=False)(x)
+
+
+def _by_shape(x: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    """Preprocessing version 1, replayed for its checkpoints: resized to ``size``³ by the voxel shape
+    alone (trilinear), then each channel normalised (minmax, zscore or window)."""
+    size = (pre.size,) * 3
+    if tuple(x.shape[1:]) != size:
+        x = torch.nn.functional.interpolate(x[None], size=size, mode="trilinear", align_corners=False)[0]
+    flat, shape = x.reshape(x.shape[0], -1), (-1, 1, 1, 1)
+    if pre.normalise == "minmax":
+        low, high = flat.min(dim=1).values.view(shape), flat.max(dim=1).values.view(shape)
+        return (x - low) / torch.where(high > low, high - low, torch.ones_like(high))
+    if pre.normalise == "zscore":
+        mean, std = flat.mean(dim=1).view(shape), flat.std(dim=1, correction=0).view(shape)
+        return (x - mean) / torch.where(std > 0, std, torch.ones_like(std))
+    low, high = pre.window
+    return (x.clamp(low, high) - low) / (high - low)
 
 
 def read_sample(images: tuple[Path, ...], *, where: str) -> list[Volume]:
