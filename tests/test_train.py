@@ -282,3 +282,18 @@ def test_every_option_trains_reproducibly_and_changes_the_run(data: DeviceData) 
     runs = [train_trial(tiny_cnn(data.num_classes, seed=7), data, config, "cpu").history
             for config in (options, options, replace(FAST, max_epochs=3))]
     assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_the_recipe_keys_are_study_file_keys_and_round_trip() -> None:
+    from nas3d.config import ConfigError, default_study_config
+    from nas3d.train import RECIPES
+
+    config = default_study_config("adrenalmnist3d").with_overrides(
+        {"train.recipe": "small3d", "train.augment": "false", "train.weight_decay": "0"})
+    assert config.train.options == replace(RECIPES["small3d"], augment=False, weight_decay=0.0)
+    stored = config.to_dict()["train"]  # as the study records it: the name and the explicit keys
+    assert (stored["recipe"], stored["augment"], stored["schedule"]) == ("small3d", False, None)
+    assert type(config).from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match=r"\[train\]: train.class_weights must be one of none, balanced"):
+        config.with_overrides({"train.class_weights": "inverse"})
+
