@@ -144,12 +144,23 @@ def _identity(recipe: ModelRecipe) -> dict[str, str]:
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a nas3d checkpoint safely (``weights_only=True``); a one-line ``ValueError`` for a file
     that is not one."""
+    import pickle
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found; export one with `nas3d export`")
+    foreign = _foreign_kind(path)
+    if foreign:
+        raise ValueError(f"{path} is {foreign}, not a nas3d checkpoint; give the .pt file that "
+                         "`nas3d export` or `nas3d retrain` wrote")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which, in one line
+    except pickle.UnpicklingError:
+        # PyTorch's own message advises weights_only=False, i.e. running code from the file: never that.
+        raise ValueError(f"{path} is a PyTorch file holding Python objects (a pickled model?), not a nas3d "
+                         "checkpoint, which holds tensors and numbers only; give the .pt file that "
+                         "`nas3d export` or `nas3d retrain` wrote") from None
+    except Exception as e:  # a truncated or damaged file: say which, in one line
         raise ValueError(
             f"{path} is not a readable checkpoint ({type(e).__name__}: {one_line(e, 200)})"
         ) from None
@@ -179,6 +190,22 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise ValueError(f"{path}: the recorded model ({recipe.describe()}) does not match the file: "
                          f"{problem}; refusing it (export or retrain it again)")
     return checkpoint
+
+
+def _foreign_kind(path: Path) -> str | None:
+    """What a file that is surely no PyTorch checkpoint is ("an ONNX model", ...), or None. PyTorch writes
+    a zip archive (an old format: a pickle stream); anything else is refused before ``torch.load``."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return None
+    # An ONNX ModelProto opens with field 1 (ir_version, a small varint), then a string or the graph.
+    if path.suffix.lower() == ".onnx" or (len(head) > 2 and head[0] == 0x08 and head[1] < 0x80
+                                          and head[2] in (0x12, 0x1A, 0x22, 0x2A, 0x3A, 0x42)):
+        return "an ONNX model (run it with onnxruntime, docs/own-data.md)"
+    if not head:
+        return "empty"
+    return "not a PyTorch file"
 
 
 def _mismatch(checkpoint: Checkpoint, *, costs: bool = True) -> str | None:

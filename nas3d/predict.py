@@ -131,4 +131,6 @@ def predict_command(flags: dict[str, Any]) -> str:
         device=torch_device(flags.get("device") or "cpu"), batch_size=flags.get("batch_size") or 16,
         overwrite=flags.get("force", False),
     )
-    return f"predicted {rows} volume{'s' if rows != 1 else ''} into {out}"
+    classes = load_checkpoint(flags["checkpoint"]).class_names
+    positive = f"; positive class {classes[1]!r}" if len(classes) == 2 else ""
+    return f"predicted {rows} volume{'s' if rows != 1 else ''} into {out}{positive}"

@@ -19,6 +19,7 @@ from optuna.storages import BaseStorage
 
 from nas3d import records
 from nas3d.budget import budget_state
+from nas3d.config import StudyConfig
 from nas3d.early_stopping import format_learning_curve
 from nas3d.front import FrontPoint, StudyFront, collect_retrain_results, study_front
 from nas3d.front import fmt_or_dash as _fmt
@@ -119,13 +120,24 @@ def format_status(study: optuna.Study) -> str:
     trials = study.get_trials(deepcopy=False)
     counts = Counter(t.state.name for t in trials)
     budget = study.user_attrs.get(records.CONFIG, {}).get("study", {}).get("n_trials", "?")
+    counted = budget_state(study)  # counted as the budget counts them (nas3d.budget)
+    # Free trials (duplicates, retried attempts, ...) do not count: more trials than the budget is no overrun.
+    free = len(trials) - counted.used
     lines = [
-        f"study {study.study_name}: {len(trials)} trials (budget {budget}); "
-        + ", ".join(f"{state.lower()} {n}" for state, n in sorted(counts.items())),
+        f"study {study.study_name}: {len(trials)} trials for a budget of {budget}"
+        + (f" ({free} free)" if free else "")
+        + "".join(f"{'; ' if i == 0 else ', '}{state.lower()} {n}"
+                  for i, (state, n) in enumerate(sorted(counts.items()))),
     ]
-    duplicates = budget_state(study).duplicates  # counted as the budget counts them (nas3d.budget)
+    duplicates = counted.duplicates
     if duplicates:
         lines[0] += f"; {duplicates} duplicates not retrained"
+    try:
+        positive = positive_class(StudyConfig.from_dict(study.user_attrs[records.CONFIG], source="").data)
+    except (KeyError, ValueError):
+        positive = None
+    if positive:
+        lines.append(f"  positive class {positive!r} (binary AUC scores it; predict's {positive!r} column)")
     # The front and hypervolume of fully trained trials (nas3d.pareto), as the dashboard note shows it.
     front = study_front(study, seed_references="none")
     if front.hypervolume is not None:
@@ -504,7 +516,21 @@ def report_markdown(fronts: Sequence[StudyFront], runs: Sequence[dict[str, Any]]
     lines += ["", "Hypervolume: docs/metrics.md#hypervolume (val AUC from 0.5 to 1, log10 FLOPs between "
               "the smallest and largest architecture of the seed space at the study's input size), "
               "in [0, 1]."]
+    positive = [f"{f.study_name}: {name!r}" for f in fronts if (name := positive_class(f.data))]
+    if positive:
+        lines += ["", "Positive class (the one binary AUC scores, and `nas3d predict`'s positive "
+                  "probability): " + "; ".join(positive) + "."]
     return "\n".join(lines) + "\n"
+
+
+def positive_class(data: Any) -> str | None:
+    """The positive class of a binary study's data (a :class:`nas3d.data.DataConfig`): its second class
+    name (docs/own-data.md#1-the-manifest says how it is chosen); None for multi-class or unknown data."""
+    try:
+        names = data.class_names if data is not None and data.resolved else ()
+    except (ValueError, LookupError, OSError):  # data this host cannot describe
+        return None
+    return names[1] if len(names) == 2 else None
 
 
 def _mean_row(best: Sequence[tuple[FrontPoint, dict[str, Any], str]]) -> str:

@@ -81,7 +81,7 @@ def test_search_smoke_study_end_to_end(tmp_path: Path) -> None:
                    "--n-trials", "3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "study 'smoke' ready" in result.stdout
-    assert "(budget 3)" in result.stdout
+    assert "for a budget of 3" in result.stdout
     study = optuna.load_study(study_name="smoke", storage=make_storage(None))
     assert budget_state(study).used == 3
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)

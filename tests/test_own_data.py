@@ -23,15 +23,18 @@ from nas3d.data import (
     CACHE_DIR,
     CT_WINDOWS,
     DataConfig,
+    Manifest,
     ManifestChanged,
     ManifestError,
     Preprocessing,
+    class_order,
     hashes,
     load_splits,
     manifest_source,
     prepare_manifest,
     prepare_volume,
     preprocessing,
+    read_manifest,
     resolve_manifest,
     write_synthetic_npz,
 )
@@ -132,6 +135,91 @@ def test_integer_labels_keep_their_numbers_and_multi_class_works(tmp_path: Path)
     csv_path = nifti_folder(tmp_path, n=30, classes=("2", "0", "1"))
     resolved = resolve_manifest(manifest_config(csv_path))
     assert resolved.classes == ("0", "1", "2") and resolved.task == "multi-class"
+
+
+def _labels_only(folder: Path, labels: list[str], **extra: str) -> Manifest:
+    """A manifest of these labels (its volumes are never read: class_order looks at labels only)."""
+    rows = [{"image": f"v{i}.npy", "label": label, **extra} for i, label in enumerate(labels)]
+    return read_manifest(write_manifest(folder, rows))
+
+
+@pytest.mark.parametrize(
+    ("labels", "classes", "positive", "expected", "why"),
+    [
+        # alphabetical order would make "normal" positive; a negative-sounding name is the negative class
+        (["normal"] * 6 + ["hyperplasia"] * 6, (), "", ("normal", "hyperplasia"), "'normal' reads as"),
+        (["Healthy"] * 6 + ["tumour"] * 6, (), "", ("Healthy", "tumour"), "'Healthy' reads as the negative"),
+        (["b"] * 4 + ["a"] * 8, (), "", ("a", "b"), "the rarer class: 4 rows against 8"),
+        (["0"] * 6 + ["1"] * 6, (), "", ("0", "1"), "of integer labels, the higher is positive"),
+        (["normal"] * 6 + ["hyperplasia"] * 6, (), "normal", ("hyperplasia", "normal"), ""),
+        (["normal"] * 6 + ["hyperplasia"] * 6, ("hyperplasia", "normal"), "", ("hyperplasia", "normal"), ""),
+    ],
+    ids=["negative-name", "negative-name-case", "rarer", "integers", "positive_class", "classes"],
+)
+def test_the_positive_class_of_a_binary_manifest_is_set_or_chosen_by_a_stated_rule(
+    tmp_path: Path, labels, classes, positive, expected, why
+) -> None:
+    order, chosen, reason = class_order(_labels_only(tmp_path, labels), classes, positive)
+    assert order == expected and chosen == expected[1] and why in reason and bool(reason) == bool(why)
+
+
+@pytest.mark.parametrize(
+    ("labels", "classes", "positive", "expected"),
+    [
+        (["normal"] * 6 + ["hyperplasia"] * 5 + ["hyperplsia"], (), "",
+         "line 13: label 'hyperplsia' is on 1 row(s) only (a class needs 3); did you mean 'hyperplasia'?"),
+        (["normal"] * 6 + ["hyperplsia"] * 6, ("normal", "hyperplasia"), "",
+         "line 8: label 'hyperplsia' is not one of the classes ['normal', 'hyperplasia'] (data.classes); "
+         "did you mean 'hyperplasia'?"),
+        (["normal"] * 6 + ["hyperplasia"] * 6, (), "hyperplasi", "did you mean 'hyperplasia'?"),
+        (["normal"] * 6 + ["hyperplasia"] * 6, ("hyperplasia", "normal"), "hyperplasia", "swap them"),
+        (["a", "b", "c"] * 4, (), "a", "data.positive_class is for a binary task"),
+    ],
+    ids=["typo", "typo-of-a-given-class", "positive-typo", "positive-first", "multi-class"],
+)
+def test_a_label_typo_or_a_bad_positive_class_is_one_line_naming_the_fix(
+    tmp_path: Path, labels, classes, positive, expected
+) -> None:
+    with pytest.raises(ManifestError) as info:
+        class_order(_labels_only(tmp_path, labels), classes, positive)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_study_creation_says_which_class_is_positive_and_the_split_sizes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from nas3d.config import StudyConfig, StudySettings
+    from nas3d.report import status_report
+    from nas3d.study import prepare_study
+
+    csv_path = nifti_folder(tmp_path / "own", classes=("normal", "hyperplasia"))
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    with caplog.at_level("INFO", logger="nas3d.data"):
+        prepare_study(StudyConfig(study=StudySettings(name="mine"), data=manifest_config(csv_path)), url)
+    said = caplog.text
+    assert "positive class 'hyperplasia' ('normal' reads as the negative class); set data.positive" in said
+    assert "no split column: split stratified by class" in said and "into 16 train, 4 val, 4 test" in said
+    status = status_report(url, "mine")
+    assert status.startswith("study mine: 0 trials for a budget of 200\n")
+    assert "positive class 'hyperplasia'" in status
+
+
+def test_the_status_line_counts_free_trials_apart_from_the_budget() -> None:
+    import optuna
+
+    from nas3d import records
+    from nas3d.config import StudyConfig, StudySettings
+    from nas3d.report import format_status
+
+    study = optuna.create_study(study_name="s", directions=["maximize", "minimize"])
+    study.set_user_attr(records.CONFIG, StudyConfig(study=StudySettings(name="s", n_trials=3)).to_dict())
+    for number in range(5):  # three trained, two decided without training
+        if number < 3:
+            study.add_trial(optuna.trial.create_trial(values=[0.6, 1e6]))
+        else:
+            study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL,
+                                                      user_attrs={records.NOT_TRAINED: "duplicate"}))
+    assert format_status(study).startswith("study s: 5 trials for a budget of 3 (2 free); complete 3, fail 2")
 
 
 def test_the_second_read_comes_from_the_cache_and_a_changed_volume_misses_only_its_entry(
@@ -444,6 +532,45 @@ def test_a_medmnist_checkpoint_predicts_with_medmnist_class_names(tmp_path: Path
     checkpoint = load_checkpoint(path)
     assert checkpoint.class_names == ("normal", "hyperplasia")
     assert checkpoint.preprocessing == Preprocessing(28, 1, "window", (0.0, 255.0))
+
+
+def test_predict_and_export_refuse_an_onnx_or_foreign_file_in_one_line_of_their_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nas3d.cli import main
+
+    data = DataConfig(dataset="synthetic", size=8)
+    export_onnx(load_checkpoint(_checkpoint(tmp_path / "m.pt", TINY, data)), tmp_path / "model.onnx")
+    (tmp_path / "model.bin").write_bytes((tmp_path / "model.onnx").read_bytes())  # an ONNX file by content
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled.pt")  # a whole module: unpickling would run code
+    (tmp_path / "notes.pt").write_text("not a model")
+    write_volume(tmp_path / "v.npy", np.zeros((8, 8, 8), np.float32))
+    expected = {"model.onnx": "is an ONNX model (run it with onnxruntime", "model.bin": "is an ONNX model",
+                "pickled.pt": "is a PyTorch file holding Python objects", "notes.pt": "is not a PyTorch file"}
+    for name, says in expected.items():
+        for argv in (["predict", "--checkpoint", str(tmp_path / name), str(tmp_path / "v.npy"),
+                      "--out", str(tmp_path / "p.csv")],
+                     ["export", "--checkpoint", str(tmp_path / name), "--format", "onnx",
+                      "--out", str(tmp_path / "again.onnx")]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert says in err and "not a nas3d checkpoint" in err and err.count("\n") == 1, err
+            assert "weights_only" not in err and "torch.load" not in err
+
+
+def test_a_checkpoint_goes_into_the_artifact_store_as_octet_stream(tmp_path: Path) -> None:
+    import optuna
+    from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
+
+    import nas3d.storages  # noqa: F401 (registers the type of .pt files)
+
+    store = FileSystemArtifactStore(str(tmp_path / "artifacts"))
+    (tmp_path / "artifacts").mkdir()
+    study = optuna.create_study()
+    trial = study.ask()
+    (tmp_path / "trial-0.pt").write_bytes(b"PK")
+    upload_artifact(artifact_store=store, file_path=str(tmp_path / "trial-0.pt"), study_or_trial=trial)
+    assert [meta.mimetype for meta in get_all_artifact_meta(trial)] == ["application/octet-stream"]
 
 
 def _random_architectures(count: int, seed: int = 0):

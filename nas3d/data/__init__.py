@@ -21,7 +21,7 @@ from nas3d.data.load import (
     read_arrays,
     resolve_manifest,
 )
-from nas3d.data.manifest import CACHE_DIR, Manifest, ManifestRow, is_manifest, read_manifest
+from nas3d.data.manifest import CACHE_DIR, Manifest, ManifestRow, class_order, is_manifest, read_manifest
 from nas3d.data.medmnist_file import DATASETS, DOWNLOAD_TIMEOUT_S, SIZES
 from nas3d.data.preprocessing import (
     CT_WINDOWS,
@@ -69,6 +69,7 @@ __all__ = [
     "Split",
     "Volume",
     "check_data",
+    "class_order",
     "check_manifest_unchanged",
     "ensure_file",
     "file_sha256",

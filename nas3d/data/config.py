@@ -56,12 +56,12 @@ class DataConfig:
     channels: int = 0  # image columns × channels per volume
     manifest_hash: str = ""  # sha256 over the CSV and every volume it names
     percentile_bounds: tuple[tuple[float, ...], ...] = ()  # "percentile": [low, high] per channel
+    monai_version: str = ""  # the MONAI version whose transforms prepared the samples
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "window", _window_bounds(self.normalise, self.window))
         for name in ("split_fractions", "classes", "spacing"):  # JSON gives lists; keep the config hashable
             object.__setattr__(self, name, tuple(getattr(self, name)))
-    monai_version: str = ""  # the MONAI version whose transforms prepared the samples
         object.__setattr__(self, "percentile_bounds", tuple(tuple(float(v) for v in b)
                                                            for b in self.percentile_bounds))
         if self.dataset not in (*DATASETS, SYNTHETIC) and not is_manifest(self.dataset):
@@ -110,6 +110,7 @@ class DataConfig:
                 Path(self.dataset).expanduser().absolute(), self.size, self.normalise, self.window,
                 self.split_fractions, self.split_seed, self.classes, self.channels, self.manifest_hash,
                 self.spacing, self.crop_foreground, self.percentile_bounds, self.positive_class,
+                self.monai_version,
             )
         if self.dataset == SYNTHETIC:
             return SyntheticFile.of(self.size, self.data_root, self.synthetic_classes, self.synthetic_samples)
@@ -121,7 +122,6 @@ class DataConfig:
 
     @property
     def is_medmnist(self) -> bool:
-                self.monai_version,
         """A real MedMNIST3D flag (scored by medmnist's Evaluator), not synthetic data or a manifest."""
         return self.dataset in DATASETS
 

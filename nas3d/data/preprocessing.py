@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch
 
 from nas3d.data.errors import ManifestError
 from nas3d.util import check_choice, one_line
+
+logger = logging.getLogger(__name__)
 
 #: How a manifest's volumes are scaled (DataConfig.normalise); docs/own-data.md says which to choose.
 NORMALISATIONS = ("percentile", "ct", "zscore", "minmax", "window")
@@ -334,6 +337,10 @@ def prepare_for_model(
     """Volumes to predict on (``(where, files)`` per sample) prepared as in training, float32
     ``(N, C, S, S, S)``; a one-line :class:`ManifestError` for a volume that is unreadable or has
     another channel count than ``pre.channels``."""
+    if pre.monai not in ("none", monai_version()):
+        logger.warning("the model's inputs were prepared with MONAI %s, this host has %s: predictions may "
+                       "differ slightly; install MONAI %s to replay them exactly", pre.monai, monai_version(),
+                       pre.monai)
     out = []
     for where, files in samples:
         sample = prepare_sample(files, pre, where=where)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mimetypes
 import os
 import shutil
 from pathlib import Path
@@ -30,6 +31,10 @@ if TYPE_CHECKING:
 _logger = logging.getLogger("nas3d.storages")
 
 S3_SCHEME = "s3://"
+
+# optuna's upload_artifact types a file by its suffix, and the system's table (/etc/mime.types) calls
+# ".pt" a SNES page table: a checkpoint is opaque bytes to anything but nas3d.
+mimetypes.add_type("application/octet-stream", ".pt")
 
 
 class ArtifactStoreUnavailable(ValueError):
