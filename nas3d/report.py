@@ -102,7 +102,8 @@ def retrain_header(plan: Any) -> str:
     config, data = plan.config, plan.data
     epochs = f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}"
     return (f"retraining {plan.source.name} ({plan.source.recipe.describe()}) on {data.dataset} "
-            f"{data.size}^3, {epochs}, seeds {','.join(map(str, config.seeds))}, on {plan.device}, "
+            f"{data.size}^3, {epochs}, recipe {config.train.describe_recipe()}, seeds "
+            f"{','.join(map(str, config.seeds))}, on {plan.device}, "
             f"into {plan.out}\n{SEED_HEADER}")
 
 

@@ -136,6 +136,16 @@ class TrainConfig:
         explicit = {f: getattr(self, f) for f in Recipe.__dataclass_fields__ if getattr(self, f) is not None}
         return dataclasses.replace(RECIPES[self.recipe], **explicit)
 
+    def describe_recipe(self) -> str:
+        """The recipe in words: its name, and the options that differ from the paper's."""
+        options, paper = self.options, RECIPES["paper"]
+        warmup = f", {options.warmup_epochs} warm-up epochs" if options.schedule == "cosine" else ""
+        words = {"schedule": f"{options.schedule} schedule{warmup}",
+                 "weight_decay": f"AdamW weight decay {options.weight_decay:g}",
+                 "class_weights": f"{options.class_weights} class weights", "augment": "augmentation"}
+        changed = [text for key, text in words.items() if getattr(options, key) != getattr(paper, key)]
+        return self.recipe + (f" with {', '.join(changed)}" if changed else "")
+
     def lr_at(self, epoch: int) -> float:
         """The learning rate of 1-based ``epoch`` by the schedule.
 
