@@ -90,6 +90,13 @@ class Checkpoint:
         return float(recorded) if number else 0.5
 
     @property
+    def best_fold(self) -> int | None:
+        """For a cross-validated trial's checkpoint (``data.cv_folds`` > 1): the fold (0-based) whose model
+        it holds, the one with the best val AUC (``metadata["fold"]`` has every fold's); None otherwise."""
+        fold = self.metadata.get("fold")
+        return int(fold["best"]) if isinstance(fold, dict) and "best" in fold else None
+
+    @property
     def binary(self) -> bool:
         """Whether the model scores two classes (a thresholded positive class)."""
         return self.num_classes == 2

@@ -2,8 +2,8 @@
 
 A study file has the tables ``[study]``, ``[data]`` (``nas3d.data.DataConfig``), ``[train]``
 (``nas3d.train.TrainConfig``), ``[space]`` (``nas3d.space.SearchSpace``), ``[constraints]`` and
-``[ode]`` (``nas3d.samplers.ODESettings``, read when ``sampler = "ode"``) and ``[early_stopping]``
-(``nas3d.early_stopping.EarlyStoppingConfig``).
+``[ode]`` (``nas3d.samplers.ODESettings``, read when ``sampler = "ode"``), ``[early_stopping]``
+(``nas3d.early_stopping.EarlyStoppingConfig``) and ``[racing]`` (``nas3d.racing.RacingConfig``).
 Every table is optional except ``[study]`` (``name`` is required); omitted keys take the seed
 study's defaults. Unknown keys and wrong types are errors naming the file, table and key.
 """
@@ -23,6 +23,7 @@ from typing import Any
 
 from nas3d.data import DataConfig
 from nas3d.early_stopping import EarlyStoppingConfig
+from nas3d.racing import RacingConfig
 from nas3d.samplers import SAMPLERS, ODESettings
 from nas3d.space import SearchSpace
 from nas3d.train import TrainConfig
@@ -33,6 +34,7 @@ __all__ = [
     "ConfigError",
     "Constraints",
     "EarlyStoppingConfig",
+    "RacingConfig",
     "StudyConfig",
     "StudySettings",
     "default_study_config",
@@ -116,8 +118,13 @@ class StudyConfig:
     # A study stored before [ode] existed reads back with these defaults, so it still compares equal.
     ode: ODESettings = field(default_factory=ODESettings)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    racing: RacingConfig = field(default_factory=RacingConfig)
 
     def __post_init__(self) -> None:
+        if self.racing.active and self.data.cv_folds < 2:
+            raise ValueError(f'racing.kind = "{self.racing.kind}" races a trial across its folds, but '
+                             f"data.cv_folds is {self.data.cv_folds}: set data.cv_folds >= 2 or "
+                             'racing.kind = "none"')
         stopper = self.early_stopping
         if stopper.active and not stopper.rungs(self.train.max_epochs):
             raise ValueError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,14 +29,17 @@ from nas3d.architecture import Architecture, InfeasibleArchitecture
 from nas3d.checkpoint import checkpoint_data, save_checkpoint
 from nas3d.config import StudyConfig
 from nas3d.costs import Costs, measure_costs
+from nas3d.cv import CrossValidation, standard_error
 from nas3d.data import DataShape, DeviceData
 from nas3d.early_stopping import EpochMonitor
+from nas3d.metrics import bootstrap_interval
 from nas3d.model import build_model
 from nas3d.proxies import proxy_batch, score_proxies
+from nas3d.racing import FoldRace
 from nas3d.space import sample_architecture
 from nas3d.storages import StorageUnavailable, artifact_write_errors, describe_artifact_store
 from nas3d.study import record_constraints
-from nas3d.train import device_name, train_trial
+from nas3d.train import TrainResult, device_name, predict, train_trial
 from nas3d.util import one_line
 
 if TYPE_CHECKING:
@@ -91,6 +95,7 @@ class TrialObjective:
         self.store_failures_in_row = 0
         self.store_failure: str | None = None
         self.epochs_trained = 0  # epochs those trainings ran, stopped ones included
+        self._folds: CrossValidation | None = None  # data.cv_folds > 1: built at the first training
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         return self.train(trial, self.cost(trial, self.claim(trial)))
@@ -190,27 +195,94 @@ class TrialObjective:
         if data is None:
             raise ValueError("this objective was made with a data shape only: it can claim, not train")
         trial.set_user_attr(records.DEVICE, device_name(self.device))
-        # Seed before the model is built: its initial weights come from the global generator, so a
-        # trial and its retry (or the same architecture in another worker) start from the same weights.
-        torch.manual_seed(self.config.train.seed)
-        model = build_model(arch, data.in_channels, data.num_classes).to(self.device)
         self.trainings += 1
-        if self.config.study.proxies:  # off unless asked for: 31-36 s a trial at 64³ on a CPU
-            self._record_proxies(trial, model)
-        # Records the learning curve every epoch and runs the [early_stopping] stopper at its rungs.
-        monitor = EpochMonitor(trial, self.config.early_stopping, self.config.train.max_epochs, costs.flops)
-        result = train_trial(model, data, self.config.train, self.device, progress=self.progress,
-                             on_epoch=monitor, should_stop=self.should_stop)
-        self.epochs_trained += result.epochs_run
-        trial.set_user_attr(records.VAL_ACC, result.val_acc)
-        trial.set_user_attr(records.TRAIN_SECONDS, round(result.train_seconds, 3))
-        trial.set_user_attr(records.EPOCHS, result.epochs_run)
-        trial.set_user_attr(records.BEST_EPOCH, result.best_epoch)
-        if result.stopped_early:
-            monitor.stop(result)  # PRUNED with the reason and the partial values; no checkpoint
+        k = self.config.data.cv_folds
+        folds = self._cross_validation(trial.study) if k > 1 else None
+        race = FoldRace(trial, self.config.racing, k, costs.flops) if self.config.racing.active else None
+        runs: list[TrainResult] = []
+        best_model, best_fold = None, 0
+        for fold in range(k):
+            # Fold i trains with seed train.seed + i: averaged over folds, the score averages the seed's
+            # noise as well as the split's. Fold 0 (and a study without folds) trains as before.
+            train_config = self.config.train if fold == 0 else dataclasses.replace(
+                self.config.train, seed=self.config.train.seed + fold)
+            # Seed before the model is built: its initial weights come from the global generator, so a
+            # trial and its retry (or the same architecture in another worker) start from the same weights.
+            torch.manual_seed(train_config.seed)
+            model = build_model(arch, data.in_channels, data.num_classes).to(self.device)
+            # Proxies are off unless asked for (31-36 s a trial at 64³ on a CPU); of the first model only.
+            if fold == 0 and self.config.study.proxies:
+                self._record_proxies(trial, model)
+            # Records the learning curve every epoch and runs the [early_stopping] stopper at its rungs;
+            # under cross-validation for the first fold only: MO-ASHA compares first folds with first folds.
+            monitor = EpochMonitor(trial, self.config.early_stopping, train_config.max_epochs, costs.flops) \
+                if fold == 0 else None
+            fold_data = data if folds is None else folds.fold(fold)
+            result = train_trial(model, fold_data, train_config, self.device, progress=self.progress,
+                                 on_epoch=monitor, should_stop=self.should_stop)
+            self.epochs_trained += result.epochs_run
+            runs.append(result)
+            if result.val_auc > runs[best_fold].val_auc or best_model is None:
+                best_model, best_fold = model, fold
+            self._record_runs(trial, runs, best_fold, cross_validated=folds is not None)
+            if result.stopped_early:
+                monitor.stop(result)  # PRUNED with the reason and the partial values; no checkpoint
+            if race is not None:
+                race.after_fold([r.val_auc for r in runs])  # PRUNED when dominated, its folds so far kept
+        best = runs[best_fold]
+        if folds is None:
+            self._record_val_interval(trial, best_model, data)
+        fold_record = None if folds is None else {
+            "best": best_fold, "k": k, "seed": self.config.data.cv_seed, "hash": folds.fingerprint,
+            "val_auc": [r.val_auc for r in runs]}
         if self.artifact_store is not None:
-            self._store_checkpoint(trial, model, result.val_auc, result.val_acc, costs.flops)
-        return result.val_auc, float(costs.flops)
+            self._store_checkpoint(trial, best_model, best.val_auc, best.val_acc, costs.flops,
+                                   fold=fold_record)
+        val_auc = best.val_auc if folds is None else float(np.mean([r.val_auc for r in runs]))
+        return val_auc, float(costs.flops)
+
+    def _record_runs(self, trial: optuna.Trial, runs: list[TrainResult], best_fold: int, *,
+                     cross_validated: bool) -> None:
+        """What the trial records of its training so far: one run's numbers, or under cross-validation the
+        folds' (``fold_val_auc``, ``fold_val_acc``, ``val_auc_se``; val ACC their mean, seconds and epochs
+        their sums, the best epoch and ``best_fold`` those of the fold with the best val AUC)."""
+        aucs, accs = [r.val_auc for r in runs], [r.val_acc for r in runs]
+        trial.set_user_attr(records.VAL_ACC, float(np.mean(accs)) if cross_validated else accs[0])
+        trial.set_user_attr(records.TRAIN_SECONDS, round(sum(r.train_seconds for r in runs), 3))
+        trial.set_user_attr(records.EPOCHS, sum(r.epochs_run for r in runs))
+        trial.set_user_attr(records.BEST_EPOCH, runs[best_fold].best_epoch)
+        if cross_validated:
+            trial.set_user_attr(records.FOLD_VAL_AUC, aucs)
+            trial.set_user_attr(records.FOLD_VAL_ACC, accs)
+            trial.set_user_attr(records.VAL_AUC_SE, standard_error(aucs))
+            trial.set_user_attr(records.BEST_FOLD, best_fold)
+
+    def _record_val_interval(self, trial: optuna.Trial, model: torch.nn.Module, data: DeviceData) -> None:
+        """``val_auc_ci``: the 95 % BCa bootstrap interval of the kept epoch's val AUC over the val samples
+        (nas3d.metrics.bootstrap_interval). Computed here, from one more pass over the val split, rather
+        than storing the per-sample scores for later: status and report then read two numbers, and the
+        trial's record stays small. None where the resamples leave it undefined."""
+        train = self.config.train
+        scores, _ = predict(model, data.val, self.device, train.batch_size, channels_last=train.channels_last)
+        low, high = bootstrap_interval(data.val.labels.cpu().numpy(), [scores], data.task)
+        trial.set_user_attr(records.VAL_AUC_CI, None if math.isnan(low) else [low, high])
+
+    def _cross_validation(self, study: optuna.Study) -> CrossValidation:
+        """This process's folds (built once), checked against the study's: the first worker to train
+        records their fingerprint (``nas3d_cv_folds``), and a worker whose folds differ refuses to train."""
+        if self._folds is None:
+            data = self.config.data
+            folds = CrossValidation.of(self.data, data.cv_folds, data.cv_seed)
+            recorded = study.user_attrs.get(records.CV_FOLDS)
+            if recorded is None:
+                study.set_user_attr(records.CV_FOLDS, folds.fingerprint)
+            elif recorded != folds.fingerprint:
+                raise ValueError(
+                    f"this worker's {data.cv_folds} folds (hash {folds.fingerprint}) differ from the ones "
+                    f"the study recorded (hash {recorded}): its data (or scikit-learn's fold split) differs "
+                    "from the first worker's; give every worker the same data and nas3d environment")
+            self._folds = folds
+        return self._folds
 
     def _record_proxies(self, trial: optuna.Trial, model: torch.nn.Module) -> None:
         """Zero-cost proxy scores of the untrained ``model`` (user attr ``proxies``; a non-finite score
@@ -242,7 +314,8 @@ class TrialObjective:
         return matches[0] if matches else None
 
     def _store_checkpoint(
-        self, trial: optuna.Trial, model: torch.nn.Module, val_auc: float, val_acc: float, flops: int
+        self, trial: optuna.Trial, model: torch.nn.Module, val_auc: float, val_acc: float, flops: int,
+        fold: dict[str, Any] | None = None,
     ) -> None:
         metadata = {
             "study": trial.study.study_name,
@@ -250,6 +323,8 @@ class TrialObjective:
             "dataset": self.data.name,
             **checkpoint_data(self.config.data),  # what `nas3d retrain` loads, what `nas3d predict` does
             "metrics": {"val_auc": val_auc, "val_acc": val_acc, "flops": flops},
+            # cross-validated: the model is the best fold's ("best", 0-based), its metrics that fold's
+            **({"fold": fold} if fold is not None else {}),
         }
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"trial-{trial.number}.pt"

@@ -10,7 +10,8 @@ input size; a point outside it (AUC <= 0.5, or more FLOPs than the largest seed 
 nothing.
 
 Only fully trained, completed trials count: not duplicates, over-constraint or infeasible trials
-(all PRUNED), nor trials an early stopper cut short (marked ``early_stopped``).
+(all PRUNED), nor trials an early stopper or the fold race (:mod:`nas3d.racing`) cut short (PRUNED
+and marked ``early_stopped``; a raced trial's mean over its first folds is no score of all its folds).
 
 The hypervolume itself is ``moocore.hypervolume`` (public, maintained reference implementation):
 Optuna's own is private (``optuna._hypervolume``).
@@ -121,7 +122,8 @@ def hypervolume(points: Iterable[tuple[float, float]], box: HypervolumeBox) -> f
 
 
 def fully_trained(trials: Iterable) -> list:
-    """The trials whose values are fully trained results: COMPLETE and not stopped early."""
+    """The trials whose values are fully trained results: COMPLETE and not stopped early (by MO-ASHA
+    within a run or by the fold race between folds)."""
     from optuna.trial import TrialState
 
     return [

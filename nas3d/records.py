@@ -25,6 +25,7 @@ __all__ = [
     "PROXY_SECONDS", "RESULT_ATTRS", "RETRY_HISTORY", "THOP_MACS", "TRAIN_SECONDS", "VAL_ACC",
     "WARM_START", "WORKER", "WORKERS", "fail_and_requeue", "fail_with_reason", "failure_reason",
     "mark_not_trained", "retry_of",
+    "BEST_FOLD", "CV_FOLDS", "FOLD_RACE", "FOLD_VAL_ACC", "FOLD_VAL_AUC", "VAL_AUC_CI", "VAL_AUC_SE",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ _logger = logging.getLogger(__name__)
 CONFIG = "nas3d_config"
 #: Where the study's checkpoints and pictures are stored (a folder or ``s3://bucket/prefix``).
 ARTIFACTS = "nas3d_artifacts"
+#: A cross-validated study's folds (``data.cv_folds`` > 1) as the first worker to train built them: a
+#: hash of the pool's labels and each fold's val indices, which every later worker's folds must match.
+CV_FOLDS = "nas3d_cv_folds"
 
 # --- study system attrs ----------------------------------------------------------------------------
 
@@ -60,19 +64,29 @@ EPOCHS = "epochs"  # epochs run
 BEST_EPOCH = "best_epoch"  # the epoch whose weights were kept
 CURVE = "learning_curve"  # ``{"epoch": [...], "val_auc": [...], ...}``: lists by key, one entry an epoch
 DECISIONS = "early_stopping"  # the early stopper's decisions at each rung, as JSON
-EARLY_STOPPED = "early_stopped"  # True: the early stopper ended it (PRUNED, counted, off the front)
+EARLY_STOPPED = "early_stopped"  # True: the early stopper or the fold race ended it (PRUNED, off the front)
 EARLY_STOPPED_VALUES = "early_stopped_values"  # ``[val_auc, flops]`` where the early stopper ended it
 PROXIES = "proxies"  # zero-cost proxy scores by name (None where not finite)
 PROXY_SECONDS = "proxy_seconds"  # time spent computing them
 CHECKPOINT_ARTIFACT = "checkpoint_artifact"  # artifact id of the trained weights
 PICTURE_ARTIFACT = "picture_artifact"  # artifact id of the cell drawn as SVG
+#: The 95 % BCa bootstrap interval ``[low, high]`` of the val AUC over the val samples, of the kept
+#: epoch (``data.cv_folds = 1``; a cross-validated trial's interval comes from its folds).
+VAL_AUC_CI = "val_auc_ci"
+FOLD_VAL_AUC = "fold_val_auc"  # cross-validated: each fold's val AUC, in fold order (so far, if stopped)
+FOLD_VAL_ACC = "fold_val_acc"  # the same for val ACC
+VAL_AUC_SE = "val_auc_se"  # the standard error of the mean of fold_val_auc (None with one fold)
+BEST_FOLD = "best_fold"  # the fold (0-based) whose model the checkpoint holds: the best val AUC
+#: The fold race's decision after each fold (nas3d.racing): its bound and the trial that dominated it.
+FOLD_RACE = "fold_race"
 #: On a COMPLETE trial whose checkpoint the artifact store refused: why, one line (the store, the path
 #: and the OS error). Its scores stand; its weights are only had by retraining its recorded
 #: architecture (``nas3d retrain --study-name S --trial N``).
 CHECKPOINT_MISSING = "checkpoint_missing"
 
 #: What a duplicate copies from the trial that trained its architecture.
-RESULT_ATTRS = (VAL_ACC, PARAMS, THOP_MACS, TRAIN_SECONDS, EPOCHS, BEST_EPOCH, DEVICE)
+RESULT_ATTRS = (VAL_ACC, PARAMS, THOP_MACS, TRAIN_SECONDS, EPOCHS, BEST_EPOCH, DEVICE, VAL_AUC_CI,
+                FOLD_VAL_AUC, FOLD_VAL_ACC, VAL_AUC_SE, BEST_FOLD)
 
 # --- trial user attrs: a trial that ended without a result -------------------------------------------
 

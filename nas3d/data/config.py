@@ -36,6 +36,11 @@ class DataConfig:
     # never used to choose or stop): how benchmarks such as bench/arch_table.py see how well the
     # search share ranks architectures.
     record_full_val: bool = False
+    # Cross-validated scores (docs/studies.md#cross-validated-scores): k > 1 pools the search's train
+    # share and val share, splits the pool into k stratified folds by cv_seed, and scores a trial by
+    # the mean val AUC of k models, one trained per fold. 1: one model, scored on the val share.
+    cv_folds: int = 1
+    cv_seed: int = 0
     # synthetic data only
     synthetic_classes: int = 2
     synthetic_samples: int = 256  # training samples; val and test get a quarter each
@@ -78,6 +83,12 @@ class DataConfig:
         if any(len(b) != 2 or not b[0] < b[1] for b in self.percentile_bounds):
             raise ValueError("data.percentile_bounds must be [low, high] per channel with low < high, but "
                              f"got {[list(b) for b in self.percentile_bounds]}")
+        if self.cv_folds < 1:
+            raise ValueError(f"data.cv_folds must be >= 1 (1: no cross-validation), but got "
+                             f"{self.cv_folds!r}")
+        if self.cv_folds > 1 and self.record_full_val:
+            raise ValueError("data.record_full_val scores the whole val split, which cross-validation folds "
+                             "train on: set data.cv_folds = 1 or data.record_full_val = false")
         fractions = self.split_fractions
         if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1.0) > 1e-6:
             raise ValueError("data.split_fractions must be three fractions > 0 (train, val, test) summing "
