@@ -249,8 +249,8 @@ def test_the_paper_recipe_is_todays_and_explicit_keys_override_a_named_one() -> 
     small = TrainConfig(recipe="small3d", weight_decay=0.0)
     assert small.options == replace(RECIPES["small3d"], weight_decay=0.0)
     assert TrainConfig().describe_recipe() == "paper"
-    assert small.describe_recipe() == ("small3d with cosine schedule, 1 warm-up epochs, balanced class weights, "
-                                       "augmentation")
+    assert small.describe_recipe() == ("small3d with cosine schedule, 1 warm-up epochs, balanced class "
+                                       "weights, augmentation")
     with pytest.raises(ValueError, match="unknown train.recipe 'fast'"):
         TrainConfig(recipe="fast")
     with pytest.raises(ValueError, match="train.weight_decay must be a finite number >= 0"):
