@@ -6,6 +6,7 @@ Tiny volumes (at most 32 voxels a side) and analytic objects, so the expected te
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -164,3 +165,22 @@ def test_nibabel_and_monai_agree_on_the_affine_read(tmp_path: Path, name: str) -
     volume = stored(lambda p: blob(p, (5.0, 5.0, 5.0), 2.0), (10, 10, 4), (1.0, 1.0, 2.5), name.upper())
     read = read_volume(save_nifti(tmp_path / "v.nii.gz", volume))
     assert np.allclose(read.affine, volume.affine) and np.array_equal(read.array, volume.array)
+
+
+@pytest.mark.parametrize("pre", [
+    Preprocessing(12, 1, "percentile", spacing=(1.0, 1.0, 2.0), bounds=[(-50.0, 300.0)]),
+    Preprocessing(12, 1, "zscore", spacing=(1.2, 1.0, 2.5), crop_foreground=True),
+    Preprocessing(10, 1, "ct", (-160.0, 240.0)),
+], ids=["percentile", "zscore-foreground", "ct-as-stored"])
+def test_the_onnx_walk_through_of_the_docs_prepares_as_nas3d_does(tmp_path: Path, pre: Preprocessing) -> None:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "own-data.md").read_text()
+    code = doc[doc.index("```python\nimport json, numpy"):]
+    code = code[len("```python\n"):code.index("\n```")]
+    steps = code[:code.index("session = ")] + code[code.index("x = LoadImage"):code.index("probabilities = ")]
+    array = (np.random.default_rng(0).random((20, 18, 7)) * 500 - 100).astype(np.float32)
+    affine = np.array([[-1.0, 0, 0, 19], [0, -1.2, 0, 20], [0, 0, 2.5, 0], [0, 0, 0, 1]])
+    path = save_nifti(tmp_path / "scan.nii.gz", Volume(array[None], affine))
+    namespace = {"pre": json.loads(json.dumps(pre.to_dict()))}  # as the ONNX file's metadata holds it
+    steps = steps.replace('"scan.nii.gz"', repr(str(path))).replace(" onnxruntime,", "")  # the model aside
+    exec(steps, namespace)
+    assert np.array_equal(namespace["x"].numpy(), prepare_volume(read_volume(path), pre))
