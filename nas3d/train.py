@@ -154,7 +154,8 @@ class TrainConfig:
         """
         options, total, index = self.options, self.max_epochs, epoch - 1
         if options.schedule == "multistep":
-            return self.lr * 0.1 ** sum(index >= m for m in (int(0.5 * total), int(0.75 * total)))
+            # ceil: a milestone that is no whole epoch (a short run) falls after it, never at epoch 1
+            return self.lr * 0.1 ** sum(index >= math.ceil(m * total) for m in (0.5, 0.75))
         if options.schedule == "cosine":
             warmup = min(options.warmup_epochs, total - 1)
             if index < warmup:

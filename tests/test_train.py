@@ -234,6 +234,7 @@ def test_schedules_give_the_documented_rate_per_epoch() -> None:
     assert [constant.lr_at(e) for e in range(1, 9)] == [0.1] * 8
     multistep = replace(constant, schedule="multistep")  # MedMNIST's: x0.1 from epoch 5 (50 %), 7 (75 %)
     assert [multistep.lr_at(e) for e in range(1, 9)] == pytest.approx([0.1] * 4 + [0.01] * 2 + [0.001] * 2)
+    assert replace(multistep, max_epochs=1).lr_at(1) == 0.1  # a one-epoch run is not decayed at once
     cosine = replace(constant, schedule="cosine", warmup_epochs=2)
     rates = [cosine.lr_at(e) for e in range(1, 9)]
     assert rates[:3] == pytest.approx([0.1 / 3, 0.2 / 3, 0.1])  # linear warm-up, then the full rate
