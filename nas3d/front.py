@@ -4,6 +4,11 @@ is shown: the dashboard's Plotly figure, the report's PNG, the Markdown table of
 
 ``nas3d dashboard`` (figure and note, kept fresh in the study), ``nas3d report`` (PNG, HTML, Markdown)
 and ``nas3d status`` (its hypervolume and table) all take the front from here.
+
+Each point carries its val AUC's interval (docs/studies.md#uncertainty-on-the-front): mean ± 2
+standard errors of its fold scores where it was cross-validated (``data.cv_folds`` > 1), else the 95 %
+BCa bootstrap interval over the val samples recorded when it was trained (``val_auc_ci``). Front members whose
+intervals overlap are "statistically tied": the data cannot tell their val AUCs apart.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ __all__ = [
     "collect_retrain_results",
     "fmt_or_dash",
     "front_figure",
+    "interval_note",
     "front_markdown",
     "int_or_dash",
     "pareto_points",
@@ -49,6 +55,19 @@ class FrontPoint:
     params: int | None
     arch: str
     pareto: bool
+    # The val AUC's interval: "folds" (mean ± 2 SE over the folds) or "bootstrap" (95 % BCa over the val
+    # samples); None where the trial recorded neither (trained before intervals were recorded).
+    interval: tuple[float, float] | None = None
+    interval_kind: str | None = None
+    tied_with: tuple[int, ...] = ()  # the other front members whose intervals overlap this one's
+
+    @property
+    def interval_text(self) -> str:
+        """``[low, high]`` with ``~`` and the members it is tied with, or ``-``."""
+        if self.interval is None:
+            return "-"
+        text = f"[{self.interval[0]:.3f}, {self.interval[1]:.3f}]"
+        return text + (" ~" + ",".join(map(str, self.tied_with)) if self.tied_with else "")
 
 
 @dataclass(frozen=True)
@@ -106,12 +125,52 @@ def pareto_points(trials: Sequence[Any]) -> list[FrontPoint]:
         return []
     values = np.array([[t.values[0], t.values[1]] for t in done], dtype=float)
     on_front = moocore.is_nondominated(values, maximise=[True, False], keep_weakly=True)
-    return [
+    points = [
         FrontPoint(number=t.number, val_auc=float(t.values[0]), flops=float(t.values[1]),
                    val_acc=t.user_attrs.get(records.VAL_ACC), params=t.user_attrs.get(records.PARAMS),
-                   arch=t.user_attrs.get(records.ARCH, ""), pareto=bool(keep))
+                   arch=t.user_attrs.get(records.ARCH, ""), pareto=bool(keep), **_interval(t))
         for t, keep in zip(done, on_front, strict=True)
     ]
+    return _mark_ties(points)
+
+
+def _interval(trial: Any) -> dict[str, Any]:
+    """A trial's val AUC interval and its kind: its folds' (nas3d.cv.fold_interval), else its recorded
+    bootstrap interval, else none."""
+    from nas3d.cv import fold_interval
+
+    folds = trial.user_attrs.get(records.FOLD_VAL_AUC) or []
+    if len(folds) > 1:
+        return {"interval": fold_interval(folds), "interval_kind": "folds"}
+    ci = trial.user_attrs.get(records.VAL_AUC_CI)
+    if ci:
+        return {"interval": (float(ci[0]), float(ci[1])), "interval_kind": "bootstrap"}
+    return {}
+
+
+def _mark_ties(points: list[FrontPoint]) -> list[FrontPoint]:
+    """Each front member with the other members whose intervals overlap its own."""
+    import dataclasses
+
+    members = [p for p in points if p.pareto and p.interval is not None]
+
+    def ties(p: FrontPoint) -> tuple[int, ...]:
+        return tuple(sorted(q.number for q in members if q.number != p.number
+                            and q.interval[0] <= p.interval[1] and p.interval[0] <= q.interval[1]))
+
+    return [dataclasses.replace(p, tied_with=ties(p)) if p in members else p for p in points]
+
+
+def interval_note(fronts: Sequence[StudyFront]) -> str | None:
+    """One line saying what the front's intervals are, or None where no member has one."""
+    kinds = {p.interval_kind for f in fronts for p in f.front if p.interval_kind}
+    if not kinds:
+        return None
+    texts = (("folds", "mean ± 2 standard errors over the folds"),
+             ("bootstrap", "95 % BCa bootstrap over the val samples"))
+    parts = [text for kind, text in texts if kind in kinds]
+    return ("val AUC intervals: " + " or ".join(parts) + "; ~N: statistically tied with trial N (the "
+            "intervals overlap)")
 
 
 def study_front(study: optuna.Study, retrain_runs: Sequence[dict[str, Any]] = (),
@@ -188,12 +247,13 @@ def front_markdown(front: StudyFront) -> str:
         lines.append("")
     if not front.front:
         return "\n".join([*lines, "No fully trained trial yet."])
-    lines += ["| trial | val AUC | val ACC | MFLOPs | params | architecture |",
-              "|---:|---:|---:|---:|---:|---|"]
+    lines += ["| trial | val AUC | interval | val ACC | MFLOPs | params | architecture |",
+              "|---:|---:|---|---:|---:|---:|---|"]
     for p in front.front:
-        lines.append(f"| {p.number} | {p.val_auc:.4f} | {fmt_or_dash(p.val_acc)} | {p.flops / 1e6:,.2f} | "
-                     f"{int_or_dash(p.params)} | `{p.arch}` |")
-    return "\n".join(lines)
+        lines.append(f"| {p.number} | {p.val_auc:.4f} | {p.interval_text} | {fmt_or_dash(p.val_acc)} | "
+                     f"{p.flops / 1e6:,.2f} | {int_or_dash(p.params)} | `{p.arch}` |")
+    note = interval_note([front])
+    return "\n".join([*lines, "", note] if note else lines)
 
 
 def fmt_or_dash(value: float | None, digits: int = 4) -> str:
@@ -212,8 +272,9 @@ def front_figure(fronts: Sequence[StudyFront]) -> go.Figure:
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    hover = ("<b>%{customdata[4]} trial %{customdata[0]}</b><br>val AUC %{y:.4f}<br>val ACC %{customdata[1]}"
-             "<br>FLOPs %{x:.4s}<br>params %{customdata[2]}<br>%{customdata[3]}<extra></extra>")
+    hover = ("<b>%{customdata[4]} trial %{customdata[0]}</b><br>val AUC %{y:.4f} %{customdata[5]}"
+             "<br>val ACC %{customdata[1]}<br>FLOPs %{x:.4s}<br>params %{customdata[2]}<br>%{customdata[3]}"
+             "<extra></extra>")
     auc_low = min([0.5, *(p.val_auc for f in fronts for p in f.points),
                    *(r.val_auc for f in fronts for r in f.references if r.val_auc is not None)])
     seen_refs: set[str] = set()
@@ -224,12 +285,18 @@ def front_figure(fronts: Sequence[StudyFront]) -> go.Figure:
         best = front.front
         series = ((rest, name, 7, 0), (best, f"{front.study_name}: Pareto front", 12, 2))
         for points, label, size, line in series:
+            # The front's members with their val AUC intervals as error bars (none: a bar of zero).
+            bars = dict(type="data", symmetric=False, visible=True, color=color, thickness=1.2,
+                        array=[p.interval[1] - p.val_auc if p.interval else 0.0 for p in points],
+                        arrayminus=[p.val_auc - p.interval[0] if p.interval else 0.0 for p in points]) \
+                if line else None
             fig.add_trace(go.Scatter(
                 x=[p.flops for p in points], y=[p.val_auc for p in points], mode="markers", name=label,
                 marker=dict(size=size, color=color, opacity=0.45 if not line else 1.0,
                             line=dict(width=line, color="black")),
-                customdata=[[p.number, _maybe(p.val_acc), _maybe(p.params, "{:,}"), p.arch, front.study_name]
-                            for p in points],
+                error_y=bars,
+                customdata=[[p.number, _maybe(p.val_acc), _maybe(p.params, "{:,}"), p.arch, front.study_name,
+                             _interval_hover(p)] for p in points],
                 hovertemplate=hover,
             ))
         if best:
@@ -270,6 +337,16 @@ def front_figure(fronts: Sequence[StudyFront]) -> go.Figure:
     return fig
 
 
+def _interval_hover(point: FrontPoint) -> str:
+    """The interval as the figure's hover shows it: its kind, and the members it is tied with."""
+    if point.interval is None:
+        return ""
+    text = f"[{point.interval[0]:.3f}, {point.interval[1]:.3f}] ({point.interval_kind})"
+    if point.tied_with:
+        text += "<br>statistically tied with " + ", ".join(f"trial {n}" for n in point.tied_with)
+    return text
+
+
 def _maybe(value: Any, pattern: str = "{:.4f}") -> str:
     return "-" if value is None else pattern.format(value)
 
@@ -296,6 +373,12 @@ def write_front_png(fronts: Sequence[StudyFront], path: str | Path) -> Path:
             ax.scatter([p.flops for p in best], [p.val_auc for p in best], s=60, color=color,
                        edgecolors="black", linewidths=1.5, zorder=3,
                        label=f"{front.study_name}: Pareto front")
+            shown = [p for p in best if p.interval is not None]
+            if shown:  # the members' val AUC intervals
+                ax.errorbar([p.flops for p in shown], [p.val_auc for p in shown], fmt="none", ecolor=color,
+                            elinewidth=1, capsize=3, zorder=2,
+                            yerr=[[p.val_auc - p.interval[0] for p in shown],
+                                  [p.interval[1] - p.val_auc for p in shown]])
             for p in best:
                 ax.annotate(str(p.number), (p.flops, p.val_auc), textcoords="offset points", xytext=(5, 4),
                             fontsize=8)

@@ -21,7 +21,7 @@ from nas3d import records
 from nas3d.budget import budget_state
 from nas3d.config import StudyConfig
 from nas3d.early_stopping import format_learning_curve
-from nas3d.front import FrontPoint, StudyFront, collect_retrain_results, study_front
+from nas3d.front import FrontPoint, StudyFront, collect_retrain_results, interval_note, study_front
 from nas3d.front import fmt_or_dash as _fmt
 from nas3d.front import int_or_dash as _int
 
@@ -147,10 +147,13 @@ def format_status(study: optuna.Study) -> str:
                      "Pareto front:")
     if front.front:
         header = ("trial", "val_auc", "val_acc", "MFLOPs", "params")
-        lines.append("  " + "  ".join(f"{h:>9}" for h in header) + "  architecture")
+        lines.append("  " + "  ".join(f"{h:>9}" for h in header) + f"  {'interval ~tied':<22}  architecture")
         for p in front.front:
             cells = (p.number, f"{p.val_auc:.4f}", _fmt(p.val_acc), f"{p.flops / 1e6:.1f}", p.params or "-")
-            lines.append("  " + "  ".join(f"{c:>9}" for c in cells) + f"  {p.arch}")
+            lines.append("  " + "  ".join(f"{c:>9}" for c in cells) + f"  {p.interval_text:<22}  {p.arch}")
+        note = interval_note([front])
+        if note:
+            lines.append(f"  {note}")
     failed = [
         t for t in trials
         if t.state.name in ("FAIL", "PRUNED") and records.DUPLICATE_OF not in t.user_attrs
@@ -175,6 +178,11 @@ def seed_row(seed: Any) -> str:
                  "threshold", "test_balanced_accuracy", "test_sensitivity", "test_specificity")),
              seed.best_epoch, f"{seed.seconds:.1f}")
     return "  " + "  ".join(f"{c:>8}" for c in cells)
+
+
+def _val_auc_cell(point: FrontPoint) -> str:
+    """A front member's val AUC with its interval and the members it is tied with (nas3d.front)."""
+    return f"{point.val_auc:.4f}" + ("" if point.interval is None else f" {point.interval_text}")
 
 
 def _mean_std(entry: dict[str, float] | None) -> str:
@@ -486,7 +494,7 @@ def report_markdown(fronts: Sequence[StudyFront], runs: Sequence[dict[str, Any]]
             summary = run["summary"] if run else {}
             if i == 0:
                 best.append((p, summary, front.dataset))
-            lines.append(f"| {front.dataset} | {front.study_name} | {p.number} | {p.val_auc:.4f} | "
+            lines.append(f"| {front.dataset} | {front.study_name} | {p.number} | {_val_auc_cell(p)} | "
                          f"{_fmt(p.val_acc)} | {p.flops / 1e6:,.2f} | {_int(p.params)} | "
                          f"{_with_interval(summary, 'test_auc')} | {_with_interval(summary, 'test_acc')} | "
                          + " | ".join(published) + f" | `{p.arch}` |")
@@ -495,6 +503,9 @@ def report_markdown(fronts: Sequence[StudyFront], runs: Sequence[dict[str, Any]]
                          + " |" * (8 + len(_RESNETS)))
     if len(best) > 1:
         lines.append(_mean_row(best))
+    note = interval_note(fronts)
+    if note:  # the val AUC intervals of the front members (nas3d.front)
+        lines += ["", note[0].upper() + note[1:] + " (docs/studies.md#uncertainty-on-the-front)."]
     shown = _shown_runs(fronts, runs)
     warnings = [w for label, r in shown for w in single_class_warnings(label, r)]
     if any(r["summary"].get("intervals") for _, r in shown):
