@@ -622,8 +622,12 @@ def trial_report(storage: Any, study_name: str, number: int) -> str:
                      f"(nas3d retrain --study-name {study_name} --trial {trial.number})")
     artifacts = get_all_artifact_meta(trial, storage=backend)
     if artifacts:
+        # Optuna records an upload before writing it: a checkpoint the store refused is listed too.
+        kept = {trial.user_attrs.get(k) for k in (records.CHECKPOINT_ARTIFACT, records.PICTURE_ARTIFACT)}
+        refused = "" if missing is None else "  (not stored: the store refused it)"
         lines.append("  artifacts:")
-        lines += [f"    {a.filename}  {a.mimetype}  id {a.artifact_id}" for a in artifacts]
+        lines += [f"    {a.filename}  {a.mimetype}  id {a.artifact_id}"
+                  + ("" if a.artifact_id in kept else refused) for a in artifacts]
     else:
         lines.append("  artifacts: none")
     return "\n".join(lines)
