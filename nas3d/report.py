@@ -539,7 +539,7 @@ def positive_class(data: Any) -> str | None:
     """The positive class of a binary study's data (a :class:`nas3d.data.DataConfig`): its second class
     name (docs/own-data.md#1-the-manifest says how it is chosen); None for multi-class or unknown data."""
     try:
-        names = data.class_names if data is not None and data.resolved else ()
+        names = data.class_names if data is not None else ()  # a manifest's: () until it is resolved
     except (ValueError, LookupError, OSError):  # data this host cannot describe
         return None
     return names[1] if len(names) == 2 else None

@@ -201,13 +201,6 @@ class ManifestSource:
         _held.clear()  # one manifest at a time: an older one is not loaded any more
         labels = np.array([classes.index(row.label) for row in manifest.rows], dtype=np.int64)  # type: ignore[arg-type]
         splits = _split_indices(manifest, labels, classes, self.split_fractions, self.split_seed)
-        if why and not self.resolved:  # said when the study is created, not by every worker
-            logger.info("manifest %s: positive class %r (%s); set data.positive_class to choose",
-                        manifest.path.name, positive, why)
-        if not manifest.has_split and not self.resolved:
-            logger.info("manifest %s has no split column: split stratified by class (data.split_fractions "
-                        "%s, data.split_seed %d) into %s", manifest.path.name, list(self.split_fractions),
-                        self.split_seed, ", ".join(f"{len(splits[s])} {s}" for s in SPLITS))
         spacing = self.spacing or median_spacing([image for row in manifest.rows for image in row.images])
         bounds = self.percentile_bounds
         bounds_entry = None  # percentile bounds to keep once every check has passed
@@ -243,6 +236,14 @@ class ManifestSource:
             if bounds_entry is not None:
                 _write_cache_entries(manifest.cache, [bounds_entry])
             stored.save()
+        # Said once every check has passed (a bad input is one line), when the study is created.
+        if why and not self.resolved:
+            logger.info("manifest %s: positive class %r (%s); set data.positive_class to choose",
+                        manifest.path.name, positive, why)
+        if not manifest.has_split and not self.resolved:
+            logger.info("manifest %s has no split column: split stratified by class (data.split_fractions "
+                        "%s, data.split_seed %d) into %s", manifest.path.name, list(self.split_fractions),
+                        self.split_seed, ", ".join(f"{len(splits[s])} {s}" for s in SPLITS))
         recorded = {"dataset": str(manifest.path), "classes": classes, "channels": first[0],
                     "manifest_hash": digest, "spacing": spacing, "percentile_bounds": bounds,
                     "positive_class": positive, "monai_version": self.monai_version or pre.monai}

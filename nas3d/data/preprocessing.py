@@ -65,8 +65,8 @@ class Preprocessing:
     """How one sample's volumes become model input, in this order, each step a MONAI transform (what
     ``nas3d predict`` repeats and docs/own-data.md spells out for ONNX users):
 
-    1. each volume file is read as float32 channels (NIfTI with its affine: ``LoadImage`` with the
-       ``NibabelReader``, a 4-D file's last axis is its channels; NumPy: a 4-D array's first axis is,
+    1. each volume file is read as float32 channels (NIfTI with its affine: MONAI's ``NibabelReader``,
+       as ``LoadImage`` reads it, a 4-D file's last axis is its channels; NumPy: a 4-D array's first axis is,
        and with no affine its voxels are taken as they are stored, isotropic);
     2. NIfTI only: reoriented to RAS (``Orientation``) and resampled to ``spacing`` mm
        (``Spacing``, bilinear; ``()``: not resampled);
@@ -138,11 +138,13 @@ def read_volume(path: Path) -> Volume:
     affine = None
     if name.endswith((".nii", ".nii.gz")):
         from monai.data.image_reader import NibabelReader
-        from monai.transforms import LoadImage
 
-        image = LoadImage(reader=NibabelReader(), image_only=True, dtype=np.float32)(str(path))
-        affine = image.affine.numpy()
-        array = image.numpy()
+        # LoadImage's reader, called directly: LoadImage would try every other reader on a damaged
+        # file and log each failure, where one line naming the file is what the user needs.
+        reader = NibabelReader()
+        array, meta = reader.get_data(reader.read(str(path)))
+        affine = np.asarray(meta["affine"], dtype=np.float64)
+        array = np.asarray(array, dtype=np.float32)
         while array.ndim > 4 and array.shape[3] == 1:  # (X, Y, Z, 1, C): NIfTI's vector volumes
             array = array.squeeze(3)
         if array.ndim == 4:
