@@ -89,9 +89,10 @@ def standard_error(values: Sequence[float]) -> float | None:
 
 
 def fold_interval(values: Sequence[float]) -> tuple[float, float] | None:
-    """``mean ± INTERVAL_SE`` standard errors of the fold scores ``values``; None for fewer than two."""
+    """``mean ± INTERVAL_SE`` standard errors of the fold scores ``values``, clipped to [0, 1] (where an
+    AUC lies); None for fewer than two."""
     se = standard_error(values)
     if se is None:
         return None
     mean = float(np.mean(values))
-    return mean - INTERVAL_SE * se, mean + INTERVAL_SE * se
+    return max(mean - INTERVAL_SE * se, 0.0), min(mean + INTERVAL_SE * se, 1.0)

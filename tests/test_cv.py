@@ -65,6 +65,7 @@ def test_standard_error_and_interval() -> None:
     assert se == pytest.approx(0.1 / math.sqrt(3))
     low, high = fold_interval([0.7, 0.8, 0.9])
     assert (low, high) == pytest.approx((0.8 - 2 * se, 0.8 + 2 * se))
+    assert fold_interval([0.98, 1.0, 1.0])[1] == 1.0  # an AUC never exceeds 1
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
