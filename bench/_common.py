@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from nas3d.architecture import Architecture  # noqa: E402
 from nas3d.config import StudyConfig, load_study_config  # noqa: E402
 from nas3d.storages import redact_url as redact  # noqa: E402, F401 (re-exported for the scripts)
 from nas3d.testing.storages import BACKENDS, DEFAULT_ADMIN_URL, PG_ENV, psycopg_url  # noqa: E402
@@ -121,3 +122,45 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs)
 
     return "\n".join([line(cells[0]), line(["-" * w for w in widths]), *map(line, cells[1:])])
+
+
+#: The CPU profile's best architecture (its timed search on AdrenalMNIST3D, 237 MFLOPs at 28³): a row of
+#: the truth table and of the recipe table.
+CPU_BEST = Architecture(ops=("mish_conv3", "conv3_in_relu", "conv3_in_mish"),
+                        edges=((0, 1), (0, 2), (1, 3), (2, 3), (3, 4)),
+                        stacks=1, cells_per_stack=1, initial_filters=8)
+
+
+def set_threads(threads: int | None) -> None:
+    """``--threads``: torch's intra-op threads (a one-line ``ValueError`` below 1; None leaves them)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, but got {threads}")
+    import torch
+    torch.set_num_threads(threads)
+
+
+def load_table(path: Path, expected_format: str, expected: dict) -> dict | None:
+    """A resumable bench table at ``path`` when it was made by ``expected``'s protocol; None when there
+    is none. A one-line ``ValueError`` when it was made by another (its rows would not be comparable)."""
+    import json
+    if not path.exists():
+        return None
+    document = json.loads(path.read_text())
+    if document.get("format") != expected_format or document.get("protocol") != expected:
+        theirs = document.get("protocol") or {}
+        differ = sorted(k for k in set(expected) | set(theirs) if expected.get(k) != theirs.get(k))
+        raise ValueError(f"{path} was made with another protocol (differs in: "
+                         f"{', '.join(differ) or 'format'}); pass another --out, or delete it to start again")
+    return document
+
+
+def write_table(path: Path, document: dict) -> None:
+    """Write a bench table atomically (a killed build leaves the previous complete file)."""
+    import json
+
+    from nas3d.util import atomic_write
+    text = json.dumps(document, indent=1, allow_nan=False) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda file: file.write(text.encode()))

@@ -45,7 +45,7 @@ from pathlib import Path
 import _common  # noqa: F401  (puts this checkout first on sys.path)
 import numpy as np
 import torch
-from _common import REPO, format_table, spread
+from _common import CPU_BEST, REPO, format_table, load_table, set_threads, spread, write_table
 from arch_table import machine
 from scipy import stats
 
@@ -56,17 +56,12 @@ from nas3d.folds import stratified_folds
 from nas3d.model import build_model
 from nas3d.seeds import seed_architectures
 from nas3d.train import EpochRecord, TrainConfig, TrainResult, evaluate, predict, train_trial
-from nas3d.util import atomic_write
 
 FORMAT = "nas3d-noise-table/1"
 DEFAULT_TABLE = REPO / "bench" / "data" / "arch_table_adrenalmnist3d_28.json"
 #: One training seed per fold; fold f trains with FOLD_SEEDS[f].
 FOLD_SEEDS = (0, 42, 143)
 SPLIT_SEED = 0  # the seed of the stratified folds: the same folds for every architecture
-#: The CPU profile's best architecture (its timed search on AdrenalMNIST3D, 237 MFLOPs at 28³).
-CPU_BEST = Architecture(ops=("mish_conv3", "conv3_in_relu", "conv3_in_mish"),
-                        edges=((0, 1), (0, 2), (1, 3), (2, 3), (3, 4)),
-                        stacks=1, cells_per_stack=1, initial_filters=8)
 TOP, BY_FLOPS, BY_SCORE = 4, 3, 3
 FOLD, SEARCH, REPEAT = "fold", "search", "repeat"  # job kinds
 
@@ -248,25 +243,13 @@ def protocol(args: argparse.Namespace, table: dict) -> dict:
 
 
 def load_document(path: Path, expected: dict) -> dict | None:
-    """The table at ``path`` when it was made by ``expected``'s protocol; None when there is none.
-    A one-line ``ValueError`` when it was made by another (its jobs would not be comparable)."""
-    if not path.exists():
-        return None
-    document = json.loads(path.read_text())
-    if document.get("format") != FORMAT or document.get("protocol") != expected:
-        theirs = document.get("protocol") or {}
-        differ = sorted(k for k in set(expected) | set(theirs) if expected.get(k) != theirs.get(k))
-        raise ValueError(f"{path} was made with another protocol (differs in: "
-                         f"{', '.join(differ) or 'format'}); pass another --out, or delete it to start again")
-    return document
+    return load_table(path, FORMAT, expected)
 
 
 def write_document(path: Path, document: dict) -> None:
     document["complete"] = len(document["jobs"])
     document["analysis"] = analyse(document)
-    text = json.dumps(document, indent=1, allow_nan=False) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda file: file.write(text.encode()))
+    write_table(path, document)
 
 
 def build(args: argparse.Namespace) -> dict:
@@ -584,10 +567,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, but got {getattr(args, name)}")
         if args.seed_repeats < 0:
             raise ValueError(f"--seed-repeats must be >= 0, but got {args.seed_repeats}")
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ValueError(f"--threads must be >= 1, but got {args.threads}")
-            torch.set_num_threads(args.threads)
+        set_threads(args.threads)
         document = build(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -31,7 +31,7 @@ from pathlib import Path
 import _common  # noqa: F401  (puts this checkout first on sys.path)
 import numpy as np
 import torch
-from _common import REPO, format_table
+from _common import CPU_BEST, REPO, format_table, load_table, set_threads, write_table
 from arch_table import machine
 
 from nas3d.architecture import Architecture
@@ -41,14 +41,9 @@ from nas3d.registry import ModelRecipe
 from nas3d.retrain import PAPER_SEEDS, decision_metrics, test_metrics
 from nas3d.seeds import seed_architectures
 from nas3d.train import RECIPES, TrainConfig, predict, train_trial
-from nas3d.util import atomic_write
 
 FORMAT = "nas3d-recipe-table/1"
 SEEDS = PAPER_SEEDS[:3]  # 0, 42, 143: the first three of nas3d retrain's
-#: The CPU profile's best architecture (its timed search on AdrenalMNIST3D, 237 MFLOPs at 28³).
-CPU_BEST = Architecture(ops=("mish_conv3", "conv3_in_relu", "conv3_in_mish"),
-                        edges=((0, 1), (0, 2), (1, 3), (2, 3), (3, 4)),
-                        stacks=1, cells_per_stack=1, initial_filters=8)
 _ALL = RECIPES["small3d"]
 #: Each variant's [train] keys over today's recipe ("paper"): every option alone, then all combined
 #: (the "small3d" recipe).
@@ -112,21 +107,11 @@ def run_one(arch: Architecture, data, data_config: DataConfig, config: TrainConf
 
 
 def load_document(path: Path, expected: dict) -> dict | None:
-    if not path.exists():
-        return None
-    document = json.loads(path.read_text())
-    if document.get("format") != FORMAT or document.get("protocol") != expected:
-        theirs = document.get("protocol") or {}
-        differ = sorted(k for k in set(expected) | set(theirs) if expected.get(k) != theirs.get(k))
-        raise ValueError(f"{path} was made with another protocol (differs in: "
-                         f"{', '.join(differ) or 'format'}); pass another --out, or delete it to start again")
-    return document
+    return load_table(path, FORMAT, expected)
 
 
 def write_document(path: Path, document: dict) -> None:
-    text = json.dumps(document, indent=1, allow_nan=False) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda file: file.write(text.encode()))
+    write_table(path, document)
 
 
 def build(args: argparse.Namespace) -> dict:
@@ -226,10 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("epochs", "batch_size"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, but got {getattr(args, name)}")
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ValueError(f"--threads must be >= 1, but got {args.threads}")
-            torch.set_num_threads(args.threads)
+        set_threads(args.threads)
         document = build(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
