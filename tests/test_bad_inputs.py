@@ -22,6 +22,7 @@ import os
 import shlex
 import subprocess
 import sys
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -110,7 +111,8 @@ ROWS: list[tuple[str, str, str]] = [
     ("retrain-bad-seeds", "retrain --baseline resnet18 --dataset synthetic --seeds 0,x", "--seeds expects"),
     ("retrain-zero-epochs", "retrain --baseline resnet18 --dataset synthetic --epochs 0", "epochs must be"),
     ("retrain-unknown-baseline", "retrain --baseline resnet34 --dataset synthetic", "unknown baseline 'resnet34'"),
-    ("retrain-set-not-data", "retrain --baseline resnet18 --dataset synthetic --set train.lr=1", "--set expects data."),
+    ("retrain-set-not-data", "retrain --baseline resnet18 --dataset synthetic --set study.n_trials=3", "retrain --set takes data.KEY=VALUE or train.KEY=VALUE"),
+    ("retrain-set-by-flag", "retrain --baseline resnet18 --dataset synthetic --set train.lr=1", "retrain sets train.lr by its flag --lr"),
     ("retrain-keep", "retrain --baseline resnet18 --dataset synthetic --keep val_loss", "--keep must be one of"),
     ("retrain-trial-needs-study", "retrain --study-name smoke", "--study-name needs --trial N"),
     ("retrain-missing-checkpoint", "retrain --checkpoint missing.pt", "checkpoint missing.pt not found"),
@@ -253,6 +255,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     monkeypatch.setenv("NAS3D_HOME", str(workspace / "storage"))
     for name in PROXIES:
         monkeypatch.setenv(name, CLOSED_PORT)
+    # urlopen builds its global opener, proxies included, at its first call: made in a row (a download
+    # that fails), it would outlive the row and send every later test's local HTTP request to the closed
+    # port (the dashboard tests' requests to their own server were refused).
+    monkeypatch.setattr(urllib.request, "_opener", None)
     monkeypatch.chdir(workspace)
     # What the process would print besides the CLI's lines: log records at INFO and above (the CLI's
     # logging level), Optuna's too (its own handler writes to stderr), and the warnings Python shows.

@@ -283,7 +283,11 @@ def test_report_writes_png_html_and_a_table_equal_to_the_storage(search, tmp_pat
     for row, p in zip(rows, [*front, *front], strict=False):
         trial = study.trials[int(row[2])]
         assert row[2] == str(p.number)
-        assert float(row[3]) == pytest.approx(trial.values[0], abs=5e-5)
+        # the val AUC, then its 95 % interval (the trial's recorded bootstrap interval), which holds it
+        auc, _, interval = row[3].partition(" ")
+        assert float(auc) == pytest.approx(trial.values[0], abs=5e-5)
+        low, high = (float(bound) for bound in interval.strip("[]").split(","))
+        assert low <= float(auc) <= high
         assert float(row[4]) == pytest.approx(trial.user_attrs["val_acc"], abs=5e-5)
         assert float(row[5].replace(",", "")) == pytest.approx(trial.values[1] / 1e6, abs=5e-3)
         assert int(row[6].replace(",", "")) == trial.user_attrs["params"]
