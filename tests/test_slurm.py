@@ -132,5 +132,6 @@ def test_cancelled_task_requeues_its_trial_and_the_study_finishes(
     [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == interrupted.number]
     assert retry.state == TrialState.COMPLETE and retry.params == interrupted.params
     assert len(counted(study)) == 2 and all(t.state == TrialState.COMPLETE for t in counted(study))
-    assert "was interrupted and queued again" in logs and "worker stopped by SIGTERM" in logs
+    assert (f"trial {interrupted.number} failed (interrupted: the worker received SIGTERM; re-queued) "
+            "and was queued again") in logs and "worker stopped by SIGTERM" in logs
 
