@@ -261,9 +261,14 @@ def test_the_claim_process_waits_out_an_outage_its_worker_met(tmp_path: Path) ->
     try:
         claims.request(wait=True)
         first = claims.result()
+        received = time.monotonic()
         assert isinstance(first, Claim)
         assert storage.get_trial(busy).state == TrialState.RUNNING  # within a grace period of the outage
         wait_for(lambda: not storage.recovering(), interval=0.1)
+        # The claim process dated the outage when it read the request, after its spawn start (seconds
+        # on a loaded machine), so its window can outlast this process's: it ends a grace period after
+        # that read, which came before the first claim was received here.
+        wait_for(lambda: time.monotonic() - received > settings.grace_period, interval=0.1)
         storage.last_outage = -math.inf  # nothing new: the claim process remembers the outage's time
         claims.request(wait=True)
         _assert_failed_as_stale(storage, busy, first, claims.result())
