@@ -453,10 +453,126 @@ def search_pick(document: dict, score: str = "whole_val_best") -> dict | None:
             "truth_folds": m}
 
 
+#: The strategies a replay compares, in the order they are reported.
+STRATEGIES = ("single split", "k-fold", "k-fold + race")
+
+
+def replay_pool(document: dict) -> tuple[dict[str, dict], int]:
+    """The architectures a replay draws from: those with all ``m`` truth folds, each with its fold val
+    AUCs (in fold order), FLOPs, val truth and test truth (the mean test AUC of its fold models, which
+    nothing in a replay chooses by)."""
+    true, m = truth(document)
+    folds = fold_scores(document)
+    tests: dict[str, dict[int, float]] = defaultdict(dict)
+    for job in document["jobs"]:
+        if job["kind"] == FOLD:
+            tests[job["arch_hash"]][job["fold"]] = job["test_auc"]
+    flops = {a["arch_hash"]: a.get("flops") for a in document["architectures"]}
+    pool = {h: {"folds": [folds[h][f] for f in range(m)], "flops": float(flops[h]), "val_truth": true[h],
+                "test_truth": float(np.mean([tests[h][f] for f in range(m)]))}
+            for h in true if flops.get(h)}
+    return pool, m
+
+
+def _front(scored: dict[str, tuple[float, float]]) -> list[str]:
+    """The members of ``{hash: (score, flops)}`` that no other has a higher score at no more FLOPs."""
+    return [h for h, (s, f) in scored.items()
+            if not any(s2 >= s and f2 <= f and (s2, f2) != (s, f) for s2, f2 in scored.values())]
+
+
+def replay_once(pool: dict[str, dict], order: list[str], fold_orders: dict[str, list[int]], budget: int,
+                strategy: str, prior_sd: float) -> dict[str, tuple[float, float]]:
+    """The architectures one strategy has fully scored, ``{hash: (score, flops)}``, when it spends
+    ``budget`` fold trainings on the proposals ``order`` (the same proposals for every strategy).
+
+    - single split: one fold each (the first of the architecture's ``fold_orders``), so ``budget``
+      architectures;
+    - k-fold: all k folds each, the mean, so ``budget // k`` architectures;
+    - k-fold + race: folds in turn; after each fold but the last, the race of ``nas3d.racing`` (its
+      optimistic bound, mean + 2 SE with ``prior_sd`` as the SD's floor) stops an architecture that
+      a fully scored one beats at no more FLOPs. A stopped or unfinished one is never chosen."""
+    from nas3d.racing import optimistic_bound
+
+    k = len(next(iter(pool.values()))["folds"])
+    scored: dict[str, tuple[float, float]] = {}
+    spent = 0
+    for h in order:
+        arch, folds = pool[h], fold_orders[h]
+        if strategy == "single split":
+            if spent + 1 > budget:
+                break
+            spent += 1
+            scored[h] = (arch["folds"][folds[0]], arch["flops"])
+            continue
+        if strategy == "k-fold" and spent + k > budget:
+            break
+        values: list[float] = []
+        for f in folds:
+            if spent >= budget:
+                break
+            spent += 1
+            values.append(arch["folds"][f])
+            if strategy == "k-fold + race" and len(values) < k:
+                bound = optimistic_bound(values, prior_sd)
+                if any(s > bound and fl <= arch["flops"] for s, fl in scored.values()):
+                    break
+        if len(values) == k:
+            scored[h] = (float(np.mean(values)), arch["flops"])
+        if spent >= budget:
+            break
+    return scored
+
+
+def replays(document: dict, budgets: tuple[int, ...] = (6, 12, 18), draws: int = 2000, seed: int = 0,
+            prior_sd: float | None = None) -> dict | None:
+    """Each strategy of :data:`STRATEGIES` replayed on the truth table at equal training cost.
+
+    A draw proposes the pool's architectures in a random order (random search: the table cannot
+    replay a sampler) and gives each a random fold order; every strategy spends the same ``budget``
+    fold trainings on the same proposals. Per strategy and budget, over ``draws`` draws: the mean val
+    truth and test truth of the architecture it would choose (its best score), how often that is the
+    pool's best by val truth, and the hypervolume (``nas3d.pareto``, the 28³ box) of its front, with
+    each member placed at its truth, as a share of the truth front's. The single split's score is one
+    fold of the truth itself, and k-fold's is the truth: val truth flatters them, so test truth is
+    reported beside it. None when fewer than 2 folds or 4 architectures have a truth."""
+    from nas3d.pareto import hypervolume, hypervolume_box
+    from nas3d.racing import RacingConfig
+
+    pool, m = replay_pool(document)
+    if m < 2 or len(pool) < 4:
+        return None
+    prior_sd = RacingConfig().prior_sd if prior_sd is None else prior_sd
+    box = hypervolume_box(document["protocol"].get("size", 28))
+    truth_points = {h: (a["val_truth"], a["flops"]) for h, a in pool.items()}
+    full = hypervolume([truth_points[h] for h in _front(truth_points)], box)
+    best = max(pool, key=lambda h: pool[h]["val_truth"])
+    rng = np.random.default_rng(seed)
+    hashes = sorted(pool)
+    sums = {(b, s): np.zeros(4) for b in budgets for s in STRATEGIES}
+    for _ in range(draws):
+        order = [hashes[i] for i in rng.permutation(len(hashes))]
+        fold_orders = {h: [int(f) for f in rng.permutation(m)] for h in hashes}
+        for b in budgets:
+            for s in STRATEGIES:
+                scored = replay_once(pool, order, fold_orders, b, s, prior_sd)
+                if not scored:
+                    continue
+                pick = max(scored, key=lambda h: (scored[h][0], -scored[h][1], h))
+                hv = hypervolume([truth_points[h] for h in _front(scored)], box)
+                sums[b, s] += (pool[pick]["val_truth"], pool[pick]["test_truth"], pick == best,
+                               hv / full if full > 0 else 0.0)
+    return {"architectures": len(pool), "truth_folds": m, "draws": draws, "prior_sd": prior_sd,
+            "best_val_truth": pool[best]["val_truth"],
+            "rows": [{"budget": b, "strategy": s, "val_truth": v / draws, "test_truth": t / draws,
+                      "best_share": p / draws, "hypervolume_share": hv / draws}
+                     for b in budgets for s in STRATEGIES for v, t, p, hv in [sums[b, s]]]}
+
+
 def analyse(document: dict) -> dict:
     return {"jobs": len(document["jobs"]), "variance": variance_parts(document),
             "correlations": correlations(document),
-            "pick": {score: search_pick(document, score) for score in ("whole_val_best", "quarter_val_auc")}}
+            "pick": {score: search_pick(document, score) for score in ("whole_val_best", "quarter_val_auc")},
+            "replays": replays(document)}
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -527,6 +643,19 @@ def report(document: dict) -> str:
                      f"(score {pick['picked_score']:.3f}); its truth {pick['picked_truth']:.3f} "
                      f"(rank {pick['picked_truth_rank']}){against}; "
                      f"the best truth is {pick['best_truth']:.3f}")
+    lines.append("")
+    r = analysis["replays"]
+    if r is None:
+        lines.append("replays: not yet (need 2 folds of at least 4 architectures)")
+        return "\n".join(lines)
+    lines.append(f"replays at equal training cost ({r['draws']} random proposal orders over "
+                 f"{r['architectures']} architectures, {r['truth_folds']} folds, race prior SD "
+                 f"{r['prior_sd']}; the pool's best val truth {r['best_val_truth']:.3f}):")
+    lines.append(format_table(
+        ["fold trainings", "strategy", "pick: val truth", "pick: test truth", "pick is the best",
+         "front HV / truth's"],
+        [[str(row["budget"]), row["strategy"], f"{row['val_truth']:.4f}", f"{row['test_truth']:.4f}",
+          f"{row['best_share']:.0%}", f"{row['hypervolume_share']:.3f}"] for row in r["rows"]]))
     return "\n".join(lines)
 
 

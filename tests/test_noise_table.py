@@ -154,6 +154,50 @@ def test_a_partial_table_says_what_cannot_be_separated_yet(bench) -> None:
     assert "over 1 of 3 folds" in text
 
 
+def test_each_replay_strategy_spends_its_budget_as_it_says(bench) -> None:
+    pool = {"good": {"folds": [0.8, 0.8, 0.8], "flops": 100.0},
+            "bad": {"folds": [0.5, 0.5, 0.5], "flops": 200.0},
+            "dear": {"folds": [0.9, 0.9, 0.9], "flops": 300.0}}
+    order, fold_orders = ["good", "bad", "dear"], {h: [0, 1, 2] for h in pool}
+
+    def scored(budget: int, strategy: str) -> list[str]:
+        return sorted(bench.replay_once(pool, order, fold_orders, budget, strategy, prior_sd=0.05))
+
+    assert scored(2, "single split") == ["bad", "good"]  # one fold each
+    assert scored(7, "k-fold") == ["bad", "good"]  # 3 + 3; the third needs 3 more than the 1 left
+    # the race stops "bad" after its first fold (0.5 + 2 x 0.05 < good's 0.8 at fewer FLOPs): 3 + 1 + 3
+    assert scored(7, "k-fold + race") == ["dear", "good"]
+    assert scored(5, "k-fold + race") == ["good"]  # "dear" unfinished: never chosen
+
+
+def lucky_document() -> dict:
+    """Four architectures: "good" scores 0.80 on every fold, "lucky" 0.95 on one fold and 0.55 on the
+    others (a lower truth), two more are worse everywhere."""
+    folds = {"good": [0.80, 0.80, 0.80], "lucky": [0.95, 0.55, 0.55], "c": [0.6, 0.6, 0.6],
+             "d": [0.5, 0.5, 0.5]}
+    architectures = [{"arch_hash": h, "arch": h, "role": "top", "flops": 1e8, "table": None} for h in folds]
+    jobs = [job(h, "fold", f, (0, 42, 143)[f], s[f]) for f in range(3) for h, s in folds.items()]
+    return {"protocol": {"folds": 3, "size": 28}, "architectures": architectures, "jobs": jobs,
+            "complete": len(jobs), "planned_jobs": len(jobs)}
+
+
+def test_replays_show_a_single_split_fooled_by_a_lucky_fold_where_k_fold_is_not(bench) -> None:
+    result = bench.replays(lucky_document(), budgets=(4, 12), draws=3000, seed=1)
+    rows = {(r["budget"], r["strategy"]): r for r in result["rows"]}
+    assert result["architectures"] == 4 and result["truth_folds"] == 3
+    # 12 trainings: k-fold scores all four on all folds, so it always takes "good"
+    assert rows[12, "k-fold"]["best_share"] == 1.0 and rows[12, "k-fold"]["val_truth"] == pytest.approx(0.8)
+    # a single split scores all four on one fold each: "lucky" wins whenever its fold is the 0.95 one
+    assert rows[12, "single split"]["best_share"] == pytest.approx(2 / 3, abs=0.03)
+    assert rows[12, "single split"]["test_truth"] < rows[12, "k-fold"]["test_truth"]
+    # every architecture has the same FLOPs: the front is the best scored one, its HV share below 1
+    # whenever that is not "good"
+    assert rows[12, "k-fold"]["hypervolume_share"] == pytest.approx(1.0)
+    assert rows[12, "single split"]["hypervolume_share"] < 1.0
+    text = bench.report(lucky_document())
+    assert "replays at equal training cost" in text and "k-fold + race" in text
+
+
 def test_a_table_of_another_protocol_is_refused(bench, tmp_path: Path) -> None:
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"format": bench.FORMAT, "protocol": {"epochs": 12, "folds": 3}}))
