@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -211,6 +212,82 @@ class TrainResult:
     stopped_early: bool = False  # an ``on_epoch`` callback ended the run before patience or max_epochs
 
 
+@dataclass(frozen=True)
+class TrainProgress:
+    """Where a run stands after a whole epoch: what :func:`train_trial` needs to go on from there as if
+    it had never stopped (``resume_from``), handed to ``save_progress`` every ``save_every`` epochs.
+
+    Its tensors are the live ones of the run: serialise it (:meth:`to_dict` and ``torch.save``) before
+    the callback returns. :meth:`to_dict` holds tensors, numbers, strings and lists only, so the saved
+    file loads with ``torch.load(weights_only=True)``. There is no learning-rate scheduler state: the
+    rate is a function of the epoch (:meth:`TrainConfig.lr_at`), set afresh at every epoch.
+    """
+
+    config: dict[str, Any]  # the TrainConfig that made it (dataclasses.asdict); resuming needs the same
+    epoch: int  # epochs completed (1-based number of the last one)
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scaler: dict[str, Any]  # the fp16 gradient scaler's state ({} when it is off)
+    best_epoch: int  # 1-based; its record is history[best_epoch - 1]
+    best_model: dict[str, torch.Tensor]
+    history: tuple[EpochRecord, ...]
+    lowest_loss: float  # patience: the lowest validation loss so far, and epochs since it fell
+    since_lower: int
+    train_seconds: float  # wall time of the training passes so far (for samples_per_second)
+    elapsed_seconds: float  # wall time of the run so far, validation included (for train_seconds)
+    # Random number generator states: "torch" (the global CPU generator: dropout, init), "batch_order",
+    # "augment" (with augmentation) and "cuda" (on a CUDA device). With them a resumed CPU run continues
+    # bit for bit as the run that saved it.
+    rng: dict[str, torch.Tensor]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, tensors on the CPU: for ``torch.save``, and :meth:`from_dict` after
+        ``torch.load(weights_only=True)``."""
+        def cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v.detach().cpu() for k, v in state.items()}
+
+        return {
+            "config": self.config, "epoch": self.epoch, "model": cpu(self.model),
+            "optimizer": _to_cpu(self.optimizer), "scaler": self.scaler, "best_epoch": self.best_epoch,
+            "best_model": cpu(self.best_model), "history": [dataclasses.asdict(r) for r in self.history],
+            "lowest_loss": self.lowest_loss, "since_lower": self.since_lower,
+            "train_seconds": self.train_seconds, "elapsed_seconds": self.elapsed_seconds,
+            "rng": cpu(self.rng),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainProgress:
+        """The progress :meth:`to_dict` wrote; a one-line ``ValueError`` for anything else."""
+        try:
+            history = tuple(EpochRecord(**r) for r in data["history"])
+            progress = cls(
+                config=dict(data["config"]), epoch=int(data["epoch"]), model=dict(data["model"]),
+                optimizer=dict(data["optimizer"]), scaler=dict(data["scaler"]),
+                best_epoch=int(data["best_epoch"]), best_model=dict(data["best_model"]), history=history,
+                lowest_loss=float(data["lowest_loss"]), since_lower=int(data["since_lower"]),
+                train_seconds=float(data["train_seconds"]), elapsed_seconds=float(data["elapsed_seconds"]),
+                rng=dict(data["rng"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"not a training progress record ({type(e).__name__}: {e})") from None
+        if not (1 <= progress.best_epoch <= progress.epoch == len(history)) or "torch" not in progress.rng \
+                or "batch_order" not in progress.rng:
+            raise ValueError(f"not a training progress record (epoch {progress.epoch}, best epoch "
+                             f"{progress.best_epoch}, {len(history)} epochs of history)")
+        return progress
+
+
+def _to_cpu(value: Any) -> Any:
+    """``value`` (an optimizer state: nested dicts and lists) with every tensor copied to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
 #: Called after every epoch's validation with the epoch's record and whether the run ends after it
 #: anyway (patience or ``max_epochs``); returns False to stop training now. Keeps this module free of
 #: optuna: nas3d.early_stopping.EpochMonitor is the one nas3d passes.
@@ -226,6 +303,9 @@ def train_trial(
     progress: bool = False,
     on_epoch: EpochCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    resume_from: TrainProgress | None = None,
+    save_progress: Callable[[TrainProgress], None] | None = None,
+    save_every: int = 10,
 ) -> TrainResult:
     """Train ``model`` on ``data.train``, validating on ``data.val`` each epoch, and return the best epoch.
 
@@ -238,14 +318,27 @@ def train_trial(
     :class:`TrainingFailure`) instead of returning a score for a run that did not train.
     ``on_epoch`` (see :data:`EpochCallback`) sees every epoch and may end the run early; the result
     then has ``stopped_early`` set and holds the best epoch so far.
+
+    Resuming: ``save_progress`` is handed a :class:`TrainProgress` after every ``save_every``-th epoch
+    (never after the last one, nor one ``on_epoch`` ended); with it, ``should_stop`` is also polled
+    after every epoch, and a stop asked for there is saved before :class:`TrainingStopped` is raised.
+    ``resume_from`` (saved by a run with the same ``config``; ``model`` built as for that run) goes on
+    after its epoch: on the CPU the result, history and final weights are those of the run that was
+    never interrupted. Without these arguments nothing is saved or restored.
     """
     device = torch.device(device)
+    if save_progress is not None and (isinstance(save_every, bool) or not isinstance(save_every, int)
+                                      or save_every < 1):
+        raise ValueError(f"save_every must be an integer >= 1 (epochs between saves), but got {save_every!r}")
+    if resume_from is not None:
+        _check_resumable(resume_from, config)
     missing = set(range(data.num_classes)) - set(data.val.labels.unique().tolist())
     if missing:
         raise ValueError(f"validation split has no sample of classes {sorted(missing)}: its AUC is undefined")
     try:
         with cudnn_benchmark(config.cudnn_benchmark) if device.type == "cuda" else nullcontext():
-            return _train(model, data, config, device, progress, on_epoch, should_stop)
+            return _train(model, data, config, device, progress, on_epoch, should_stop,
+                          resume_from=resume_from, save_progress=save_progress, save_every=save_every)
     except torch.OutOfMemoryError as exc:
         reason = f"out of memory on {device} at batch size {config.batch_size}: {str(exc).splitlines()[0]}"
     # Outside the except block the exception and its traceback, which hold _train's frames and their
@@ -256,6 +349,21 @@ def train_trial(
     raise TrialOutOfMemory(reason)
 
 
+def _check_resumable(progress: TrainProgress, config: TrainConfig) -> None:
+    """A one-line ``ValueError`` unless ``progress`` was saved by a run of ``config`` that has epochs left."""
+    recorded = dataclasses.asdict(config)
+    differ = sorted(k for k in recorded.keys() | progress.config.keys()
+                    if recorded.get(k) != progress.config.get(k))
+    if differ:
+        changes = ", ".join(f"train.{k} {progress.config.get(k)!r} -> {recorded.get(k)!r}"
+                            for k in differ[:4])
+        raise ValueError(f"the saved progress is of another training recipe ({changes}); resume with the "
+                         "recipe that saved it, or start over without it")
+    if progress.epoch >= config.max_epochs:
+        raise ValueError(f"the saved progress is at epoch {progress.epoch} of {config.max_epochs}: "
+                         "nothing is left to train; start over without it")
+
+
 def _train(
     model: nn.Module,
     data: DeviceData,
@@ -264,6 +372,10 @@ def _train(
     progress: bool,
     on_epoch: EpochCallback | None,
     should_stop: Callable[[], bool] | None = None,
+    *,
+    resume_from: TrainProgress | None = None,
+    save_progress: Callable[[TrainProgress], None] | None = None,
+    save_every: int = 10,
 ) -> TrainResult:
     start = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -291,10 +403,46 @@ def _train(
     best_state: dict[str, torch.Tensor] = {}
     lowest_loss, since_lower = math.inf, 0
     stopped_early = False
-    train_time = 0.0
-    bar = tqdm(total=config.max_epochs, desc="train", unit="epoch", leave=False, disable=not progress)
+    train_time = elapsed_before = 0.0
+    first_epoch = 1
+    if resume_from is not None:
+        r = resume_from
+        model.load_state_dict(r.model)
+        optimizer.load_state_dict(r.optimizer)
+        if scaler.is_enabled() and r.scaler:
+            scaler.load_state_dict(r.scaler)
+        history = list(r.history)
+        best = history[r.best_epoch - 1]
+        best_state = {k: v.to(device) for k, v in r.best_model.items()}
+        lowest_loss, since_lower = r.lowest_loss, r.since_lower
+        train_time, elapsed_before, first_epoch = r.train_seconds, r.elapsed_seconds, r.epoch + 1
+        # Last, so that nothing above draws from them: the next epoch's batches, augmentations and
+        # dropout masks are those the saving run drew next.
+        torch.set_rng_state(r.rng["torch"])
+        generator.set_state(r.rng["batch_order"])
+        if augment_generator is not None and "augment" in r.rng:
+            augment_generator.set_state(r.rng["augment"])
+        if device.type == "cuda" and "cuda" in r.rng:
+            torch.cuda.set_rng_state(r.rng["cuda"], device)
+
+    def snapshot(epoch: int) -> TrainProgress:
+        assert best is not None
+        rng = {"torch": torch.get_rng_state(), "batch_order": generator.get_state()}
+        if augment_generator is not None:
+            rng["augment"] = augment_generator.get_state()
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        return TrainProgress(
+            config=dataclasses.asdict(config), epoch=epoch, model=model.state_dict(),
+            optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler.is_enabled() else {},
+            best_epoch=best.epoch, best_model=best_state, history=tuple(history),
+            lowest_loss=lowest_loss, since_lower=since_lower, train_seconds=train_time,
+            elapsed_seconds=elapsed_before + time.perf_counter() - start, rng=rng)
+
+    bar = tqdm(total=config.max_epochs, initial=first_epoch - 1, desc="train", unit="epoch", leave=False,
+               disable=not progress)
     with bar:
-        for epoch in range(1, config.max_epochs + 1):
+        for epoch in range(first_epoch, config.max_epochs + 1):
             tick = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = config.lr_at(epoch)
@@ -349,6 +497,13 @@ def _train(
                 break
             if last:
                 break
+            if save_progress is not None:
+                # A stop asked for during the epoch waits for its end here, where it can be saved.
+                stopping = should_stop is not None and should_stop()
+                if stopping or epoch % save_every == 0:
+                    save_progress(snapshot(epoch))
+                if stopping:
+                    raise TrainingStopped(f"stop requested; progress saved at epoch {epoch}")
     assert best is not None  # max_epochs >= 1
     model.load_state_dict(best_state)
     return TrainResult(
@@ -357,7 +512,7 @@ def _train(
         val_loss=best.val_loss,
         best_epoch=best.epoch,
         epochs_run=len(history),
-        train_seconds=time.perf_counter() - start,
+        train_seconds=elapsed_before + time.perf_counter() - start,
         samples_per_second=len(history) * len(data.train) / train_time,
         history=tuple(history),
         stopped_early=stopped_early,
