@@ -21,11 +21,19 @@ The output folder holds one checkpoint per seed (``seed-{seed}.pt``, loadable wi
 ``weights_only=True``) and ``results.json``, rewritten after every seed so a long run that dies
 keeps what it finished. A seed whose training fails (out of memory, non-finite loss) is recorded
 with its reason and left out of the mean; it is never scored.
+
+Resuming: a seed in training saves its progress every ``save_every`` epochs (``seed-{seed}.progress.pt``
+in the output folder; :func:`run_seed_job` takes any :class:`ProgressStore`), and a run that is
+killed goes on where it stopped when started again with the same arguments into the same folder: the
+seeds ``results.json`` records are kept, the interrupted one resumes from its last saved epoch, and on
+the CPU the results are those of a run never interrupted. A finished ``results.json`` is still refused
+without ``--force``; ``--force`` starts over (its progress files are discarded).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -33,7 +41,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -60,21 +68,25 @@ from nas3d.train import (
     NonFiniteLoss,
     TrainConfig,
     TrainingFailure,
+    TrainProgress,
     autocast_dtype,
     device_name,
     predict,
     torch_device,
     train_trial,
 )
-from nas3d.util import atomic_write, check_choice, unknown_option_message
+from nas3d.util import atomic_write, check_choice, one_line, unknown_option_message
 
 if TYPE_CHECKING:  # the training path itself needs no optuna
     from optuna.trial import FrozenTrial
 
 __all__ = [
     "PAPER_SEEDS",
+    "PROGRESS_FORMAT",
     "RESULTS_FILE",
     "RESULTS_FORMAT",
+    "FolderProgressStore",
+    "ProgressStore",
     "RetrainConfig",
     "RetrainReport",
     "RetrainSource",
@@ -82,6 +94,7 @@ __all__ = [
     "load_results",
     "resolve_data",
     "retrain",
+    "run_seed_job",
 ]
 
 logger = logging.getLogger(__name__)
@@ -89,6 +102,8 @@ logger = logging.getLogger(__name__)
 PAPER_SEEDS = (0, 42, 143, 1234, 3074)
 RESULTS_FILE = "results.json"
 RESULTS_FORMAT = "nas3d-retrain/1"
+#: A seed job's saved progress: its identity (model, data, training recipe) and a TrainProgress.
+PROGRESS_FORMAT = "nas3d-retrain-progress/1"
 SUMMARY_METRICS = ("val_auc", "val_acc", "test_auc", "test_acc", "test_balanced_accuracy", "test_sensitivity",
                    "test_specificity")
 #: Test metrics with a bootstrap interval in the summary (over the test samples, seeds averaged).
@@ -441,6 +456,9 @@ def retrain(
     overwrite: bool = False,
     progress: bool = False,
     on_seed: Callable[[SeedResult], None] | None = None,
+    save_every: int = 10,
+    say: Callable[[str], object] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> RetrainReport:
     """Train ``source``'s model once per seed by ``config``, test each best-val checkpoint, write
     ``out_dir``/results.json and ``out_dir``/seed-{seed}.pt.
@@ -448,11 +466,21 @@ def retrain(
     ``on_seed`` is called with each seed's result as soon as it is known. Data errors
     (:class:`nas3d.data.DatasetUnavailable`, ...) are raised before anything is written; training
     failures are recorded per seed and do not stop the other seeds.
+
+    Resuming (the rerun of a killed run): where ``out_dir`` holds an unfinished results.json of the
+    same model, data, recipe and device, its seeds are kept (``on_seed`` sees them too) and the others
+    are trained, each from its ``seed-{seed}.progress.pt`` when there is one (saved every ``save_every``
+    epochs). No ``--force`` is needed for that, since nothing finished is overwritten; an unfinished
+    run of anything else is refused with one line, as is a finished one, unless ``overwrite``
+    (``--force``), which starts over. ``say`` gets a line for each resumed or set-aside piece
+    (default: this module's logger). ``should_stop`` is handed to training: a stop is saved at the end
+    of the epoch and raised as :class:`nas3d.train.TrainingStopped`.
     """
+    say = say or logger.info
     device = torch.device(device)
     out_dir = Path(out_dir)
     results_path = out_dir / RESULTS_FILE
-    check_out(results_path, overwrite)
+    earlier = _unfinished_results(results_path, overwrite)
     if data_config.is_manifest:  # classes, channels and hash: what the checkpoints record for predict
         data_config = resolve_manifest(data_config)
     data = load_splits(data_config, device, for_search=False)  # full train and val, and test
@@ -492,22 +520,221 @@ def retrain(
         "summary": {},
         "complete": False,
     }
+    kept = _kept_seeds(earlier, results, results_path, say) if earlier is not None else {}
+    if overwrite:  # starting over: no seed may go on from an earlier run's progress
+        for seed in config.seeds:
+            FolderProgressStore(out_dir / progress_file_name(seed)).clear()
     seed_results: list[SeedResult] = []
     for seed in config.seeds:
-        result = _run_seed(source, data, data_config, config, seed, device, out_dir, progress)
+        store = FolderProgressStore(out_dir / progress_file_name(seed))
+        result = kept.get(seed) or _run_seed(
+            source, data, data_config, config, seed, device, checkpoint_path=out_dir / f"seed-{seed}.pt",
+            progress=progress, progress_store=store, save_every=save_every, say=say, should_stop=should_stop)
         seed_results.append(result)
         results["seeds"] = [dataclasses.asdict(r) for r in seed_results]
         results["summary"] = summarise(seed_results, results["test_labels"], data.task)
         results["complete"] = len(seed_results) == len(config.seeds)
         _write_json(results_path, results)
-        if result.completed:
+        # Only now that results.json holds the seed: a kill before this resumes it, not restarts it.
+        store.clear()
+        if seed not in kept and result.completed:  # a kept seed was said when the run resumed
             logger.info("seed %d: test AUC %.4f ACC %.4f (best epoch %d)", seed, result.test_auc,
                         result.test_acc, result.best_epoch)
-        else:
+        elif seed not in kept:
             logger.warning("seed %d failed: %s", seed, result.reason)
         if on_seed is not None:
             on_seed(result)
     return RetrainReport(out_dir=out_dir, seeds=tuple(seed_results), results=results)
+
+
+def progress_file_name(seed: int) -> str:
+    """The file :func:`retrain` keeps a seed's training progress in, inside its output folder."""
+    return f"seed-{seed}.progress.pt"
+
+
+#: What must be equal for a rerun to keep an unfinished results.json's seeds.
+_SAME_RUN_KEYS = ("model", "data", "samples", "retrain", "evaluation", "device")
+
+
+def _unfinished_results(results_path: Path, overwrite: bool) -> dict[str, Any] | None:
+    """The results.json of an unfinished earlier run in the output folder, to resume; None where there is
+    none or ``overwrite``. A finished (or unreadable) one is refused as ever, unless ``overwrite``."""
+    if overwrite or not results_path.exists():
+        return None
+    try:
+        earlier = load_results(results_path)
+    except ValueError:
+        earlier = None
+    if earlier is None or earlier.get("complete") is not False:
+        check_out(results_path, overwrite)  # raises: "... exists; pass --force to overwrite it ..."
+    return earlier
+
+
+def _kept_seeds(earlier: dict[str, Any], results: dict[str, Any], results_path: Path,
+                say: Callable[[str], object]) -> dict[int, SeedResult]:
+    """The seeds an unfinished earlier run of the same setup finished, by seed; a one-line ``ValueError``
+    where it is a run of another setup (its seeds would be mixed with results they cannot be pooled with)."""
+    differ = _differences({k: earlier.get(k) for k in _SAME_RUN_KEYS},
+                          {k: results[k] for k in _SAME_RUN_KEYS})
+    if differ:
+        raise ValueError(f"{results_path} is an unfinished run of another setup ({', '.join(differ)} "
+                         "differ); rerun with the arguments it was started with to resume it, pass --force "
+                         "to start over, or choose another --out")
+    fields = {f.name for f in dataclasses.fields(SeedResult)}
+    kept: dict[int, SeedResult] = {}
+    for entry in earlier.get("seeds", []):
+        result = SeedResult(**{k: v for k, v in entry.items() if k in fields})
+        result = dataclasses.replace(result, single_class=tuple(result.single_class))
+        checkpoint = results_path.parent / (result.checkpoint or "")
+        if result.completed and not checkpoint.is_file():
+            say(f"seed {result.seed}: its checkpoint {checkpoint} is missing; training it again")
+            continue
+        kept[result.seed] = result
+    left = [s for s in results["retrain"]["seeds"] if s not in kept]
+    say(f"resuming {results_path.parent}: seeds {', '.join(map(str, kept)) or 'none'} finished before, "
+        f"{', '.join(map(str, left))} to train")
+    return kept
+
+
+def _differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The keys (one level down as ``key.sub``) where ``before`` and ``now`` differ, compared as JSON
+    (a tuple and the list that JSON made of it are equal)."""
+    before, now = (json.loads(json.dumps(d, default=str)) for d in (before, now))
+    found = []
+    for key in sorted(before.keys() | now.keys()):
+        a, b = before.get(key), now.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += [f"{key}.{k}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+        else:
+            found.append(key)
+    return found
+
+
+class ProgressStore(Protocol):
+    """Where a seed job's training progress lives between kills (opaque bytes)."""
+
+    def load(self) -> bytes | None:
+        """The bytes saved last; None where no progress was saved yet."""
+        ...
+
+    def save(self, data: bytes) -> None:
+        """Replace the saved bytes, whole (a kill mid-save leaves the previous ones)."""
+        ...
+
+    def clear(self) -> None:
+        """Forget the progress: the job finished."""
+        ...
+
+
+class FolderProgressStore:
+    """A :class:`ProgressStore` in one file, replaced atomically (a temporary file, then a rename)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def load(self) -> bytes | None:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def save(self, data: bytes) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, lambda file: file.write(data))
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def __repr__(self) -> str:
+        return f"FolderProgressStore({str(self.path)!r})"
+
+
+def run_seed_job(
+    source: RetrainSource,
+    data_config: DataConfig,
+    config: RetrainConfig,
+    seed: int,
+    *,
+    device: str = "cpu",
+    progress_store: ProgressStore | None = None,
+    save_every: int = 10,
+    say: Callable[[str], None] = lambda line: None,
+    should_stop: Callable[[], bool] | None = None,
+    checkpoint_path: str | Path | None = None,
+) -> SeedResult:
+    """Train and test ``source``'s model for one ``seed`` by ``config``: one seed of :func:`retrain`,
+    by the same code, for a caller that schedules seeds as jobs.
+
+    With ``progress_store``, training resumes from its saved progress (``say`` is told from which
+    epoch, or why a saved progress is set aside), saves every ``save_every`` epochs, and clears it once
+    the seed is done (completed or failed). ``should_stop`` stops training between batches; a stop is
+    saved at the end of the epoch and raised as :class:`nas3d.train.TrainingStopped`. The best-val
+    checkpoint is written to ``checkpoint_path`` when given (``SeedResult.checkpoint`` holds its file
+    name). Data errors are raised; training failures are a ``failed`` result with their reason.
+    """
+    torch_device = torch.device(device)
+    if data_config.is_manifest:  # classes, channels and hash, as retrain() records them
+        data_config = resolve_manifest(data_config)
+    data = load_splits(data_config, torch_device, for_search=False)
+    result = _run_seed(source, data, data_config, config, seed, torch_device,
+                       checkpoint_path=None if checkpoint_path is None else Path(checkpoint_path),
+                       progress_store=progress_store, save_every=save_every, say=say, should_stop=should_stop)
+    if progress_store is not None:
+        progress_store.clear()
+    return result
+
+
+def _progress_identity(source: RetrainSource, data_config: DataConfig, train: TrainConfig) -> dict[str, Any]:
+    """What a seed's saved progress must have been saved by: the model, the data and the training recipe
+    (its seed included), as JSON values."""
+    identity = {"model": source.recipe.to_dict(), "data": dataclasses.asdict(data_config),
+                "train": dataclasses.asdict(train)}
+    return json.loads(json.dumps(identity, default=str))
+
+
+def _progress_bytes(identity: dict[str, Any], progress: TrainProgress) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"format": PROGRESS_FORMAT, "identity": json.dumps(identity), "train": progress.to_dict()},
+               buffer)
+    return buffer.getvalue()
+
+
+def _saved_progress(store: ProgressStore, identity: dict[str, Any], seed: int, epochs: int,
+                    say: Callable[[str], object]) -> TrainProgress | None:
+    """The progress in ``store`` when it is this seed job's, else None.
+
+    A progress that is unreadable or another run's is set aside with one line and the seed starts from
+    epoch 0, rather than refused: progress only saves time and never decides a result, so starting
+    over is always correct, while refusing would leave an unattended rerun or a queued job stuck until
+    someone deletes a file. The next save replaces it.
+    """
+    data = store.load()
+    if data is None:
+        return None
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        if found != PROGRESS_FORMAT:
+            raise ValueError(f"format {found!r}, expected {PROGRESS_FORMAT!r}")
+        saved_identity = json.loads(payload["identity"])
+        saved = TrainProgress.from_dict(payload["train"])
+    except Exception as e:  # torch.load fails in many ways on a damaged file; any of them means unusable
+        say(f"seed {seed}: the saved progress is unreadable ({type(e).__name__}: {one_line(e, 160)}); "
+            "starting from epoch 0")
+        return None
+    differ = _differences(saved_identity, identity)
+    if differ:
+        shown = ", ".join(differ[:4]) + (" ..." if len(differ) > 4 else "")
+        say(f"seed {seed}: the saved progress is of another run ({shown} differ); starting from epoch 0")
+        return None
+    if saved.epoch >= epochs:  # never saved after the last epoch: a file written by something else
+        say(f"seed {seed}: the saved progress is at epoch {saved.epoch} of {epochs}, past the end; "
+            "starting from epoch 0")
+        return None
+    say(f"seed {seed}: resuming from epoch {saved.epoch} of {epochs}")
+    return saved
 
 
 def _run_seed(
@@ -517,14 +744,31 @@ def _run_seed(
     config: RetrainConfig,
     seed: int,
     device: torch.device,
-    out_dir: Path,
-    progress: bool,
+    *,
+    checkpoint_path: Path | None,
+    progress: bool = False,
+    progress_store: ProgressStore | None = None,
+    save_every: int = 10,
+    say: Callable[[str], object] = lambda line: None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> SeedResult:
+    """One seed by the protocol, for :func:`retrain` and :func:`run_seed_job` alike (the caller clears
+    ``progress_store`` once it has recorded the result)."""
     start = time.perf_counter()
+    train_config = config.train_config(seed)
+    resume_from = save_progress = None
+    if progress_store is not None:
+        identity = _progress_identity(source, data_config, train_config)
+        resume_from = _saved_progress(progress_store, identity, seed, train_config.max_epochs, say)
+
+        def save_progress(state: TrainProgress) -> None:
+            progress_store.save(_progress_bytes(identity, state))
+
     torch.manual_seed(seed)  # train_trial seeds the batch order; the initial weights need it too
     model = source.recipe.build(data.in_channels, data.num_classes)
     try:
-        trained = train_trial(model, data, config.train_config(seed), device, progress=progress)
+        trained = train_trial(model, data, train_config, device, progress=progress, should_stop=should_stop,
+                              resume_from=resume_from, save_progress=save_progress, save_every=save_every)
         try:
             scores, test_loss = predict(model, data.test, device, config.batch_size,
                                         channels_last=config.train.channels_last)
@@ -541,7 +785,6 @@ def _run_seed(
             torch.cuda.empty_cache()
         return SeedResult(seed=seed, status="failed", reason=f"{type(e).__name__}: {e}",
                           seconds=round(time.perf_counter() - start, 3))
-    name = f"seed-{seed}.pt"
     metrics = {
         "val_auc": trained.val_auc, "val_acc": trained.val_acc, "val_loss": trained.val_loss,
         "test_auc": test_auc, "test_acc": test_acc, "test_loss": test_loss,
@@ -559,8 +802,9 @@ def _run_seed(
         **({"threshold": decision["threshold"], "threshold_rule": config.train.threshold}
            if decision["threshold"] is not None else {}),
     }
-    save_checkpoint(out_dir / name, model, source.recipe, in_channels=data.in_channels,
-                    num_classes=data.num_classes, input_size=data.size, metadata=metadata)
+    if checkpoint_path is not None:
+        save_checkpoint(checkpoint_path, model, source.recipe, in_channels=data.in_channels,
+                        num_classes=data.num_classes, input_size=data.size, metadata=metadata)
     return SeedResult(
         seed=seed,
         status="completed",
@@ -571,7 +815,7 @@ def _run_seed(
         epochs_run=trained.epochs_run,
         train_seconds=round(trained.train_seconds, 3),
         seconds=round(time.perf_counter() - start, 3),
-        checkpoint=name,
+        checkpoint=None if checkpoint_path is None else checkpoint_path.name,
         test_scores=compact_scores(scores, data.task),
     )
 
