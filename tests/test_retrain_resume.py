@@ -291,17 +291,18 @@ def test_an_unfinished_run_of_another_setup_is_refused_and_force_starts_over(uni
     root, _ = uninterrupted
     out = tmp_path / "out"
     progress = out / progress_file_name(1)
-    with pytest.raises(TrainingStopped):
-        retrain(SOURCE, tiny_data(root), TINY, "cpu", out, save_every=1,
+    two_epochs = RetrainConfig.of(epochs=2, seeds=(0, 1), batch_size=16, amp=False)
+    with pytest.raises(TrainingStopped):  # in seed 1, after seed 0 is in results.json
+        retrain(SOURCE, tiny_data(root), two_epochs, "cpu", out, save_every=1,
                 should_stop=lambda: saved_epoch(progress) >= 1)
-    assert saved_epoch(progress) == 1
-    longer = RetrainConfig.of(epochs=EPOCHS + 1, seeds=(0, 1), batch_size=16, amp=False)
+    assert saved_epoch(progress) == 1 and not load_results(out)["complete"]
+    shorter = RetrainConfig.of(epochs=1, seeds=(0, 1), batch_size=16, amp=False)
     refused = (r"results.json is an unfinished run of another setup \(retrain.epochs differ\); rerun with "
                r"the arguments .* pass --force to start over")
     with pytest.raises(ValueError, match=refused):
-        retrain(SOURCE, tiny_data(root), longer, "cpu", out)
+        retrain(SOURCE, tiny_data(root), shorter, "cpu", out)
     assert saved_epoch(progress) == 1  # refused before anything was touched
     lines: list[str] = []
-    report = retrain(SOURCE, tiny_data(root), longer, "cpu", out, overwrite=True, say=lines.append)
+    report = retrain(SOURCE, tiny_data(root), shorter, "cpu", out, overwrite=True, say=lines.append)
     assert lines == [] and report.results["complete"]  # nothing resumed: started over
-    assert [s.epochs_run for s in report.seeds] == [EPOCHS + 1] * 2 and not progress.exists()
+    assert [s.epochs_run for s in report.seeds] == [1, 1] and not progress.exists()
