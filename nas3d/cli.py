@@ -14,6 +14,7 @@ from typing import Any
 import optuna
 
 from nas3d.baselines import BASELINES
+from nas3d.reproduce import REPRODUCE  # its flags and run live there
 from nas3d.storages import DEFAULT_HEARTBEAT_INTERVAL, StorageUnavailable, resolve_storage
 from nas3d.util import EXIT_USAGE
 
@@ -21,8 +22,9 @@ from nas3d.util import EXIT_USAGE
 _FLAGS: dict[str, dict[str, Any]] = {
     "--storage": dict(help="sqlite:///FILE, postgresql://..., journal:FILE (default $NAS3D_STORAGE)"),
     "--study": dict(metavar="FILE", help="study file (TOML), e.g. studies/smoke.toml"),
-    "--dataset": dict(help="a MedMNIST3D flag, 'synthetic', or your own labels CSV (a path ending in .csv, "
-                      "see docs/own-data.md); retrain: default the recorded one"),
+    "--dataset": dict(help="a MedMNIST3D flag, 'synthetic', or your labels CSV (docs/own-data.md); with "
+                      "--study: the file's settings on it; retrain: default the recorded one"),
+    "--profile": dict(help="cpu: space and budget for a CPU (--cpu on a CSV: the default); full: the seed's"),
     "--size": dict(type=int, help="MedMNIST 28 or 64, a manifest 4..256 (default: the file's, else 28)"),
     "--name": dict(help="study name (overrides the file)"),
     "--n-trials": dict(type=int, help="trial budget across all workers"),
@@ -67,8 +69,8 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "--baseline": dict(help="ResNet baseline: " + ", ".join(BASELINES)),
     "--artifacts": dict(metavar="LOCATION", help="the study's artifact store: a folder or s3://bucket/prefix"),
 }
-_DEFINITION = ("--size", "--name", "--n-trials", "--max-epochs", "--data-root", "--sampler", "--warm-start",
-               "--set", "--artifacts")
+_DEFINITION = ("--study", "--dataset", "--profile", "--size", "--name", "--n-trials", "--max-epochs",
+               "--data-root", "--sampler", "--warm-start", "--set", "--artifacts")
 _WORKER = ("--heartbeat-interval", "--grace-period", "--progress", "--no-claim-ahead")
 _LAUNCH = ("--gpus", "--workers-per-gpu", "--workers", "--cpu", *_WORKER)
 
@@ -106,7 +108,7 @@ def _create(args: argparse.Namespace) -> str:
 
 class CreateStudy(Command):
     name, help = "create-study", "create a study (or check an existing one) from a study file"
-    flags, exclusive = ("--storage", *_DEFINITION), (("--study", "--dataset"),)
+    flags = ("--storage", *_DEFINITION)
     def run(self, args: argparse.Namespace) -> int | str:
         return _create(args) and 0
 
@@ -131,7 +133,7 @@ class Launch(Command):
 
 class Search(Launch):
     name, help = "search", "create a study, run workers until its budget is spent, summarise"
-    flags, exclusive = ("--storage", *_DEFINITION, *_LAUNCH), (("--study", "--dataset"),)
+    flags = ("--storage", *_DEFINITION, *_LAUNCH)
     def run(self, args: argparse.Namespace) -> int | str:
         from nas3d import report, study
         code = super().run(args)  # creates the study once the devices check out
@@ -141,7 +143,7 @@ class Search(Launch):
 class Status(Command):
     name, help = "status", "trial counts by state, the hypervolume and the Pareto front; or one trial"
     flags = ("--storage", "--study-name", "--trial")
-    overrides = {"--study-name": dict(required=False, help="default: every study"),
+    overrides = {"--study-name": dict(required=False, help="default: every study (--trial: the only one)"),
                  "--trial": dict(required=False, help="show this trial: attrs, learning curve, artifacts")}
     def run(self, args: argparse.Namespace) -> int | str:
         from nas3d.report import status_report
@@ -160,7 +162,7 @@ class Dashboard(Command):
 class Report(Command):
     name, help = "report", "pareto.png, pareto.html and a paper-style report.md for one or more studies"
     flags = ("--storage", "--study-name", "--out", "--retrain-results")
-    overrides = {"--study-name": dict(action="append", help="a study; repeat for several (one per dataset)"),
+    overrides = {"--study-name": dict(action="append", required=False, help="repeat; default: the only one"),
                  "--out": dict(required=True, metavar="DIR", help="folder to write into")}
     def run(self, args: argparse.Namespace) -> int | str:
         from nas3d.report import write_report
@@ -213,9 +215,8 @@ class Compare(Command):
         from nas3d.report import compare_runs
         return compare_runs(args.runs)
 
-
 _COMMANDS: tuple[Command, ...] = (CreateStudy(), Worker(), Launch(), Status(), Search(), Export(), Predict(),
-                                  Prepare(), Retrain(), Compare(), Dashboard(), Report())
+                                  Prepare(), Retrain(), Compare(), Dashboard(), Report(), REPRODUCE)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,8 +4,9 @@ A study file has the tables ``[study]``, ``[data]`` (``nas3d.data.DataConfig``),
 (``nas3d.train.TrainConfig``), ``[space]`` (``nas3d.space.SearchSpace``), ``[constraints]`` and
 ``[ode]`` (``nas3d.samplers.ODESettings``, read when ``sampler = "ode"``), ``[early_stopping]``
 (``nas3d.early_stopping.EarlyStoppingConfig``) and ``[racing]`` (``nas3d.racing.RacingConfig``).
-Every table is optional except ``[study]`` (``name`` is required); omitted keys take the seed
-study's defaults. Unknown keys and wrong types are errors naming the file, table and key.
+Every table is optional except ``[study]`` (``name`` is required); omitted keys take the defaults of
+the study's profile (``[study] profile``, :data:`PROFILES`: the seed study's, or the CPU profile's).
+Unknown keys and wrong types are errors naming the file, table and key.
 """
 
 from __future__ import annotations
@@ -13,15 +14,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nas3d.data import DataConfig
+from nas3d.data import DataConfig, is_manifest
 from nas3d.early_stopping import EarlyStoppingConfig
 from nas3d.racing import RacingConfig
 from nas3d.samplers import SAMPLERS, ODESettings
@@ -30,6 +32,7 @@ from nas3d.train import TrainConfig
 from nas3d.util import check_choice, did_you_mean
 
 __all__ = [
+    "PROFILES",
     "WARM_STARTS",
     "ConfigError",
     "Constraints",
@@ -44,6 +47,37 @@ __all__ = [
 ]
 
 WARM_STARTS = ("none", "seed")
+
+#: Search profiles: the values a study takes where neither its file nor the command's flags give one,
+#: by ``[study] profile`` (``--profile``). "full": the seed study's space and budget (the dataclasses'
+#: defaults). "cpu": a search that finishes on a 2-core CPU at 28³, for any data (``--cpu`` on a
+#: manifest without a study file takes it). Chosen from the real-data architecture table
+#: (bench/data/arch_table_adrenalmnist3d_28.json, 48 architectures x 12 epochs on AdrenalMNIST3D 28³,
+#: a 2-core AMD EPYC) and its replays (docs/arch-table.md):
+#: - scored on the whole validation split, not its quarter: the quarter's AUC after 12 epochs ranks the
+#:   table's architectures at Spearman +0.40 against their whole-split score, and scoring costs a few %
+#:   of an epoch;
+#: - 8 epochs, not the table's 12: on the whole split, the score after 8 epochs ranks at +0.87 against
+#:   the score after 12 (on the quarter no epoch count passes +0.45); patience as long (every curve of
+#:   the table still rose at epoch 12). The table's batch 32 (a quarter of train is 3 steps an epoch at
+#:   128, 10 at 32) and quarter of train. MO-ASHA and proxy screening stay off: no replay kept 95 % of
+#:   the hypervolume at 3x fewer epochs, and no proxy ranked better than params;
+#: - kernel-3 operations, 8 or 16 initial filters and at most 0.5 GFLOP (over it: decided before
+#:   training, at no cost): the table's range. Only 4 % of the seed space is under that cap, 41 % of
+#:   this one, and no kernel-5 architecture of the table is on its front (kernel 7 never fits under it);
+#: - 10 trained architectures: a first search of about half an hour on 2 cores at 28³; a seeded sampler.
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "full": {},
+    "cpu": {
+        "study": {"n_trials": 10, "sampler_seed": 0},
+        "data": {"search_fraction": 0.25, "search_val_fraction": 1.0},
+        "train": {"max_epochs": 8, "patience": 8, "batch_size": 32},
+        "space": {"ops": ["conv3_in_relu", "conv3_in_mish", "in_mish_conv3", "relu_conv3", "mish_conv3"],
+                  "stacks": [1, 2], "cells_per_stack": [1, 2], "initial_filters": [8, 16]},
+        "constraints": {"max_flops": 5e8},
+        "early_stopping": {"kind": "none"},
+    },
+}
 
 
 class ConfigError(ValueError):
@@ -65,6 +99,7 @@ class StudySettings:
     # Zero-cost proxy scores of each untrained model (user attr "proxies"): 31-36 s a trial at 64³ on
     # a CPU, read only by the benches (bench/arch_table.py), so off unless a study asks.
     proxies: bool = False
+    profile: str = "full"  # PROFILES: the defaults the other keys take (recorded: what the study began from)
 
     def __post_init__(self) -> None:
         if not self.name.strip():
@@ -73,6 +108,7 @@ class StudySettings:
             raise ValueError(f"n_trials must be >= 1, got {self.n_trials}")
         check_choice("sampler", self.sampler, SAMPLERS)
         check_choice("warm_start", self.warm_start, WARM_STARTS)
+        check_choice("profile", self.profile, tuple(PROFILES))
 
 
 @dataclass(frozen=True)
@@ -139,8 +175,9 @@ class StudyConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> StudyConfig:
-        """Build from ``to_dict()`` output or a parsed TOML document, with full validation."""
-        return _build(cls, data, source, table=None)
+        """Build from ``to_dict()`` output or a parsed TOML document, with full validation; keys it
+        leaves out take its profile's values (``[study] profile``, :data:`PROFILES`), then the defaults."""
+        return _build(cls, _with_profile(data), source, table=None)
 
     def with_overrides(self, dotted: Mapping[str, object], source: str = "override") -> StudyConfig:
         """A copy with ``{"table.key": value}`` replaced, e.g. from CLI flags.
@@ -149,6 +186,10 @@ class StudyConfig:
         ``"true"``, ``"[8, 16]"``), so ``--set train.max_epochs=3`` works without per-key parsing.
         """
         data = self.to_dict()
+        if "study.profile" in dotted:  # every key is explicit here: a profile would change nothing
+            raise ConfigError(f"{source}: study.profile chooses the defaults a study starts from; give "
+                              f"--profile {dotted['study.profile']} (or profile in the study file's [study] "
+                              "table) instead of --set study.profile")
         for dotted_key, value in dotted.items():
             table, sep, key = dotted_key.partition(".")
             if not sep or table not in data:
@@ -162,14 +203,33 @@ class StudyConfig:
         return _build(type(self), data, source, table=None)
 
 
-def default_study_config(dataset: str, size: int = 28) -> StudyConfig:
-    """The seed study's setup for one dataset, named ``f"{dataset}-{size}"``."""
+def default_study_config(dataset: str, size: int = 28, profile: str = "full") -> StudyConfig:
+    """The seed study's setup for one dataset (``profile`` "cpu": the CPU profile's), named
+    ``f"{dataset}-{size}"`` (``-cpu`` added for the CPU profile)."""
+    check_choice("--profile", profile, tuple(PROFILES))
     data = DataConfig(dataset=dataset, size=size)
-    return StudyConfig(study=StudySettings(name=f"{data.name}-{size}"), data=data)
+    return StudyConfig.from_dict({"study": {"name": _default_name(data, profile), "profile": profile},
+                                  "data": {"dataset": dataset, "size": size}}, source="command line")
 
 
-def load_study_config(path: str | Path) -> StudyConfig:
-    """Read and validate a study TOML file; errors are one-line ``ConfigError``s."""
+def _default_name(data: DataConfig, profile: str) -> str:
+    return f"{data.name}-{data.size}" + ("" if profile == "full" else f"-{profile}")
+
+
+def _with_profile(doc: Any) -> Any:
+    """A study document with its profile's values (:data:`PROFILES`) under the keys it leaves out."""
+    study = doc.get("study") if isinstance(doc, Mapping) else None
+    profile = PROFILES.get(study.get("profile", "full"), {}) if isinstance(study, Mapping) else {}
+    merged = dict(doc) if profile else doc
+    for table, values in profile.items():  # a table that is not a table is left for _build to name
+        given = merged.get(table, {})
+        merged[table] = {**values, **given} if isinstance(given, Mapping) else given
+    return merged
+
+
+def load_study_config(path: str | Path, profile: str | None = None) -> StudyConfig:
+    """Read and validate a study TOML file (``profile``: its ``[study] profile`` replaced, as
+    ``--profile`` does); errors are one-line ``ConfigError``s."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -188,6 +248,9 @@ def load_study_config(path: str | Path) -> StudyConfig:
     except tomllib.TOMLDecodeError as e:
         # tomllib's message already ends with "(at line N, column M)"
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    if profile is not None and isinstance(doc.get("study"), dict):
+        check_choice("--profile", profile, tuple(PROFILES))
+        doc["study"]["profile"] = profile
     config = StudyConfig.from_dict(doc, source=str(path))
     manifest = Path(config.data.dataset).expanduser()
     if config.data.is_manifest and not manifest.is_absolute():
@@ -209,18 +272,81 @@ def resolve_study_config(
     dataset: str | None,
     flags: Mapping[str, object],
     sets: Iterable[str] = (),
+    say: Callable[[str], object] = lambda line: None,
 ) -> StudyConfig:
-    """The study file (else the seed study's defaults for ``dataset``) with the flags of
-    :data:`FLAG_KEYS` that are set in ``flags`` and the ``--set`` items applied."""
+    """The study file (else the defaults for ``dataset``) with the flags of :data:`FLAG_KEYS` that are
+    set in ``flags`` and the ``--set`` items applied.
+
+    ``flags["profile"]`` (``--profile``) picks the profile (:data:`PROFILES`) the study starts from;
+    left out, ``--cpu`` (``flags["cpu"]``) on a manifest without a study file takes "cpu". A study
+    file with ``dataset`` too is that file's settings with ``dataset`` as its data (:func:`_with_dataset`).
+    ``say`` gets one line for each of these choices: what the profile is and how to leave it, and what
+    the file's settings lost to the new data.
+    """
+    profile = flags.get("profile")
+    auto = profile is None and not study_file and bool(flags.get("cpu")) and is_manifest(dataset or "")
+    profile = "cpu" if auto else profile
     if study_file:
-        config = load_study_config(study_file)
+        config = load_study_config(study_file, profile=profile)
+        if dataset:
+            config = _with_dataset(config, dataset, str(study_file), flags, say)
     else:
-        config = default_study_config(dataset or "organmnist3d", int(flags.get("size") or 28))
+        size = int(flags.get("size") or 28)
+        config = default_study_config(dataset or "organmnist3d", size, profile or "full")
     overrides: dict[str, object] = {
         key: flags[flag] for flag, key in FLAG_KEYS.items() if flags.get(flag) is not None
     }
     overrides.update(parse_overrides(sets))
-    return config.with_overrides(overrides, source="command line") if overrides else config
+    config = config.with_overrides(overrides, source="command line") if overrides else config
+    if config.study.profile != "full":
+        say(profile_line(config, " (--cpu on a manifest without a study file)" if auto else ""))
+    return config
+
+
+def profile_line(config: StudyConfig, why: str = "") -> str:
+    """What a study's profile set, as resolved (flags and ``--set`` included), and how to leave it."""
+    space, train, data = config.space, config.train, config.data
+    kernels = sorted({int(k) for op in space.ops for k in re.findall(r"conv(\d)", op)})
+    cap = config.constraints.max_flops
+    val = data.fraction("val")
+    return (f"profile {config.study.profile}{why}: {len(space.ops)} operations of kernel "
+            f"{'/'.join(map(str, kernels))}, {'/'.join(map(str, space.initial_filters))} initial filters"
+            + (f", at most {cap:.3g} FLOPs" if cap else "")
+            + f"; {config.study.n_trials} trials of up to {train.max_epochs} epochs at batch "
+            f"{train.batch_size} on {data.fraction('train'):.0%} of train, scored on "
+            + ("the whole val split" if val == 1.0 else f"{val:.0%} of val")
+            + "; --profile full for the seed study's full space and budget")
+
+
+#: Data settings of a study file that describe its own data, not a dataset given with it: reset.
+_DATA_OF_ITS_OWN = ("root", "download", "synthetic_classes", "synthetic_samples", "channels", "manifest_hash",
+                    "percentile_bounds", "monai_version")
+
+
+def _with_dataset(config: StudyConfig, dataset: str, source: str, flags: Mapping[str, object],
+                  say: Callable[[str], object]) -> StudyConfig:
+    """``--study FILE --dataset labels.csv``: the file's settings with ``dataset`` as the data. Settings
+    of the file's own data (:data:`_DATA_OF_ITS_OWN`: a MedMNIST folder, synthetic sizes, a manifest's
+    recorded hash) go back to their defaults, and a study name made from the file's dataset's name is
+    made from the new one's (unless ``--name`` gives it); ``say`` gets one line naming them."""
+    old = config.data
+    if dataset == old.dataset:
+        return config
+    defaults = DataConfig()
+    changes: dict[str, object] = {f"data.{key}": getattr(defaults, key) for key in _DATA_OF_ITS_OWN}
+    changes["data.dataset"] = dataset
+    if flags.get("size"):  # the name made below carries the size the study will have
+        changes["data.size"] = flags["size"]
+    config = config.with_overrides(changes, source=f"{source} with --dataset {dataset}")
+    dropped = [f"data.{key} {getattr(old, key)!r}" for key in _DATA_OF_ITS_OWN
+               if getattr(old, key) != getattr(defaults, key)]
+    said = [f"{item} dropped" for item in dropped]
+    if not flags.get("name") and old.name in config.study.name:
+        name = _default_name(config.data, config.study.profile)
+        said.insert(0, f"study.name {config.study.name!r} -> {name!r} (--name for another)")
+        config = dataclasses.replace(config, study=dataclasses.replace(config.study, name=name))
+    say(f"{source} with {dataset} as its data" + (": " + ", ".join(said) if said else ""))
+    return config
 
 
 def parse_overrides(items: Iterable[str], *, only_table: str | None = None) -> dict[str, str]:

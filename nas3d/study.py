@@ -69,6 +69,9 @@ def create_study(
         # Read back through the current dataclasses, so a setting added since the study was created
         # compares as its default instead of as a difference.
         existing = StudyConfig.from_dict(existing, source=f"study {config.study.name!r}").to_dict()
+        # The profile only chose defaults: a study made before it was recorded, or by a file that spells
+        # out the profile's values, is the same study when every value is the same.
+        existing["study"]["profile"] = wanted["study"]["profile"]
         if existing != wanted and _only_budget_differs(existing, wanted):
             _raise_budget(study, existing["study"]["n_trials"], wanted)
             existing = wanted
@@ -123,13 +126,18 @@ def prepare_study(
 def prepare_study_from_flags(
     flags: Mapping[str, Any], storage: str | StorageSpec | None
 ) -> StudyConfig:
-    """``nas3d create-study`` and ``nas3d search``: the study file (``study``) or ``dataset``'s defaults,
-    with the command's flags and ``set`` items (:func:`nas3d.config.resolve_study_config`), prepared and
-    created by :func:`prepare_study` (recording ``artifacts``); returns the study's configuration."""
+    """``nas3d create-study`` and ``nas3d search``: the study file (``study``, on ``dataset`` if given too)
+    or ``dataset``'s defaults, with the command's profile, flags and ``set`` items
+    (:func:`nas3d.config.resolve_study_config`, whose lines are logged), prepared and created by
+    :func:`prepare_study` (recording ``artifacts``); returns the study's configuration."""
     from nas3d.config import resolve_study_config
 
-    config = resolve_study_config(flags.get("study"), flags.get("dataset"), flags, flags.get("set") or ())
+    said: list[str] = []  # the profile it took, what a study file lost to --dataset
+    config = resolve_study_config(flags.get("study"), flags.get("dataset"), flags, flags.get("set") or (),
+                                  say=said.append)
     prepare_study(config, storage, artifacts=flags.get("artifacts"))
+    for line in said:  # once every check has passed: bad input stays one line on stderr
+        logger.info("%s", line)
     return config
 
 
@@ -178,7 +186,8 @@ def check_cap_fits_space(config: StudyConfig) -> None:
             f"constraints.max_flops {cap:.3g} is below the smallest architecture of the space at {size}³ "
             f"({flops / 1e9:.3g} GFLOPs, {flops:.3g} FLOPs: {arch}), so no architecture could train; raise "
             f"max_flops to at least {flops:.3g} (--set constraints.max_flops={flops:.3g}), or use a "
-            "smaller --size"
+            "smaller --size" + ("" if config.study.profile == "full"
+                                else f" (the {config.study.profile} profile's cap; --profile full has none)")
         )
 
 
@@ -282,6 +291,19 @@ def study_id_of(storage: optuna.storages.BaseStorage, name: str, *, fix: str | N
         else "it holds no studies")
     fix = fix or ("`nas3d status` lists them (is --storage / $NAS3D_STORAGE the one the workers used?)")
     raise StudyNotFound(f"no study named {name!r} in this storage ({there}); {fix}")
+
+
+def only_study_name(storage: optuna.storages.BaseStorage) -> str:
+    """The name of the one study in ``storage`` (a command's ``--study-name`` left out); else one line
+    saying there is none, or naming them all."""
+    names = [s.study_name for s in storage.get_all_studies()]
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise StudyNotFound("this storage holds no studies; create one with `nas3d search` (is --storage / "
+                            "$NAS3D_STORAGE the one the workers used?)")
+    raise LookupError(f"this storage holds {len(names)} studies ({', '.join(map(repr, names))}); say which "
+                      "with --study-name")
 
 
 def allocate_worker_number(study: optuna.Study) -> int:
