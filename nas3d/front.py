@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import plotly.graph_objects as go
 
 __all__ = [
+    "SEED_STUDY_SIZE",
     "FrontPoint",
     "Reference",
     "StudyFront",
@@ -175,8 +176,9 @@ def interval_note(fronts: Sequence[StudyFront]) -> str | None:
 
 def study_front(study: optuna.Study, retrain_runs: Sequence[dict[str, Any]] = (),
                 seed_references: str = "all") -> StudyFront:
-    """:class:`StudyFront` of ``study``. References: the seed study's architectures at this study's
-    input shape (``seed_references`` "all", "same-dataset" or "none") and the retrained baselines among
+    """:class:`StudyFront` of ``study``. References, each only where it was measured at the study's input
+    size: the seed study's architectures (``seed_references`` "all", "same-dataset" or "none"; chosen at
+    :data:`SEED_STUDY_SIZE`, counted at this study's input shape) and the retrained baselines among
     ``retrain_runs`` (results.json documents) on the same dataset and size."""
     from nas3d.pareto import study_hypervolume
 
@@ -200,7 +202,15 @@ def study_front(study: optuna.Study, retrain_runs: Sequence[dict[str, Any]] = ()
                       references=tuple(references))
 
 
+#: The input size the seed study searched and scored its published architectures at (MedMNIST3D 28³).
+SEED_STUDY_SIZE = 28
+
+
 def _seed_references(data: Any, same_dataset_only: bool) -> list[Reference]:
+    """The seed study's architectures as FLOPs marks, for a study at the size they were chosen at only:
+    at another size they mean nothing, and large ones squeeze a small study's points into a corner."""
+    if data.size != SEED_STUDY_SIZE:
+        return []
     return [
         Reference(label=f"seed study: {dataset}", flops=float(flops))
         for dataset, flops in _seed_flops(data.size, data.in_channels, data.num_classes)
@@ -399,7 +409,9 @@ def write_front_png(fronts: Sequence[StudyFront], path: str | Path) -> Path:
     ax.set_ylabel("validation AUC")
     titles = ", ".join(f"{f.study_name} (HV {f.hypervolume:.3f})" if f.hypervolume is not None
                        else f.study_name for f in fronts)
-    ax.set_title(f"Pareto front: {titles}  ·  dotted: seed study architectures", fontsize=10)
+    dotted = "  ·  dotted: seed study architectures" if any(r.val_auc is None for f in fronts
+                                                            for r in f.references) else ""
+    ax.set_title(f"Pareto front: {titles}{dotted}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

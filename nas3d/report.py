@@ -37,6 +37,7 @@ __all__ = [
     "write_calibration_png",
     "write_report",
     "mean_line",
+    "not_learned_note",
     "paired_comparisons",
     "retrain_failures",
     "retrain_header",
@@ -50,13 +51,13 @@ __all__ = [
 
 def status_report(storage: Any, study_name: str | None = None, trial: int | None = None) -> str:
     """:func:`format_status` of ``study_name``, or of every study in ``storage`` (a string or spec);
-    with ``trial``, :func:`trial_report` of that trial of ``study_name``."""
+    with ``trial``, :func:`trial_report` of that trial of ``study_name`` (default: the only study)."""
     from nas3d.storages import make_storage
-    from nas3d.study import study_id_of
+    from nas3d.study import only_study_name, study_id_of
 
-    if trial is not None and not study_name:
-        raise ValueError("--trial goes with --study-name: which study's trial?")
     backend = make_storage(storage, must_exist=True)  # reading never creates a storage
+    if trial is not None and not study_name:
+        study_name = only_study_name(backend)
     if study_name:
         study_id_of(backend, study_name)  # a one-line StudyNotFound naming the studies there
     if trial is not None:
@@ -134,13 +135,15 @@ def format_status(study: optuna.Study) -> str:
     if duplicates:
         lines[0] += f"; {duplicates} duplicates not retrained"
     try:
-        positive = positive_class(StudyConfig.from_dict(study.user_attrs[records.CONFIG], source="").data)
+        config = StudyConfig.from_dict(study.user_attrs[records.CONFIG], source="")
     except (KeyError, ValueError):
-        positive = None
+        config = None
+    positive = positive_class(config.data) if config else None
     if positive:
         lines.append(f"  positive class {positive!r} (binary AUC scores it; predict's {positive!r} column)")
     # The front and hypervolume of fully trained trials (nas3d.pareto), as the dashboard note shows it.
     front = study_front(study, seed_references="none")
+    lines += not_learned_note(front, config)
     if front.hypervolume is not None:
         lines.append(f"  hypervolume {front.hypervolume:.4f} (val AUC x log10 FLOPs, "
                      f"docs/metrics.md#hypervolume) over {len(front.points)} fully trained trials; "
@@ -162,6 +165,28 @@ def format_status(study: optuna.Study) -> str:
     for t in failed[-5:]:
         lines.append(f"  trial {t.number} {t.state.name.lower()}: {records.failure_reason(t)}")
     return "\n".join(lines)
+
+
+#: A best val AUC at or below this: the study's models have not learned yet (0.5 is chance).
+NOT_LEARNED_AUC = 0.55
+
+
+def not_learned_note(front: StudyFront, config: StudyConfig | None) -> list[str]:
+    """A short paragraph where the study has fully trained trials and none reached a val AUC above
+    :data:`NOT_LEARNED_AUC`: its models have not learned yet, and what usually helps (what the study
+    does not do already)."""
+    if not front.points or max(p.val_auc for p in front.points) > NOT_LEARNED_AUC:
+        return []
+    best = max(p.val_auc for p in front.points)
+    epochs = f" (--max-epochs {max(20, 2 * config.train.max_epochs)})" if config else ""
+    helps = [f"more epochs{epochs}"]
+    if config is None or config.data.fraction("val") < 1.0:
+        helps.append("scoring on the whole val split (--set data.search_val_fraction=1)")
+    if config is None or config.train.recipe != "small3d":
+        helps.append("the recipe for small volume sets (--set train.recipe=small3d)")
+    return [f"  not learned yet: the best val AUC is {best:.3f} (0.5 is chance), so these models do not "
+            "yet tell the classes apart and the front ranks noise.",
+            f"  What usually helps: {', '.join(helps)}; then search again under another --name."]
 
 
 # test_acc is MedMNIST's ACC at 0.5; thresh (chosen on val), bal_acc, sens and spec: binary tasks only.
@@ -390,13 +415,15 @@ _RESNETS = ("ResNet-18+3D", "ResNet-50+3D")
 def write_report(storage: Any, study_names: Sequence[str], out: str | Path,
                  retrain_paths: Sequence[str | Path] = ()) -> str:
     """``nas3d report``: write pareto.png, pareto.html (the dashboard's front figure) and report.md
-    (the paper-style table) for ``study_names`` into ``out``; returns what to tell the user."""
+    (the paper-style table) for ``study_names`` (none: the only study in ``storage``) into ``out``;
+    returns what to tell the user."""
     from nas3d.front import front_figure, write_front_png
     from nas3d.storages import make_storage
-    from nas3d.study import load_study
+    from nas3d.study import load_study, only_study_name
     from nas3d.util import atomic_write
 
     backend = make_storage(storage)
+    study_names = study_names or [only_study_name(backend)]
     if len(set(study_names)) != len(study_names):
         raise ValueError(f"--study-name given twice: {list(study_names)}; name each study once")
     studies = [load_study(name, backend)[0] for name in study_names]

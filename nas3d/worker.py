@@ -4,8 +4,10 @@ Several workers (on one or many hosts) share a study through its storage, its st
 artifact store (recorded in the study). The worker loop, here: claim a trial (:mod:`nas3d.claims`:
 under the study lock, the budget counted by :mod:`nas3d.budget`, duplicates and over-constraint
 trials decided there without training), train it while its heartbeat beats (:mod:`nas3d.heartbeat`),
-upload the checkpoint, ``tell`` (:mod:`nas3d.outcomes`). By default the next trial is claimed in the
-worker's claim process while the current one trains; ``--no-claim-ahead`` claims in turn.
+upload the checkpoint, ``tell`` (:mod:`nas3d.outcomes`), and log one line (:func:`progress_line`: val AUC,
+FLOPs, seconds, trials left; ``nas3d launch`` and ``search`` pass each worker's stderr on to the user). By
+default the next trial is claimed in the worker's claim process while the current one trains;
+``--no-claim-ahead`` claims in turn.
 
 Faults: storage calls retry through a database outage for the retry window
 (``$NAS3D_STORAGE_RETRY_WINDOW``, default 600 s); past it the worker exits with
@@ -27,7 +29,8 @@ from typing import Any
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 
-from nas3d.budget import DEFAULT_MAX_FREE_STREAK
+from nas3d import records
+from nas3d.budget import DEFAULT_MAX_FREE_STREAK, budget_state
 from nas3d.claim_process import ClaimProcess
 from nas3d.claims import LATER, Claim, InlineClaims, TrialSource, WorkerSettings, with_retries
 from nas3d.data import load_splits
@@ -53,7 +56,8 @@ from nas3d.train import TrainingStopped
 from nas3d.train import torch_device as check_device
 from nas3d.util import EXIT_ARTIFACTS, EXIT_STORAGE
 
-__all__ = ["MAX_STORE_FAILURES", "ArtifactStoreFailing", "WorkerStorageLost", "run_trial", "run_worker"]
+__all__ = ["MAX_STORE_FAILURES", "ArtifactStoreFailing", "WorkerStorageLost", "progress_line", "run_trial",
+           "run_worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,13 +109,17 @@ def run_worker(
     retry_window: float | None = None,
     max_free_streak: int = DEFAULT_MAX_FREE_STREAK,
     claim_ahead: bool = True,
+    wait_for_running: bool = True,
+    stop: StopFlag | None = None,
 ) -> int:
     """Run trials of ``study_name`` on ``device`` until its budget is spent; returns trials run here.
 
     ``claim_ahead``: claim the next trial (sample, deduplicate, measure its costs) in a child process
     while the current one trains, so the device does not wait for the storage and the sampler between
     trials. The sampler then proposes it without the current trial's result, as it would with one
-    more worker (TPE's constant liar covers running trials).
+    more worker (TPE's constant liar covers running trials). ``wait_for_running`` False: return once
+    the budget is all claimed, not when the last running trial has ended (a plan worker, which has
+    other work). ``stop``: the caller's stop flag (installed here), so that it sees a signal too.
 
     The device and the storage are checked first. Raises ``ValueError`` / ``LookupError`` /
     ``FileNotFoundError`` / ``StorageMissing`` for bad input found before the first trial (a device
@@ -151,10 +159,10 @@ def run_worker(
     settings = WorkerSettings(
         study_name=study_name, storage_url=storage_url, worker_number=number,
         heartbeat_interval=heartbeat_interval, grace_period=grace, retry_window=window,
-        max_free_streak=max_free_streak, shape=data.shape,
+        max_free_streak=max_free_streak, shape=data.shape, wait_for_running=wait_for_running,
         log_level=logging.getLogger("nas3d").getEffectiveLevel(),
     )
-    stop = StopFlag()
+    stop = stop or StopFlag()
     stop.install()
     objective = TrialObjective(config, data, torch_device, open_artifact_store(location), progress=progress,
                                should_stop=stop)
@@ -174,7 +182,10 @@ def run_worker(
                 claims.request(wait=False)  # claimed ahead while this trial trains (in turn: after it)
             try:
                 train = functools.partial(objective.train, claim.trial, claim.architecture)
-                finished += run_trial(study, claim.trial, train, stop)
+                ended = run_trial(study, claim.trial, train, stop)
+                finished += ended
+                if ended:
+                    logger.info("%s", progress_line(study, claim.trial._trial_id, config.study.n_trials))
             finally:
                 claim.stop_beating()
             claim = claims.result() if asked else None
@@ -194,6 +205,26 @@ def run_worker(
     if stop.requested:
         logger.info("worker stopped by %s after %d trials", stop.requested, ran)
     return ran
+
+
+def progress_line(study: optuna.Study, trial_id: int, budget: int) -> str:
+    """What a search says as each trial ends here: its number, val AUC, FLOPs, seconds (or why it
+    failed), and how many trials of the budget are still to finish (in any worker)."""
+    trial = study._storage.get_trial(trial_id)
+    start, end = trial.datetime_start, trial.datetime_complete
+    seconds = f"{(end - start).total_seconds():.0f} s" if start and end else "? s"
+    counted = budget_state(study)
+    left = max(0, budget - (counted.used - counted.running - counted.waiting))
+    if trial.values is not None:
+        auc, flops = trial.values
+        how = "stopped early, " if trial.user_attrs.get(records.EARLY_STOPPED) else ""
+        said = f"{how}val AUC {auc:.4f}, {flops / 1e6:,.1f} MFLOPs, {seconds}"
+    elif trial.user_attrs.get(records.EARLY_STOPPED):
+        auc, flops = trial.user_attrs.get(records.EARLY_STOPPED_VALUES) or (float("nan"), float("nan"))
+        said = f"stopped early, val AUC {auc:.4f}, {flops / 1e6:,.1f} MFLOPs, {seconds}"
+    else:
+        said = f"{trial.state.name.lower()} after {seconds}: {records.failure_reason(trial, 'no reason')}"
+    return f"trial {trial.number}: {said}; {left} of {budget} trials left"
 
 
 def _stop_for_store(study: optuna.Study, claim: Claim | object, failure: str | None) -> None:

@@ -138,8 +138,9 @@ def test_dashboard_holds_the_log_flops_front_figure_and_the_front_note(dashboard
     assert [c[0] for c in pareto["customdata"]] == [p.number for p in front.front]
     arches = [study.trials[p.number].user_attrs["arch"] for p in front.front]
     assert [c[3] for c in pareto["customdata"]] == arches
-    # the seed study's architectures, as reference lines at their FLOPs
-    assert {"seed study: organmnist3d", "seed study: adrenalmnist3d"} <= set(traces)
+    # the seed study's architectures are reference lines for a 28³ study only (tests/test_first_hour.py):
+    # the smoke study's 12³ points are not squeezed into a corner by them
+    assert not [name for name in traces if name and name.startswith("seed study")]
     note = detail["note"]["body"]
     assert f"{front.hypervolume:.4f}" in note
     for p in front.front:
@@ -305,10 +306,10 @@ def test_report_writes_png_html_and_a_table_equal_to_the_storage(search, tmp_pat
     assert volumes[0][3] == str(len(fully_trained(study.trials)))
     assert float(volumes[0][5]) == pytest.approx(hypervolume, abs=5e-5)
 
-    # one study: its report's figure has the seed study's architectures for reference
+    # one study: its report's figure has no seed study architectures at 12³ (they were chosen at 28³)
     one = ["report", "--storage", storage_url, "--study-name", "smoke", "--out", str(tmp_path / "one")]
     assert main(one) == 0
-    assert "seed study: organmnist3d" in (tmp_path / "one" / "pareto.html").read_text()
+    assert "seed study: organmnist3d" not in (tmp_path / "one" / "pareto.html").read_text()
     _screenshot_report(tmp_path / "one", tmp_path)
 
 
