@@ -78,6 +78,9 @@ class WorkerSettings:
     retry_window: float  # seconds each storage call rides out an outage
     max_free_streak: int
     shape: DataShape  # what a claim needs of the data: the claim process loads none
+    # False: once the budget is spent, leave the running trials to their workers (a plan worker has
+    # other work; it fails the stale ones itself) instead of waiting to retry one that goes stale
+    wait_for_running: bool = True
     log_level: int = logging.INFO
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)  # the worker's (a claim process's stop flag watches it)
@@ -141,6 +144,8 @@ class TrialSource:
                 self.lock.release()
                 if trial is None or not wait:
                     return trial
+                if not self.settings.wait_for_running:
+                    return None
                 # Another worker's trial may still go stale and need a retry: wait for it.
                 time.sleep(min(5.0, self.settings.heartbeat_interval))
                 continue

@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,12 +142,18 @@ def launch(
     *,
     kill_grace: float = DEFAULT_KILL_GRACE_S,
     retry_window: float | None = None,
+    command: Sequence[str] = (),
+    studies: Sequence[str] = (),
 ) -> int:
     """Run one worker per slot until all finish; returns 0 when every worker ended cleanly.
 
     ``retry_window`` (default :func:`nas3d.storages.storage_retry_window`): how long a slot whose
-    worker keeps exiting for storage reasons is restarted.
+    worker keeps exiting for storage reasons is restarted. ``command``: the worker's subcommand and
+    its own flags (default ``worker --study-name STUDY``; a reproduce plan's workers:
+    ``reproduce --worker --name PLAN``), and ``studies`` the studies whose trials a killed worker may
+    have left running (default ``study_name``'s).
     """
+    head = list(command) or ["worker", "--study-name", study_name]
     window = storage_retry_window(retry_window)
     stopping: float | None = None  # monotonic time of the first stop signal
 
@@ -163,7 +169,7 @@ def launch(
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for slot in slots:
-            _start(slot, study_name, storage_url, list(worker_args))
+            _start(slot, head, storage_url, list(worker_args))
         while not all(slot.handled and slot.restart_at is None for slot in slots):
             time.sleep(0.2)
             now = time.monotonic()
@@ -172,7 +178,7 @@ def launch(
             for slot in slots:
                 if slot.restart_at is not None and now >= slot.restart_at and stopping is None:
                     slot.restart_at = None
-                    _start(slot, study_name, storage_url, list(worker_args))
+                    _start(slot, head, storage_url, list(worker_args))
                 code = slot.process.poll() if slot.process else None
                 if code is None or slot.handled:
                     continue
@@ -189,7 +195,7 @@ def launch(
                         "worker %d exited with code %d; restarting (%d/%d)",
                         slot.index, code, slot.restarts, MAX_RESTARTS_PER_SLOT,
                     )
-                    _start(slot, study_name, storage_url, list(worker_args))
+                    _start(slot, head, storage_url, list(worker_args))
                 else:
                     logger.error("worker %d exited with code %d; giving up on this slot", slot.index, code)
     finally:
@@ -197,7 +203,8 @@ def launch(
             signal.signal(s, handler)
     killed = [pid for slot in slots for pid in slot.killed_pids]
     if killed:
-        requeue_killed(study_name, storage_url, killed, retry_window=window)
+        for name in studies or [study_name]:
+            requeue_killed(name, storage_url, killed, retry_window=window)
     codes = [s.process.returncode for s in slots if s.process]
     return 0 if all(c == 0 for c in codes) else 1
 
@@ -251,10 +258,9 @@ def requeue_killed(study_name: str, storage_url: str, pids: list[int], *, retry_
     return done
 
 
-def _start(slot: Slot, study_name: str, storage_url: str, worker_args: list[str]) -> None:
+def _start(slot: Slot, head: list[str], storage_url: str, worker_args: list[str]) -> None:
     command = [
-        sys.executable, "-m", "nas3d", "worker",
-        "--study-name", study_name,
+        sys.executable, "-m", "nas3d", *head,
         "--storage", storage_url,
         "--device", slot.device,
         "--worker-index", str(slot.index),

@@ -26,6 +26,7 @@ __all__ = [
     "WARM_START", "WORKER", "WORKERS", "fail_and_requeue", "fail_with_reason", "failure_reason",
     "mark_not_trained", "retry_of",
     "BEST_FOLD", "CV_FOLDS", "FOLD_RACE", "FOLD_VAL_ACC", "FOLD_VAL_AUC", "VAL_AUC_CI", "VAL_AUC_SE",
+    "JOB", "JOB_RESULT", "JOBS_QUEUED", "PLAN", "PLAN_OF", "RESUMED_FROM", "TEST_ACC", "TEST_AUC",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -39,6 +40,25 @@ ARTIFACTS = "nas3d_artifacts"
 #: A cross-validated study's folds (``data.cv_folds`` > 1) as the first worker to train built them: a
 #: hash of the pool's labels and each fold's val indices, which every later worker's folds must match.
 CV_FOLDS = "nas3d_cv_folds"
+
+# --- a reproduce plan (nas3d.plan): its plan study, its retrain studies and their jobs ------------
+
+#: On the plan study: the plan as created (datasets, size, seeds, retrain epochs, selection rule,
+#: baselines, synthetic stand-ins), read by every plan worker on any host.
+PLAN = "nas3d_plan"
+#: On a plan's search and retrain studies: ``{"plan": NAME, "dataset": FLAG}``.
+PLAN_OF = "nas3d_plan_of"
+#: On a retrain study, once its search finished: the searched models chosen and queued, by the
+#: plan's rule (``{"models": [...], "note": ...}``); its presence means "queued, do not queue again".
+JOBS_QUEUED = "nas3d_jobs_queued"
+#: On a retrain job (a trial of a retrain study): ``{"model", "kind", "role", "trial", "seed"}``.
+JOB = "nas3d_job"
+#: On a finished job: the seed's result (nas3d.retrain.SeedResult's fields, the per-sample scores left out).
+JOB_RESULT = "job_result"
+TEST_AUC = "test_auc"  # on a completed job: its test AUC (also its first value) and ACC
+TEST_ACC = "test_acc"
+#: On a job: the epoch its training resumed after (0: it started from the beginning).
+RESUMED_FROM = "resumed_from_epoch"
 
 # --- study system attrs ----------------------------------------------------------------------------
 

@@ -1,0 +1,219 @@
+"""``nas3d reproduce``: the paper's table as one plan of searches and retrain jobs, end to end on
+synthetic stand-ins; a killed job resumes from its saved epoch; two workers on PostgreSQL do each
+job once; a finished plan only gets its table written again; bad input is one line."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from nas3d import records
+from nas3d.plan import Plan, job_key, load_plan, make_plan
+from nas3d.plan_worker import run_plan_worker
+from nas3d.storages import make_storage
+from nas3d.table import seed_stats, write_table
+from nas3d.testing.storages import temporary_database
+from tests.test_worker import HEARTBEAT
+
+#: The smallest plan that is still the paper's: every dataset, two search trials of one epoch at 8³,
+#: one retrain seed of one epoch, on stand-ins a twentieth of the real train splits.
+TINY = ["--size", "8", "--synthetic", "--synthetic-scale", "0.05", "--n-trials", "2", "--max-epochs", "1",
+        "--retrain-epochs", "1", "--seeds", "0"]
+
+
+def nas3d(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "nas3d", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def all_trials(storage_url: str) -> list[optuna.trial.FrozenTrial]:
+    backend = make_storage(storage_url)
+    return [t for s in backend.get_all_studies() for t in backend.get_all_trials(s._study_id)]
+
+
+def job_trials(storage_url: str, plan: Plan, dataset: str) -> list[optuna.trial.FrozenTrial]:
+    study = optuna.load_study(study_name=plan.retrain_study(dataset), storage=make_storage(storage_url))
+    return study.get_trials()
+
+
+def tiny_plan(name: str, datasets: tuple[str, ...], **settings) -> Plan:
+    from nas3d.plan import synthetic_shape
+
+    fields = dict(name=name, datasets=datasets, size=8, seeds=(0,), retrain_epochs=1, n_trials=2,
+                  max_epochs=1, selection="best", baselines=(), synthetic_scale=0.05)
+    fields.update(settings)
+    scale = fields["synthetic_scale"]
+    return Plan(**fields, synthetic={d: synthetic_shape(d, scale) for d in datasets})
+
+
+@pytest.mark.slow
+def test_the_synthetic_plan_writes_the_six_dataset_table_and_a_rerun_only_rewrites_it(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    out = tmp_path / "table"
+    command = ["reproduce", "--storage", url, "--name", "dry", *TINY, "--no-baselines", "--select", "best",
+               "--cpu", "--workers", "1", "--no-claim-ahead", "--out", str(out), *HEARTBEAT]
+    first = nas3d(*command)
+    assert first.returncode == 0, first.stderr[-3000:]
+    table = (out / "table.md").read_text()
+    assert "PARTIAL" not in table and "## Missing" not in table, table
+    rows = list(csv.DictReader((out / "table.csv").open()))
+    searched = [r for r in rows if r["section"] == "searched"]
+    assert [r["dataset"] for r in searched] == ["organmnist3d", "nodulemnist3d", "fracturemnist3d",
+                                                "adrenalmnist3d", "vesselmnist3d", "synapsemnist3d"]
+    assert all(r["data"] == "synthetic" and r["seeds_done"] == "1" and 0 <= float(r["test_auc_mean"]) <= 1
+               and float(r["flops_vs_resnet18"]) > 0 for r in searched), searched
+    (mean,) = [r for r in rows if r["section"] == "mean"]
+    assert mean["dataset"] == "6 of 6"
+    assert float(mean["test_auc_mean"]) == pytest.approx(sum(float(r["test_auc_mean"]) for r in searched) / 6)
+    assert "| nas3d reproduce, searched models (6 of 6 datasets) |" in table
+    assert "| Seed study (published six-dataset mean) | 0.915 | 0.847 |" in table
+    assert "## Six-dataset mean" in table and "| adrenalmnist3d | 0.827 | 0.721 | 0.828 | 0.745 |" in table
+    for line in first.stdout.splitlines()[1:7]:
+        assert " done " in line and "trials 2/2" in line and "retrains 1/1" in line, first.stdout
+
+    before = {(t.number, t._trial_id, t.state) for t in all_trials(url)}
+    (out / "table.md").unlink()
+    again = nas3d(*command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "has no work left: writing its table only" in again.stderr
+    assert "starting worker" not in again.stderr
+    assert {(t.number, t._trial_id, t.state) for t in all_trials(url)} == before
+    assert (out / "table.md").read_text() == table
+
+
+def test_baselines_are_jobs_from_the_start_and_rows_of_the_table(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    plan = tiny_plan("base", ("adrenalmnist3d",), n_trials=1, baselines=("resnet18", "resnet50"))
+    make_plan(url, plan)
+    queued = job_trials(url, plan, "adrenalmnist3d")
+    assert sorted(job_key(t.user_attrs[records.JOB]) for t in queued) == [("resnet18", 0), ("resnet50", 0)]
+    assert all(t.state == TrialState.WAITING for t in queued)
+    folder, complete = write_table(url, "base", tmp_path / "partial")
+    assert not complete
+    partial = (folder / "table.md").read_text()
+    assert "PARTIAL" in partial and "- adrenalmnist3d searched: its search has 0 of 1 trials done" in partial
+    assert "- adrenalmnist3d resnet18: waiting" in partial
+
+    ran = run_plan_worker("base", url, heartbeat_interval=1, grace_period=3, claim_ahead=False,
+                          poll_seconds=0.5)
+    assert ran == 1 + 3  # one search trial, the searched model's job and the two baselines'
+    folder, complete = write_table(url, "base", tmp_path / "table")
+    assert complete
+    rows = {r["model"]: r for r in csv.DictReader((folder / "table.csv").open()) if r["section"] == "other"}
+    assert set(rows) == {"resnet18", "resnet50"}
+    assert float(rows["resnet18"]["flops_vs_resnet18"]) == pytest.approx(1.0)
+    assert float(rows["resnet50"]["flops_vs_resnet50"]) == pytest.approx(1.0)
+    table = (folder / "table.md").read_text()
+    assert "retrained resnet18 AUC" in table and "## Missing" not in table
+
+
+def test_seed_stats_are_the_student_t_interval_over_seeds() -> None:
+    stats = seed_stats([0.8, 0.9, 0.7])
+    assert stats["mean"] == pytest.approx(0.8) and stats["std"] == pytest.approx(0.1)
+    # t(0.975, 2) = 4.3027: the half-width is 4.3027 * 0.1 / sqrt(3)
+    assert stats["ci_high"] - stats["mean"] == pytest.approx(4.302653 * 0.1 / 3**0.5, rel=1e-5)
+    assert seed_stats([0.8]) == {"mean": 0.8, "std": None, "ci_low": None, "ci_high": None}
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    (["--datasets", "adrenalmnist3", "--synthetic"], "unknown dataset 'adrenalmnist3' (did you mean "),
+    (["--datasets", "adrenalmnist3d", "--size", "8"], "data.size must be one of (28, 64)"),
+    (["--datasets", "adrenalmnist3d", "--synthetic", "--synthetic-scale", "2"], "--synthetic-scale must be"),
+    (["--datasets", "adrenalmnist3d", "--synthetic", "--seeds", "0,0"], "--seeds must be distinct"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, extra: list[str], says: str) -> None:
+    db = tmp_path / "db.sqlite"
+    done = nas3d("reproduce", "--storage", f"sqlite:///{db}", *extra, "--cpu")
+    assert done.returncode == 2 and says in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not db.exists() or not all_trials(f"sqlite:///{db}")
+
+
+def test_a_plan_made_again_with_other_settings_is_refused_and_its_recorded_ones_are_the_defaults(
+        tmp_path: Path) -> None:
+    from nas3d.reproduce import plan_from_flags
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    plan = make_plan(url, tiny_plan("p", ("adrenalmnist3d",)))
+    assert load_plan(url, "p") == plan
+    with pytest.raises(ValueError, match="plan 'p' exists with retrain_epochs = 1, not 3; drop the change"):
+        make_plan(url, tiny_plan("p", ("adrenalmnist3d",), retrain_epochs=3))
+    flags = {"name": "p", "datasets": None, "synthetic": None, "baselines": None, "seeds": None}
+    assert plan_from_flags(flags, plan) == plan
+    with pytest.raises(LookupError, match="no reproduce plan named 'q' in this storage .it holds 'p'"):
+        load_plan(url, "q")
+
+
+def _wait_for(predicate, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_a_killed_retrain_job_resumes_from_its_last_saved_epoch(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    # A job of 8 epochs on 240 volumes, saved after every epoch: killed after its first save.
+    plan = make_plan(url, tiny_plan("kill", ("adrenalmnist3d",), n_trials=1, retrain_epochs=8, save_every=1,
+                                    synthetic_scale=0.2, size=12))
+    artifacts = tmp_path / "artifacts"
+    command = ["reproduce", "--worker", "--storage", url, "--name", "kill", *HEARTBEAT]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "nas3d", *command], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: list(artifacts.glob("progress-*")) or first.poll() is not None)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    (job,) = job_trials(url, plan, "adrenalmnist3d")
+    assert job.state == TrialState.RUNNING  # killed mid-job: only its heartbeat can tell
+
+    second = nas3d(*command, "--worker-index", "1")
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed = [line for line in second.stderr.splitlines() if "resuming from epoch" in line]
+    assert resumed, second.stderr[-3000:]
+    jobs = job_trials(url, plan, "adrenalmnist3d")
+    assert [t.state for t in jobs] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert "stale heartbeat" in records.failure_reason(jobs[0])
+    assert records.retry_of(jobs[1]) == [0]
+    epoch = jobs[1].user_attrs[records.RESUMED_FROM]
+    assert 1 <= epoch < 8 and f"resuming from epoch {epoch} of 8" in resumed[0]
+    assert jobs[1].user_attrs[records.JOB_RESULT]["epochs_run"] == 8
+    assert not list(artifacts.glob("progress-*"))  # cleared once the job is done
+
+
+@pytest.mark.slow
+def test_two_workers_on_postgresql_share_one_plan_and_do_each_job_once(
+        postgres_server: str, tmp_path: Path) -> None:
+    with temporary_database(postgres_server, "nas3d_reproduce") as url:
+        plan = make_plan(url, tiny_plan("pg", ("adrenalmnist3d", "vesselmnist3d"), seeds=(0, 1),
+                                        baselines=("resnet18",)),
+                         artifacts=str(tmp_path / "artifacts"))
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        command = ["reproduce", "--worker", "--storage", url, "--name", "pg", "--no-claim-ahead", *HEARTBEAT]
+        workers = [subprocess.Popen([sys.executable, "-m", "nas3d", *command, "--worker-index", str(i)],
+                                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                   for i in range(2)]
+        logs = [w.communicate(timeout=600)[1] for w in workers]
+        assert [w.returncode for w in workers] == [0, 0], "\n".join(log[-2000:] for log in logs)
+        for dataset in plan.datasets:
+            search = optuna.load_study(study_name=plan.search_study(dataset), storage=make_storage(url))
+            trained = [t for t in search.get_trials() if t.state == TrialState.COMPLETE]
+            assert len(trained) == 2 and len({t.user_attrs[records.ARCH_HASH] for t in trained}) == 2
+            jobs = job_trials(url, plan, dataset)
+            keys = [job_key(t.user_attrs[records.JOB]) for t in jobs]
+            assert all(t.state == TrialState.COMPLETE for t in jobs), [t.state for t in jobs]
+            assert len(keys) == len(set(keys)) == 4, keys  # (searched model + resnet18) x 2 seeds, once each
+        assert all("no work left" in log for log in logs)
+        folder, complete = write_table(url, "pg", tmp_path / "table")
+        assert complete
