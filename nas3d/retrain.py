@@ -92,6 +92,7 @@ __all__ = [
     "RetrainSource",
     "SeedResult",
     "load_results",
+    "progress_file_name",
     "resolve_data",
     "retrain",
     "run_seed_job",
@@ -527,7 +528,7 @@ def retrain(
     seed_results: list[SeedResult] = []
     for seed in config.seeds:
         store = FolderProgressStore(out_dir / progress_file_name(seed))
-        result = kept.get(seed) or _run_seed(
+        result = kept[seed] if seed in kept else _run_seed(
             source, data, data_config, config, seed, device, checkpoint_path=out_dir / f"seed-{seed}.pt",
             progress=progress, progress_store=store, save_every=save_every, say=say, should_stop=should_stop)
         seed_results.append(result)

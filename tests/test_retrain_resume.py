@@ -286,8 +286,8 @@ def test_a_killed_retrain_rerun_into_its_folder_resumes_and_ends_as_an_uninterru
         retrain(SOURCE, tiny_data(root), TINY, "cpu", out)
 
 
-def test_an_unfinished_run_of_another_setup_is_refused_and_force_starts_over(uninterrupted: tuple,
-                                                                             tmp_path: Path) -> None:
+def test_an_unfinished_folder_resumes_only_its_own_setup_and_force_starts_over(uninterrupted: tuple,
+                                                                               tmp_path: Path) -> None:
     root, _ = uninterrupted
     out = tmp_path / "out"
     progress = out / progress_file_name(1)
@@ -302,7 +302,14 @@ def test_an_unfinished_run_of_another_setup_is_refused_and_force_starts_over(uni
     with pytest.raises(ValueError, match=refused):
         retrain(SOURCE, tiny_data(root), shorter, "cpu", out)
     assert saved_epoch(progress) == 1  # refused before anything was touched
+    (out / "seed-0.pt").unlink()  # a kept seed needs its checkpoint: without it, it trains again
     lines: list[str] = []
+    report = retrain(SOURCE, tiny_data(root), two_epochs, "cpu", out, save_every=1, say=lines.append)
+    assert lines == [f"seed 0: its checkpoint {out / 'seed-0.pt'} is missing; training it again",
+                     f"resuming {out}: seeds none finished before, 0, 1 to train",
+                     "seed 1: resuming from epoch 1 of 2"]
+    assert report.results["complete"] and (out / "seed-0.pt").is_file()
+    lines.clear()
     report = retrain(SOURCE, tiny_data(root), shorter, "cpu", out, overwrite=True, say=lines.append)
     assert lines == [] and report.results["complete"]  # nothing resumed: started over
     assert [s.epochs_run for s in report.seeds] == [1, 1] and not progress.exists()
