@@ -4,9 +4,8 @@ A study file has the tables ``[study]``, ``[data]`` (``nas3d.data.DataConfig``),
 (``nas3d.train.TrainConfig``), ``[space]`` (``nas3d.space.SearchSpace``), ``[constraints]`` and
 ``[ode]`` (``nas3d.samplers.ODESettings``, read when ``sampler = "ode"``), ``[early_stopping]``
 (``nas3d.early_stopping.EarlyStoppingConfig``) and ``[racing]`` (``nas3d.racing.RacingConfig``).
-Every table is optional except ``[study]`` (``name`` is required); omitted keys take the defaults of
-the study's profile (``[study] profile``, :data:`PROFILES`: the seed study's, or the CPU profile's).
-Unknown keys and wrong types are errors naming the file, table and key.
+Every table is optional except ``[study]`` (``name`` is required); omitted keys take the study's profile's
+values (:data:`PROFILES`), else the seed study's. Unknown keys and wrong types are errors naming where.
 """
 
 from __future__ import annotations
@@ -48,24 +47,13 @@ __all__ = [
 
 WARM_STARTS = ("none", "seed")
 
-#: Search profiles: the values a study takes where neither its file nor the command's flags give one,
-#: by ``[study] profile`` (``--profile``). "full": the seed study's space and budget (the dataclasses'
-#: defaults). "cpu": a search that finishes on a 2-core CPU at 28³, for any data (``--cpu`` on a
-#: manifest without a study file takes it). Chosen from the real-data architecture table
-#: (bench/data/arch_table_adrenalmnist3d_28.json, 48 architectures x 12 epochs on AdrenalMNIST3D 28³,
-#: a 2-core AMD EPYC) and its replays (docs/arch-table.md):
-#: - scored on the whole validation split, not its quarter: the quarter's AUC after 12 epochs ranks the
-#:   table's architectures at Spearman +0.40 against their whole-split score, and scoring costs a few %
-#:   of an epoch;
-#: - 8 epochs, not the table's 12: on the whole split, the score after 8 epochs ranks at +0.87 against
-#:   the score after 12 (on the quarter no epoch count passes +0.45); patience as long (every curve of
-#:   the table still rose at epoch 12). The table's batch 32 (a quarter of train is 3 steps an epoch at
-#:   128, 10 at 32) and quarter of train. MO-ASHA and proxy screening stay off: no replay kept 95 % of
-#:   the hypervolume at 3x fewer epochs, and no proxy ranked better than params;
-#: - kernel-3 operations, 8 or 16 initial filters and at most 0.5 GFLOP (over it: decided before
-#:   training, at no cost): the table's range. Only 4 % of the seed space is under that cap, 41 % of
-#:   this one, and no kernel-5 architecture of the table is on its front (kernel 7 never fits under it);
-#: - 10 trained architectures: a first search of about half an hour on 2 cores at 28³; a seeded sampler.
+#: Search profiles: the values a study takes where neither its file nor the flags give one, by
+#: ``[study] profile`` (``--profile``). "full": the seed study's (the dataclasses' defaults). "cpu": a
+#: search that finishes on a 2-core CPU at 28³, for any data (``--cpu`` on a manifest without a study
+#: file takes it), chosen from the real-data architecture table and its replays
+#: (docs/arch-table.md#what-the-defaults-became-and-why): the table's range of operations, filters and
+#: FLOPs, its quarter of train at batch 32, the whole val split (it ranks at +0.40 to +0.87 where the
+#: quarter does not), 8 epochs, no early stopping; 10 trials, a first search of about half an hour.
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "full": {},
     "cpu": {
@@ -188,8 +176,7 @@ class StudyConfig:
         data = self.to_dict()
         if "study.profile" in dotted:  # every key is explicit here: a profile would change nothing
             raise ConfigError(f"{source}: study.profile chooses the defaults a study starts from; give "
-                              f"--profile {dotted['study.profile']} (or profile in the study file's [study] "
-                              "table) instead of --set study.profile")
+                              f"--profile {dotted['study.profile']} instead of --set study.profile")
         for dotted_key, value in dotted.items():
             table, sep, key = dotted_key.partition(".")
             if not sep or table not in data:
@@ -204,16 +191,12 @@ class StudyConfig:
 
 
 def default_study_config(dataset: str, size: int = 28, profile: str = "full") -> StudyConfig:
-    """The seed study's setup for one dataset (``profile`` "cpu": the CPU profile's), named
-    ``f"{dataset}-{size}"`` (``-cpu`` added for the CPU profile)."""
+    """The setup of ``profile`` (:data:`PROFILES`) for one dataset, named ``{name}-{size}[-cpu]``."""
     check_choice("--profile", profile, tuple(PROFILES))
-    data = DataConfig(dataset=dataset, size=size)
-    return StudyConfig.from_dict({"study": {"name": _default_name(data, profile), "profile": profile},
+    suffix = "" if profile == "full" else f"-{profile}"
+    name = f"{DataConfig(dataset=dataset, size=size).name}-{size}{suffix}"
+    return StudyConfig.from_dict({"study": {"name": name, "profile": profile},
                                   "data": {"dataset": dataset, "size": size}}, source="command line")
-
-
-def _default_name(data: DataConfig, profile: str) -> str:
-    return f"{data.name}-{data.size}" + ("" if profile == "full" else f"-{profile}")
 
 
 def _with_profile(doc: Any) -> Any:
@@ -228,8 +211,7 @@ def _with_profile(doc: Any) -> Any:
 
 
 def load_study_config(path: str | Path, profile: str | None = None) -> StudyConfig:
-    """Read and validate a study TOML file (``profile``: its ``[study] profile`` replaced, as
-    ``--profile`` does); errors are one-line ``ConfigError``s."""
+    """Read and validate a study TOML file (``profile``: as ``--profile``); one-line ``ConfigError``s."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -274,15 +256,10 @@ def resolve_study_config(
     sets: Iterable[str] = (),
     say: Callable[[str], object] = lambda line: None,
 ) -> StudyConfig:
-    """The study file (else the defaults for ``dataset``) with the flags of :data:`FLAG_KEYS` that are
-    set in ``flags`` and the ``--set`` items applied.
-
-    ``flags["profile"]`` (``--profile``) picks the profile (:data:`PROFILES`) the study starts from;
-    left out, ``--cpu`` (``flags["cpu"]``) on a manifest without a study file takes "cpu". A study
-    file with ``dataset`` too is that file's settings with ``dataset`` as its data (:func:`_with_dataset`).
-    ``say`` gets one line for each of these choices: what the profile is and how to leave it, and what
-    the file's settings lost to the new data.
-    """
+    """The study file (on ``dataset`` if given too: :func:`_with_dataset`), else the defaults for
+    ``dataset``, in the profile ``flags["profile"]`` picks (:data:`PROFILES`; left out, ``--cpu`` on a
+    manifest without a study file takes "cpu"), with the flags of :data:`FLAG_KEYS` set in ``flags``
+    and the ``--set`` items applied. ``say`` gets a line on each choice made for the user."""
     profile = flags.get("profile")
     auto = profile is None and not study_file and bool(flags.get("cpu")) and is_manifest(dataset or "")
     profile = "cpu" if auto else profile
@@ -293,9 +270,7 @@ def resolve_study_config(
     else:
         size = int(flags.get("size") or 28)
         config = default_study_config(dataset or "organmnist3d", size, profile or "full")
-    overrides: dict[str, object] = {
-        key: flags[flag] for flag, key in FLAG_KEYS.items() if flags.get(flag) is not None
-    }
+    overrides = {key: flags[flag] for flag, key in FLAG_KEYS.items() if flags.get(flag) is not None}
     overrides.update(parse_overrides(sets))
     config = config.with_overrides(overrides, source="command line") if overrides else config
     if config.study.profile != "full":
@@ -325,10 +300,9 @@ _DATA_OF_ITS_OWN = ("root", "download", "synthetic_classes", "synthetic_samples"
 
 def _with_dataset(config: StudyConfig, dataset: str, source: str, flags: Mapping[str, object],
                   say: Callable[[str], object]) -> StudyConfig:
-    """``--study FILE --dataset labels.csv``: the file's settings with ``dataset`` as the data. Settings
-    of the file's own data (:data:`_DATA_OF_ITS_OWN`: a MedMNIST folder, synthetic sizes, a manifest's
-    recorded hash) go back to their defaults, and a study name made from the file's dataset's name is
-    made from the new one's (unless ``--name`` gives it); ``say`` gets one line naming them."""
+    """``--study FILE --dataset labels.csv``: the file's settings on ``dataset``; those of its own data
+    (:data:`_DATA_OF_ITS_OWN`) reset, a name made from its dataset's made from the new one's (unless
+    ``--name``); ``say`` gets one line naming them."""
     old = config.data
     if dataset == old.dataset:
         return config
@@ -338,11 +312,10 @@ def _with_dataset(config: StudyConfig, dataset: str, source: str, flags: Mapping
     if flags.get("size"):  # the name made below carries the size the study will have
         changes["data.size"] = flags["size"]
     config = config.with_overrides(changes, source=f"{source} with --dataset {dataset}")
-    dropped = [f"data.{key} {getattr(old, key)!r}" for key in _DATA_OF_ITS_OWN
-               if getattr(old, key) != getattr(defaults, key)]
-    said = [f"{item} dropped" for item in dropped]
+    said = [f"data.{key} {getattr(old, key)!r} dropped" for key in _DATA_OF_ITS_OWN
+            if getattr(old, key) != getattr(defaults, key)]
     if not flags.get("name") and old.name in config.study.name:
-        name = _default_name(config.data, config.study.profile)
+        name = default_study_config(dataset, config.data.size, config.study.profile).study.name
         said.insert(0, f"study.name {config.study.name!r} -> {name!r} (--name for another)")
         config = dataclasses.replace(config, study=dataclasses.replace(config.study, name=name))
     say(f"{source} with {dataset} as its data" + (": " + ", ".join(said) if said else ""))
