@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,6 +183,9 @@ def make_plan(storage: Any, plan: Plan, *, artifacts: str | None = None) -> Plan
                                       directions=list(JOB_DIRECTIONS), load_if_exists=True)
         retrain.set_user_attr(records.PLAN_OF, {"plan": plan.name, "dataset": dataset})
         retrain.set_user_attr(records.ARTIFACTS, study_artifact_location(backend, config.study.name))
+        with warnings.catch_warnings():  # experimental since Optuna 3.2; the dashboard reads them
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retrain.set_metric_names(["test_auc", "flops"])
         baseline_jobs = [{"model": name, "kind": "baseline", "role": "baseline", "trial": None, "seed": seed}
                          for name in plan.baselines for seed in plan.seeds]
         with study_lock(storage, retrain.study_name):

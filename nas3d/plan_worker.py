@@ -214,6 +214,7 @@ def run_job(plan: Plan, dataset: str, study: optuna.Study, trial: optuna.Trial, 
         trial.set_user_attr(records.FLOPS, costs.flops)
         trial.set_user_attr(records.PARAMS, costs.params)
         trial.set_user_attr(records.DEVICE, device)
+        trial.set_user_attr(records.ARCH, source.recipe.describe())
         config = RetrainConfig.of(epochs=plan.retrain_epochs, seeds=(job["seed"],),
                                   batch_size=plan.batch_size)
         store = ArtifactProgress(study_artifact_store(backend, study.study_name),

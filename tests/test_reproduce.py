@@ -215,5 +215,9 @@ def test_two_workers_on_postgresql_share_one_plan_and_do_each_job_once(
             assert all(t.state == TrialState.COMPLETE for t in jobs), [t.state for t in jobs]
             assert len(keys) == len(set(keys)) == 4, keys  # (searched model + resnet18) x 2 seeds, once each
         assert all("no work left" in log for log in logs)
+        backend = make_storage(url)  # both took work: the trials and jobs carry both workers' marks
+        marks = {t.system_attrs[records.WORKER]["pid"] for s in backend.get_all_studies()
+                 for t in backend.get_all_trials(s._study_id) if t.state == TrialState.COMPLETE}
+        assert marks == {w.pid for w in workers}
         folder, complete = write_table(url, "pg", tmp_path / "table")
         assert complete
