@@ -100,8 +100,8 @@ def _rows(plan: Plan, state: DatasetState, data: Any) -> list[ModelRow]:
     latest = state.jobs_by_key
     models: list[tuple[str, str]] = [(f"trial{m['trial']}", m["role"]) for m in
                                      (state.queued or {}).get("models", [])]
-    if state.queued is None:
-        models.append(("searched", "best_val_auc"))  # a placeholder until its search has chosen
+    if not models:  # a placeholder row: the search has not chosen yet, or had nothing to choose
+        models.append(("searched", "best_val_auc"))
     models += [(name, "baseline") for name in plan.baselines]
     resnets = _resnet_flops(data)
     rows = []
@@ -110,7 +110,8 @@ def _rows(plan: Plan, state: DatasetState, data: Any) -> list[ModelRow]:
         done = [t for t in trials if t is not None and t.state == TrialState.COMPLETE]
         missing = sorted({_why(t) for t in trials if t not in done}) if len(done) < len(plan.seeds) else []
         if model == "searched":
-            missing = ["its search is done; its models are not chosen yet" if state.search_done
+            missing = [state.queued.get("note", "no model chosen") if state.queued is not None
+                       else "its search is done; its models are not chosen yet" if state.search_done
                        else f"its search has {state.trials_done} of {state.budget} trials done"]
         attrs = next((t.user_attrs for t in trials if t is not None and records.FLOPS in t.user_attrs), {})
         rows.append(ModelRow(

@@ -91,6 +91,7 @@ def test_the_synthetic_plan_writes_the_six_dataset_table_and_a_rerun_only_rewrit
     assert (out / "table.md").read_text() == table
 
 
+@pytest.mark.slow
 def test_baselines_are_jobs_from_the_start_and_rows_of_the_table(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     plan = tiny_plan("base", ("adrenalmnist3d",), n_trials=1, baselines=("resnet18", "resnet50"))
@@ -131,11 +132,13 @@ def test_seed_stats_are_the_student_t_interval_over_seeds() -> None:
     (["--datasets", "adrenalmnist3d", "--synthetic", "--synthetic-scale", "2"], "--synthetic-scale must be"),
     (["--datasets", "adrenalmnist3d", "--synthetic", "--seeds", "0,0"], "--seeds must be distinct"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, extra: list[str], says: str) -> None:
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  extra: list[str], says: str) -> None:
+    from tests.test_cli import one_line_error, run_main
+
     db = tmp_path / "db.sqlite"
-    done = nas3d("reproduce", "--storage", f"sqlite:///{db}", *extra, "--cpu")
-    assert done.returncode == 2 and says in done.stderr, done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert run_main("reproduce", "--storage", f"sqlite:///{db}", *extra, "--cpu") == 2
+    assert says in one_line_error(capsys)
     assert not db.exists() or not all_trials(f"sqlite:///{db}")
 
 
@@ -221,3 +224,27 @@ def test_two_workers_on_postgresql_share_one_plan_and_do_each_job_once(
         assert marks == {w.pid for w in workers}
         folder, complete = write_table(url, "pg", tmp_path / "table")
         assert complete
+
+
+REAL_ROOT = Path(os.environ.get("NAS3D_MEDMNIST_ROOT", "/work/shared/data"))
+
+
+@pytest.mark.skipif(not (REAL_ROOT / "adrenalmnist3d.npz").is_file(),
+                    reason=f"needs adrenalmnist3d.npz in {REAL_ROOT} (set NAS3D_MEDMNIST_ROOT)")
+def test_a_dataset_whose_file_is_in_data_root_is_real_and_the_others_stand_ins(tmp_path: Path) -> None:
+    from nas3d.reproduce import plan_from_flags
+    from nas3d.study import load_study
+
+    flags = {"name": "mixed", "datasets": "adrenalmnist3d,vesselmnist3d", "synthetic": True,
+             "data_root": str(REAL_ROOT), "n_trials": 1}
+    plan = plan_from_flags(flags, None)
+    assert list(plan.synthetic) == ["vesselmnist3d"] and plan.size == 28
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    make_plan(url, plan)
+    data = {d: load_study(plan.search_study(d), make_storage(url))[1].data for d in plan.datasets}
+    real = data["adrenalmnist3d"]
+    assert real.dataset == "adrenalmnist3d" and real.root == str(REAL_ROOT)
+    assert data["vesselmnist3d"].dataset == "synthetic" and data["vesselmnist3d"].synthetic_classes == 2
+    folder, _ = write_table(url, "mixed", tmp_path / "table")
+    assert "Real data: adrenalmnist3d. Synthetic stand-ins (train split × 0.1): vesselmnist3d." in (
+        folder / "table.md").read_text()
