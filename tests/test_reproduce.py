@@ -165,34 +165,56 @@ def _wait_for(predicate, timeout: float = 240) -> None:
 
 
 @pytest.mark.slow
-def test_a_killed_retrain_job_resumes_from_its_last_saved_epoch(tmp_path: Path) -> None:
+def test_a_stopped_or_killed_retrain_job_resumes_from_its_last_saved_epoch(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    # A job of 8 epochs on 240 volumes, saved after every epoch: killed after its first save.
-    plan = make_plan(url, tiny_plan("kill", ("adrenalmnist3d",), n_trials=1, retrain_epochs=8, save_every=1,
+    # A job of 12 epochs on 240 volumes, its progress saved after every epoch.
+    plan = make_plan(url, tiny_plan("kill", ("adrenalmnist3d",), n_trials=1, retrain_epochs=12, save_every=1,
                                     synthetic_scale=0.2, size=12))
-    artifacts = tmp_path / "artifacts"
-    command = ["reproduce", "--worker", "--storage", url, "--name", "kill", *HEARTBEAT]
+    progress = tmp_path / "artifacts" / "progress-kill-adrenalmnist3d-12-trial0-seed0.pt"
+    command = [sys.executable, "-m", "nas3d", "reproduce", "--worker", "--storage", url, "--name", "kill",
+               *HEARTBEAT]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen([sys.executable, "-m", "nas3d", *command], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: list(artifacts.glob("progress-*")) or first.poll() is not None)
-    os.kill(first.pid, signal.SIGKILL)
-    first.wait()
-    (job,) = job_trials(url, plan, "adrenalmnist3d")
-    assert job.state == TrialState.RUNNING  # killed mid-job: only its heartbeat can tell
 
-    second = nas3d(*command, "--worker-index", "1")
-    assert second.returncode == 0, second.stderr[-3000:]
-    resumed = [line for line in second.stderr.splitlines() if "resuming from epoch" in line]
-    assert resumed, second.stderr[-3000:]
+    def start(index: int, log: Path) -> subprocess.Popen:
+        with log.open("w") as output:
+            return subprocess.Popen([*command, "--worker-index", str(index)], env=env, stdout=output,
+                                    stderr=subprocess.STDOUT)
+
+    # SIGTERM mid-job: the job saves its epoch, is failed with the reason and queued again, the worker exits.
+    first = start(0, tmp_path / "first.log")
+    _wait_for(lambda: progress.is_file() or first.poll() is not None)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=120) == 0, (tmp_path / "first.log").read_text()[-3000:]
     jobs = job_trials(url, plan, "adrenalmnist3d")
-    assert [t.state for t in jobs] == [TrialState.FAIL, TrialState.COMPLETE]
-    assert "stale heartbeat" in records.failure_reason(jobs[0])
-    assert records.retry_of(jobs[1]) == [0]
-    epoch = jobs[1].user_attrs[records.RESUMED_FROM]
-    assert 1 <= epoch < 8 and f"resuming from epoch {epoch} of 8" in resumed[0]
-    assert jobs[1].user_attrs[records.JOB_RESULT]["epochs_run"] == 8
-    assert not list(artifacts.glob("progress-*"))  # cleared once the job is done
+    assert [t.state for t in jobs] == [TrialState.FAIL, TrialState.WAITING]
+    assert "interrupted: the worker received SIGTERM" in records.failure_reason(jobs[0])
+
+    # kill -9 mid-job, after it resumed and saved again: only its heartbeat can tell.
+    log = tmp_path / "second.log"
+    second = start(1, log)
+    _wait_for(lambda: "resuming from epoch" in log.read_text() or second.poll() is not None)
+    saved = progress.stat().st_mtime_ns
+    _wait_for(lambda: not progress.is_file() or progress.stat().st_mtime_ns != saved
+              or second.poll() is not None)
+    os.kill(second.pid, signal.SIGKILL)
+    second.wait()
+    jobs = job_trials(url, plan, "adrenalmnist3d")
+    assert [t.state for t in jobs] == [TrialState.FAIL, TrialState.RUNNING], log.read_text()[-3000:]
+    before = jobs[1].user_attrs[records.RESUMED_FROM]
+    assert before >= 1
+
+    third = nas3d(*command[3:], "--worker-index", "2")
+    assert third.returncode == 0, third.stderr[-3000:]
+    resumed = [line for line in third.stderr.splitlines() if "resuming from epoch" in line]
+    jobs = job_trials(url, plan, "adrenalmnist3d")
+    assert [t.state for t in jobs] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+    assert "stale heartbeat" in records.failure_reason(jobs[1])
+    assert records.retry_of(jobs[2]) == [0, 1]
+    epoch = jobs[2].user_attrs[records.RESUMED_FROM]
+    assert before < epoch < 12 and resumed and f"resuming from epoch {epoch} of 12" in resumed[0]
+    assert jobs[2].user_attrs[records.JOB_RESULT]["epochs_run"] == 12
+    assert not progress.exists()  # cleared once the job is done
+    assert jobs[2].user_attrs[records.CHECKPOINT_ARTIFACT]  # the job's best-val weights, stored
 
 
 @pytest.mark.slow
