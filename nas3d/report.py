@@ -82,7 +82,7 @@ def run_retrain(options: dict[str, Any], storage: Any, *, say: Callable[[str], o
     say(retrain_header(plan))
     report = retrain(plan.source, plan.data, plan.config, plan.device, plan.out,
                      overwrite=options.get("force", False), progress=options.get("progress", False),
-                     on_seed=lambda seed: say(seed_row(seed)))
+                     on_seed=lambda seed: say(seed_row(seed)), say=say)
     if report.failed:
         warn(retrain_failures(report))
     for line in single_class_warnings(report.results["name"], report.results):
