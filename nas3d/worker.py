@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -182,10 +183,12 @@ def run_worker(
                 claims.request(wait=False)  # claimed ahead while this trial trains (in turn: after it)
             try:
                 train = functools.partial(objective.train, claim.trial, claim.architecture)
+                started = time.monotonic()
                 ended = run_trial(study, claim.trial, train, stop)
                 finished += ended
                 if ended:
-                    logger.info("%s", progress_line(study, claim.trial._trial_id, config.study.n_trials))
+                    logger.info("%s", progress_line(study, claim.trial._trial_id, config.study.n_trials,
+                                                    seconds=time.monotonic() - started))
             finally:
                 claim.stop_beating()
             claim = claims.result() if asked else None
@@ -207,23 +210,28 @@ def run_worker(
     return ran
 
 
-def progress_line(study: optuna.Study, trial_id: int, budget: int) -> str:
+def progress_line(study: optuna.Study, trial_id: int, budget: int, *, seconds: float | None = None) -> str:
     """What a search says as each trial ends here: its number, val AUC, FLOPs, seconds (or why it
-    failed), and how many trials of the budget are still to finish (in any worker)."""
+    failed), and how many trials of the budget are still to finish (in any worker).
+
+    ``seconds``: the time this worker spent on it. Left out, the trial's start to its end, which with
+    claim-ahead also counts the wait between its claim and the end of the trial before it."""
     trial = study._storage.get_trial(trial_id)
     start, end = trial.datetime_start, trial.datetime_complete
-    seconds = f"{(end - start).total_seconds():.0f} s" if start and end else "? s"
+    if seconds is None and start and end:
+        seconds = (end - start).total_seconds()
+    took = f"{seconds:.0f} s" if seconds is not None else "? s"
     counted = budget_state(study)
     left = max(0, budget - (counted.used - counted.running - counted.waiting))
     if trial.values is not None:
         auc, flops = trial.values
         how = "stopped early, " if trial.user_attrs.get(records.EARLY_STOPPED) else ""
-        said = f"{how}val AUC {auc:.4f}, {flops / 1e6:,.1f} MFLOPs, {seconds}"
+        said = f"{how}val AUC {auc:.4f}, {flops / 1e6:,.1f} MFLOPs, {took}"
     elif trial.user_attrs.get(records.EARLY_STOPPED):
         auc, flops = trial.user_attrs.get(records.EARLY_STOPPED_VALUES) or (float("nan"), float("nan"))
-        said = f"stopped early, val AUC {auc:.4f}, {flops / 1e6:,.1f} MFLOPs, {seconds}"
+        said = f"stopped early, val AUC {auc:.4f}, {flops / 1e6:,.1f} MFLOPs, {took}"
     else:
-        said = f"{trial.state.name.lower()} after {seconds}: {records.failure_reason(trial, 'no reason')}"
+        said = f"{trial.state.name.lower()} after {took}: {records.failure_reason(trial, 'no reason')}"
     return f"trial {trial.number}: {said}; {left} of {budget} trials left"
 
 

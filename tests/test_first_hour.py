@@ -159,6 +159,9 @@ def test_each_trial_that_ends_is_one_line_with_its_scores_seconds_and_what_is_le
                         progress_line(study, done._trial_id, 3))
     assert re.fullmatch(r"trial 1: fail after \d+ s: out of memory; 2 of 3 trials left",
                         progress_line(study, failed._trial_id, 3))
+    # the worker passes the time it spent on the trial (claimed ahead, a trial's own span counts its wait)
+    line = progress_line(study, done._trial_id, 3, seconds=212.4)
+    assert line.endswith("MFLOPs, 212 s; 2 of 3 trials left")
 
 
 # --- item 6: a study whose models have not learned yet --------------------------------------------------
