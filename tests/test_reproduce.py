@@ -20,7 +20,7 @@ from nas3d import records
 from nas3d.plan import Plan, job_key, load_plan, make_plan
 from nas3d.plan_worker import run_plan_worker
 from nas3d.storages import make_storage
-from nas3d.table import seed_stats, write_table
+from nas3d.table import plan_status, seed_stats, write_table
 from nas3d.testing.storages import temporary_database
 from tests.test_worker import HEARTBEAT
 
@@ -104,6 +104,9 @@ def test_baselines_are_jobs_from_the_start_and_rows_of_the_table(tmp_path: Path)
     partial = (folder / "table.md").read_text()
     assert "PARTIAL" in partial and "- adrenalmnist3d searched: its search has 0 of 1 trials done" in partial
     assert "- adrenalmnist3d resnet18: waiting" in partial
+    status = plan_status(url, "base").splitlines()
+    assert status[1].split() == ["adrenalmnist3d", "searching", "trials", "0/1", "retrains", "0/3+", "left",
+                                 "?"]
 
     ran = run_plan_worker("base", url, heartbeat_interval=1, grace_period=3, claim_ahead=False,
                           poll_seconds=0.5)
@@ -116,6 +119,8 @@ def test_baselines_are_jobs_from_the_start_and_rows_of_the_table(tmp_path: Path)
     assert float(rows["resnet50"]["flops_vs_resnet50"]) == pytest.approx(1.0)
     table = (folder / "table.md").read_text()
     assert "retrained resnet18 AUC" in table and "## Missing" not in table
+    assert plan_status(url, "base").splitlines()[1].split() == [
+        "adrenalmnist3d", "done", "trials", "1/1", "retrains", "3/3", "left", "0m"]
 
 
 def test_seed_stats_are_the_student_t_interval_over_seeds() -> None:
