@@ -175,7 +175,8 @@ def build_table(plan: Plan, states: Sequence[DatasetState], datas: Sequence[Any]
     lines = [
         f"# The paper's table, reproduced: plan `{plan.name}`", "",
         f"{'Complete' if complete else 'PARTIAL: some cells are missing (see Missing below)'}. "
-        f"Input {plan.size}³; retrained for {plan.retrain_epochs} epochs with seeds "
+        f"Input {plan.size}³; retrained for {plan.retrain_epochs} "
+        f"epoch{'s' * (plan.retrain_epochs != 1)} with seed{'s' * (len(plan.seeds) != 1)} "
         f"{', '.join(map(str, plan.seeds))}; models chosen from each search's Pareto front: "
         f"{SELECTIONS[plan.selection]}.",
         f"Real data: {', '.join(real) or 'none'}. Synthetic stand-ins"
