@@ -7,9 +7,10 @@ returning once that budget is all claimed); then, as searches finish, their retr
 or jobs that may free or unlock work, it polls every few seconds. A job is claimed under its retrain
 study's lock (stale jobs failed and queued again first, as for trials), beaten for while it trains, and
 told its test AUC; a job whose training fails is failed with its reason, never scored; a job a stop
-interrupted is failed and queued again. A job saves its progress every ``save_every`` epochs in the
-study's artifact store under the JOB's name (dataset, model, seed), not the trial's, so a retry on any
-host resumes from the last saved epoch.
+interrupted is failed and queued again, as is one whose data this host cannot read (missing or damaged
+file: the worker then exits with that one line, exit 2, as a search worker does). A job saves its
+progress every ``save_every`` epochs in the study's artifact store under the JOB's name (dataset,
+model, seed), not the trial's, so a retry on any host resumes from the last saved epoch.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from optuna.trial import TrialState
 
 from nas3d import records
 from nas3d.claims import fail_orphans
+from nas3d.data import DatasetCorrupt, DatasetUnavailable
 from nas3d.heartbeat import Heartbeat, StopFlag, quiet_optuna_warnings
 from nas3d.outcomes import interrupted, tell
 from nas3d.plan import Plan, load_plan, queue_searched_jobs, search_finished
@@ -235,6 +237,9 @@ def run_job(plan: Plan, dataset: str, study: optuna.Study, trial: optuna.Trial, 
                                   checkpoint_path=checkpoint)
             if result.completed:
                 _upload(study, trial, checkpoint, what)
+    except (DatasetUnavailable, DatasetCorrupt) as error:  # this host's data, not the job: give it back
+        records.fail_and_requeue(study, trial, f"its worker could not read the data: {error}; re-queued")
+        raise
     except TrainingStopped:
         interrupted(study, trial, stop.why(), trained=True)
         say(f"{what}: stopped by {stop.requested}; queued again, its progress kept")

@@ -123,6 +123,24 @@ def test_baselines_are_jobs_from_the_start_and_rows_of_the_table(tmp_path: Path)
         "adrenalmnist3d", "done", "trials", "1/1", "retrains", "3/3", "left", "0m"]
 
 
+def test_a_job_whose_data_is_damaged_here_is_queued_again_and_the_worker_stops(tmp_path: Path) -> None:
+    from nas3d.data import DatasetCorrupt
+    from nas3d.worker import run_worker
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    root = tmp_path / "data"
+    plan = make_plan(url, tiny_plan("bad", ("adrenalmnist3d",), n_trials=1, data_root=str(root)))
+    assert run_worker(plan.search_study("adrenalmnist3d"), url, heartbeat_interval=1, claim_ahead=False) == 1
+    (npz,) = root.glob("synthetic_*.npz")
+    npz.write_bytes(b"not an npz")  # this host's copy of the data, damaged after the search
+    with pytest.raises(DatasetCorrupt, match="is not a readable MedMNIST npz"):
+        run_plan_worker("bad", url, heartbeat_interval=1, grace_period=3, claim_ahead=False)
+    jobs = job_trials(url, plan, "adrenalmnist3d")
+    assert [t.state for t in jobs] == [TrialState.FAIL, TrialState.WAITING]  # given back, never scored
+    assert "its worker could not read the data" in records.failure_reason(jobs[0])
+    assert jobs[1].user_attrs[records.JOB] == jobs[0].user_attrs[records.JOB]
+
+
 def test_seed_stats_are_the_student_t_interval_over_seeds() -> None:
     stats = seed_stats([0.8, 0.9, 0.7])
     assert stats["mean"] == pytest.approx(0.8) and stats["std"] == pytest.approx(0.1)
