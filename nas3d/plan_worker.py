@@ -40,6 +40,8 @@ from nas3d.outcomes import interrupted, tell
 from nas3d.plan import Plan, load_plan, queue_searched_jobs, search_finished
 from nas3d.storages import (
     DEFAULT_HEARTBEAT_INTERVAL,
+    StorageMissing,
+    StorageUnavailable,
     grace_period_for,
     make_storage,
     resolve_storage_url,
@@ -50,7 +52,7 @@ from nas3d.storages import (
 from nas3d.study import load_study
 from nas3d.train import TrainingStopped
 from nas3d.train import torch_device as check_device
-from nas3d.worker import run_worker
+from nas3d.worker import WorkerStorageLost, run_worker
 
 __all__ = ["POLL_SECONDS", "ArtifactProgress", "progress_id", "run_plan_worker"]
 
@@ -111,8 +113,26 @@ def run_plan_worker(
     stop = StopFlag()
     stop.install()
     quiet_optuna_warnings()
-    ran = 0
     say(f"plan worker {worker_index} on {device}: plan {plan.name!r}, {len(plan.datasets)} datasets")
+    try:
+        ran = _work(plan, url, backend, device, worker_index, heartbeat_interval, grace, progress,
+                    claim_ahead, poll_seconds, stop, say)
+    except StorageMissing:
+        raise  # bad input: a restart cannot help (exit 2)
+    except StorageUnavailable as e:  # past the retry window: exit EXIT_STORAGE, which launch restarts
+        raise WorkerStorageLost(str(e)) from e
+    if stop.requested:
+        say(f"plan worker {worker_index} stopped by {stop.requested} after {ran} trials and jobs")
+    else:
+        say(f"plan worker {worker_index}: no work left in plan {plan.name!r} ({ran} trials and jobs here)")
+    return ran
+
+
+def _work(plan: Plan, url: str, backend: Any, device: str, worker_index: int, heartbeat_interval: int,
+          grace: int, progress: bool, claim_ahead: bool, poll_seconds: float, stop: StopFlag,
+          say: Callable[[str], object]) -> int:
+    """The plan worker's loop (see the module docstring); the trials and jobs run here."""
+    ran = 0
     while not stop.requested:
         searching = [d for d in plan.datasets if not _budget_claimed(plan, d, backend)]
         if searching:
@@ -137,10 +157,6 @@ def run_plan_worker(
             time.sleep(poll_seconds)
         else:
             break
-    if stop.requested:
-        say(f"plan worker {worker_index} stopped by {stop.requested} after {ran} trials and jobs")
-    else:
-        say(f"plan worker {worker_index}: no work left in plan {plan.name!r} ({ran} trials and jobs here)")
     return ran
 
 
