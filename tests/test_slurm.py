@@ -1,5 +1,7 @@
 """deploy/slurm/workers.sbatch on a real single-node Slurm: a 2-task array of CPU workers on a smoke
-study in PostgreSQL finishes the exact budget, and a task cancelled mid-trial re-queues its trial.
+study in PostgreSQL finishes the exact budget, a task cancelled mid-trial re-queues its trial, and a
+2-task array of plan workers (``--plan``) runs a tiny reproduce plan's searches and retrain jobs to
+its table.
 
 The cluster (munged, slurmctld, slurmd) is started by the test in a temp folder (nas3d/testing/servers.py).
 Skipped where the Slurm binaries are missing, except under CI=true, where that is a failure.
@@ -7,6 +9,7 @@ Skipped where the Slurm binaries are missing, except under CI=true, where that i
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -18,12 +21,15 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from nas3d import records
 from nas3d.budget import budget_state
+from nas3d.plan import job_key, load_plan
 from nas3d.storages import make_storage
-from nas3d.study import create_study
+from nas3d.study import create_study, load_study
 from nas3d.testing.servers import SLURM_BINARIES, ServerUnavailable, slurm_cluster
 from nas3d.testing.storages import temporary_database
 from tests.conftest import requires_tool, unavailable
+from tests.test_reproduce import TINY
 from tests.test_study import smoke_config
 from tests.test_worker import counted, long_trials_study, wait_for
 
@@ -55,8 +61,10 @@ def pg_url(postgres_server: str) -> Iterator[str]:
         yield url
 
 
-def submit(slurm: dict[str, str], storage_url: str, study: str, tmp_path: Path) -> str:
-    """``sbatch --array=0-1 workers.sbatch STUDY`` with CPU overrides; returns the job id."""
+def submit(slurm: dict[str, str], storage_url: str, study: str, tmp_path: Path,
+           target: list[str] | None = None) -> str:
+    """``sbatch --array=0-1 workers.sbatch STUDY`` (or ``target``, e.g. ``--plan NAME``) with CPU
+    overrides; returns the job id."""
     env = {
         **os.environ, **slurm,
         "NAS3D_STORAGE": storage_url,  # from the environment, as the script requires
@@ -69,7 +77,7 @@ def submit(slurm: dict[str, str], storage_url: str, study: str, tmp_path: Path) 
     command = [
         "sbatch", "--parsable", "--array=0-1", "--gres=none", "--cpus-per-task=1", "--mem=1G",
         f"--output={tmp_path}/worker-%A_%a.out", f"--chdir={tmp_path}",
-        str(SCRIPT), study, "--heartbeat-interval", "1", "--grace-period", "3",
+        str(SCRIPT), *(target or [study]), "--heartbeat-interval", "1", "--grace-period", "3",
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     return done.stdout.strip().split(";")[0]
@@ -91,6 +99,16 @@ def test_script_refuses_to_run_without_a_storage_url(tmp_path: Path) -> None:
     done = subprocess.run(["bash", str(SCRIPT), "smoke"], env=env, capture_output=True, text=True)
     assert done.returncode == 2 and "NAS3D_STORAGE is not set" in done.stderr
     assert "postgresql://" not in SCRIPT.read_text().split("set -euo pipefail")[1]
+
+
+@pytest.mark.parametrize("args", [[], ["--verbose"], ["--plan"], ["--plan", "--no-claim-ahead"],
+                                  ["--plan", ""]])
+def test_a_bad_use_is_one_usage_line_and_exit_2(args: list[str]) -> None:
+    done = subprocess.run(["bash", str(SCRIPT), *args], env={**os.environ, "NAS3D_STORAGE": "postgresql://x"},
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and not done.stdout
+    assert done.stderr.splitlines() == ["usage: sbatch --array=0-N workers.sbatch STUDY_NAME [nas3d worker "
+                                        "options] | --plan NAME [nas3d reproduce options]"]
 
 
 def test_job_array_finishes_exactly_the_budget(slurm: dict[str, str], pg_url: str, tmp_path: Path) -> None:
@@ -135,3 +153,49 @@ def test_cancelled_task_requeues_its_trial_and_the_study_finishes(
     assert (f"trial {interrupted.number} failed (interrupted: the worker received SIGTERM; re-queued) "
             "and was queued again") in logs and "worker stopped by SIGTERM" in logs
 
+
+
+#: tests/test_reproduce.py's tiny plan on two datasets: two 1-epoch search trials each at 8³, then one
+#: 1-epoch retrain job each (the best model, seed 0, no baselines).
+TINY_PLAN = ["--datasets", "adrenalmnist3d,vesselmnist3d", *TINY, "--no-baselines", "--select", "best"]
+
+
+def nas3d(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nas3d", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_plan_workers_as_a_job_array_run_the_searches_then_each_retrain_job_once(
+    slurm: dict[str, str], pg_url: str, tmp_path: Path
+) -> None:
+    created = nas3d("reproduce", "--storage", pg_url, "--name", "slurm-plan", "--create", *TINY_PLAN,
+                    "--artifacts", str(tmp_path / "artifacts"), "--cpu")
+    assert created.returncode == 0, created.stderr[-3000:]
+    job = submit(slurm, pg_url, "", tmp_path, target=["--plan", "slurm-plan", "--no-claim-ahead"])
+    wait_for(lambda: not squeue(slurm, job), timeout=400, interval=0.5)
+
+    logs = outputs(tmp_path)
+    for index in (0, 1):
+        log = (tmp_path / f"worker-{job}_{index}.out").read_text()
+        assert f"plan worker {index} on cpu: plan 'slurm-plan', 2 datasets" in log, logs
+        assert f"plan worker {index}: no work left in plan 'slurm-plan'" in log, logs
+    backend = make_storage(pg_url)
+    plan = load_plan(pg_url, "slurm-plan")
+    for dataset in plan.datasets:
+        search, config = load_study(plan.search_study(dataset), backend)
+        assert budget_state(search).used == 2 == config.study.n_trials == len(counted(search)), logs
+        assert not search.get_trials(states=(TrialState.RUNNING, TrialState.WAITING)), logs
+        jobs = optuna.load_study(study_name=plan.retrain_study(dataset), storage=backend).get_trials()
+        assert not [t for t in jobs if t.state in (TrialState.RUNNING, TrialState.WAITING)], logs
+        done = [job_key(t.user_attrs[records.JOB]) for t in jobs if t.state == TrialState.COMPLETE]
+        assert len(done) == len(set(done)) == 1, logs  # the best model, seed 0: once
+        assert set(done) == {job_key(t.user_attrs[records.JOB]) for t in jobs}, logs
+
+    report = nas3d("reproduce", "--storage", pg_url, "--name", "slurm-plan", "--report",
+                   "--out", str(tmp_path / "table"))
+    assert report.returncode == 0, report.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "table" / "table.csv").open()))
+    searched = [r for r in rows if r["section"] == "searched"]
+    assert [r["dataset"] for r in searched] == ["adrenalmnist3d", "vesselmnist3d"], rows
+    assert all(r["seeds_done"] == "1" and 0 <= float(r["test_auc_mean"]) <= 1 for r in searched), rows
+    assert "## Missing" not in (tmp_path / "table" / "table.md").read_text()
