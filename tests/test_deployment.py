@@ -208,3 +208,52 @@ def test_k8s_matches_docker_compose() -> None:
     pg_env = {e["name"]: e.get("value") for e in postgres["env"]}
     assert pg_env["POSTGRES_USER"] == services["postgres"]["environment"]["POSTGRES_USER"]
     assert pg_env["POSTGRES_DB"] == services["postgres"]["environment"]["POSTGRES_DB"]
+
+
+def test_k8s_plan_workers_one_gpu_each_after_the_plan_exists() -> None:
+    from nas3d.cli import build_parser
+
+    workers, search_workers = k8s_object("Job", "nas3d-plan-workers"), k8s_object("Job", "nas3d-workers")
+    assert workers["spec"]["completionMode"] == "Indexed"
+    assert workers["spec"]["completions"] == workers["spec"]["parallelism"]
+    [worker] = pod_spec(workers)["containers"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert worker["resources"]["requests"]["nvidia.com/gpu"] == 1
+    env = {e["name"]: e for e in worker["env"]}
+    index = env["WORKER_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert index == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    # `nas3d reproduce --worker` on the plan the ConfigMap names (the image's entrypoint is `nas3d`)
+    parsed = build_parser().parse_args(expand(worker["args"], worker))
+    assert (parsed.command, parsed.worker, parsed.device, parsed.worker_index) == (
+        "reproduce", True, "cuda", 7)
+    assert parsed.name == "value-of-nas3d_plan" and parsed.storage is None  # the URL comes from the Secret
+    assert env["NAS3D_PLAN"]["valueFrom"]["configMapKeyRef"] == {"name": "nas3d-plan", "key": "plan-name"}
+    assert k8s_object("ConfigMap", "nas3d-plan")["data"]["plan-name"]
+    [wait] = pod_spec(workers)["initContainers"]
+    assert 'nas3d reproduce --name "$NAS3D_PLAN" --status' in wait["command"][-1]
+    # stopping and storage as the search workers': the same grace period, volumes and mounts, no probe
+    [search_worker] = pod_spec(search_workers)["containers"]
+    for key in ("terminationGracePeriodSeconds", "restartPolicy", "volumes"):
+        assert pod_spec(workers)[key] == pod_spec(search_workers)[key], key
+    assert worker["volumeMounts"] == search_worker["volumeMounts"] and "livenessProbe" not in worker
+    assert workers["spec"]["backoffLimit"] == search_workers["spec"]["backoffLimit"]
+
+    [creator] = pod_spec(k8s_object("Job", "nas3d-create-plan"))["containers"]
+    created = build_parser().parse_args(expand(creator["args"], creator))
+    assert (created.command, created.create, created.cpu, created.name) == (
+        "reproduce", True, True, "value-of-nas3d_plan")
+    assert {e["name"]: e for e in creator["env"]}["NAS3D_PLAN"] == env["NAS3D_PLAN"]
+
+
+def test_k8s_the_study_and_plan_makers_record_the_artifact_store_the_workers_mount() -> None:
+    """A study records its artifact store when it is made; every worker and the dashboard then use the
+    recorded one. So the Jobs that make them must name the shared volume, not a pod's own folder."""
+    [dashboard] = pod_spec(k8s_object("Deployment", "nas3d-dashboard"))["containers"]
+    for names in (("nas3d-create-study", "nas3d-workers"), ("nas3d-create-plan", "nas3d-plan-workers")):
+        for job in (k8s_object("Job", name) for name in names):
+            container = pod_spec(job)["containers"][0]
+            location = {e["name"]: e for e in container["env"]}["NAS3D_ARTIFACTS"]["value"]
+            [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == location]
+            [volume] = [v for v in pod_spec(job)["volumes"] if v["name"] == mount["name"]]
+            assert volume["persistentVolumeClaim"]["claimName"] == "nas3d-artifacts", job["metadata"]["name"]
+            assert any(m["mountPath"] == location for m in dashboard["volumeMounts"])
