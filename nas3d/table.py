@@ -274,15 +274,21 @@ def plan_status(storage: Any, plan_name: str) -> str:
         least = (len(plan.baselines) + 1) * len(plan.seeds)
         trials_left = max(0, st.budget - st.trials_done)
         jobs_left = (planned if planned is not None else least) - done - st.count(TrialState.FAIL)
-        left = None
-        if (trials_left == 0 or search_mean) and (jobs_left <= 0 or job_mean):
-            left = (trials_left * (search_mean or 0) + max(0, jobs_left) * (job_mean or 0)) / running
-        eta = "0m" if st.phase == "done" else ("?" if left is None else f"~{_duration(left)}")
+        search_left = (trials_left * search_mean / running if search_mean
+                       else 0 if trials_left == 0 else None)
+        eta = "?"
+        if st.phase == "done":
+            eta = "0m"
+        elif search_left is not None and (jobs_left <= 0 or job_mean):
+            eta = f"~{_duration(search_left + max(0, jobs_left) * (job_mean or 0) / running)}"
+        elif search_left:  # no retrain has finished yet: its part is unknown, the search's is not
+            eta = f"~{_duration(search_left)}+retrains"
         failed = st.count(TrialState.FAIL)
         lines.append(
             f"  {st.dataset:<16} {st.phase:<10} trials {st.trials_done}/{st.budget}"
             + (f" ({st.trials_running} running)" if st.trials_running else "")
             + f"  retrains {done}/{planned if planned is not None else f'{least}+'}"
             + (f" ({failed} failed)" if failed else "") + f"  left {eta}")
-    lines.append(f"  (time left: mean duration of the finished trials and retrains, over {running} running)")
+    lines.append(f"  (time left: mean duration of the finished trials and retrains, over {running} running; "
+                 "+retrains: none has finished yet to time them)")
     return "\n".join(lines)
