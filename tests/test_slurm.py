@@ -1,7 +1,8 @@
 """deploy/slurm/workers.sbatch on a real single-node Slurm: a 2-task array of CPU workers on a smoke
 study in PostgreSQL finishes the exact budget, a task cancelled mid-trial re-queues its trial, and a
 2-task array of plan workers (``--plan``) runs a tiny reproduce plan's searches and retrain jobs to
-its table.
+its table, and a plan task cancelled mid-retrain gives its job back to the other task, which resumes it
+from its saved epoch.
 
 The cluster (munged, slurmctld, slurmd) is started by the test in a temp folder (nas3d/testing/servers.py).
 Skipped where the Slurm binaries are missing, except under CI=true, where that is a failure.
@@ -199,3 +200,47 @@ def test_plan_workers_as_a_job_array_run_the_searches_then_each_retrain_job_once
     assert [r["dataset"] for r in searched] == ["adrenalmnist3d", "vesselmnist3d"], rows
     assert all(r["seeds_done"] == "1" and 0 <= float(r["test_auc_mean"]) <= 1 for r in searched), rows
     assert "## Missing" not in (tmp_path / "table" / "table.md").read_text()
+
+
+def test_a_plan_task_cancelled_mid_retrain_gives_its_job_to_the_other_task(
+    slurm: dict[str, str], pg_url: str, tmp_path: Path
+) -> None:
+    # One search trial, then one retrain job of 12 epochs on 240 volumes at 12³, saved every epoch.
+    created = nas3d("reproduce", "--storage", pg_url, "--name", "slurm-requeue", "--create",
+                    "--datasets", "adrenalmnist3d", "--size", "12", "--synthetic", "--synthetic-scale", "0.2",
+                    "--n-trials", "1", "--max-epochs", "1", "--retrain-epochs", "12", "--save-every", "1",
+                    "--seeds", "0", "--no-baselines", "--select", "best",
+                    "--artifacts", str(tmp_path / "artifacts"), "--cpu")
+    assert created.returncode == 0, created.stderr[-3000:]
+    plan = load_plan(pg_url, "slurm-requeue")
+    retrain = optuna.load_study(study_name=plan.retrain_study("adrenalmnist3d"), storage=make_storage(pg_url))
+    job = submit(slurm, pg_url, "", tmp_path, target=["--plan", "slurm-requeue", "--no-claim-ahead"])
+
+    def saved_and_running() -> list[optuna.trial.FrozenTrial]:
+        if not list((tmp_path / "artifacts").rglob("progress-*.pt")):
+            return []
+        return retrain.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+
+    wait_for(lambda: saved_and_running() or not squeue(slurm, job), timeout=300, interval=0.5)
+    [running] = saved_and_running() or [None]
+    assert running is not None, outputs(tmp_path)  # the job had saved an epoch and was still training
+    holder = running.system_attrs[records.WORKER]["worker"]
+    cancelled_at = time.monotonic()
+    subprocess.run(["scancel", f"{job}_{holder}"], env={**os.environ, **slurm}, check=True)
+    wait_for(lambda: f"{job}_{holder}" not in " ".join(squeue(slurm, job)), timeout=KILL_WAIT_S + 30)
+    assert time.monotonic() - cancelled_at < KILL_WAIT_S, outputs(tmp_path)  # on SIGTERM, not SIGKILL
+    wait_for(lambda: not squeue(slurm, job), timeout=400, interval=0.5)
+
+    logs = outputs(tmp_path)
+    jobs = retrain.get_trials()
+    assert [t.state for t in jobs] == [TrialState.FAIL, TrialState.COMPLETE], logs
+    assert records.failure_reason(jobs[0]).startswith("interrupted: the worker received SIGTERM"), logs
+    assert records.retry_of(jobs[1]) == [jobs[0].number]
+    assert job_key(jobs[1].user_attrs[records.JOB]) == job_key(jobs[0].user_attrs[records.JOB])
+    assert jobs[1].system_attrs[records.WORKER]["worker"] == 1 - holder  # finished by the other task
+    epoch = jobs[1].user_attrs[records.RESUMED_FROM]
+    assert epoch >= 1 and jobs[1].user_attrs[records.JOB_RESULT]["epochs_run"] == 12, logs
+    other = (tmp_path / f"worker-{job}_{1 - holder}.out").read_text()
+    assert f"resuming from epoch {epoch} of 12" in other, logs
+    assert f"plan worker {1 - holder}: no work left in plan 'slurm-requeue'" in other, logs
+    assert f"plan worker {holder} stopped by SIGTERM" in logs, logs
