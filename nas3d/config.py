@@ -53,7 +53,7 @@ WARM_STARTS = ("none", "seed")
 #: file takes it), chosen from the real-data architecture table and its replays
 #: (docs/arch-table.md#what-the-defaults-became-and-why): the table's range of operations, filters and
 #: FLOPs, its quarter of train at batch 32, the whole val split (it ranks at +0.40 to +0.87 where the
-#: quarter does not), 8 epochs, no early stopping; 10 trials, aimed at about half an hour.
+#: quarter does not), 8 epochs, no early stopping; 10 trials (timed at 16 min on 2 cores: docs/own-data.md).
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "full": {},
     "cpu": {
