@@ -266,8 +266,9 @@ def plan_status(storage: Any, plan_name: str) -> str:
     workers = {(t.system_attrs.get(records.WORKER) or {}).get("pid") for st in states for t in st.jobs
                if t.state == TrialState.RUNNING} | {None}
     running = max(1, len(workers) - 1 + sum(st.trials_running for st in states))
+    epochs = f"{plan.retrain_epochs} retrain epoch" + ("s" if plan.retrain_epochs != 1 else "")
     lines = [f"plan {plan.name}: {len(plan.datasets)} datasets at {plan.size}³, seeds "
-             f"{','.join(map(str, plan.seeds))}, {plan.retrain_epochs} retrain epochs"]
+             f"{','.join(map(str, plan.seeds))}, {epochs}"]
     for st in states:
         planned = plan.models_planned(st.dataset, st.queued)
         done = st.count(TrialState.COMPLETE)
