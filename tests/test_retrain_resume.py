@@ -275,7 +275,14 @@ def test_a_killed_retrain_rerun_into_its_folder_resumes_and_ends_as_an_uninterru
                      f"seed 1: resuming from epoch {killed_at} of {EPOCHS}"]
     assert report.results["complete"] and report.seeds[1].epochs_run == EPOCHS
     assert not list(out.glob("*.progress.pt"))
-    assert [described(s) for s in report.seeds] == [described(reference[seed]) for seed in TINY.seeds]
+    # seed 0 ran in the child process: another process's torch threads round floats otherwise (1e-7)
+    for seed, result in zip(TINY.seeds, report.seeds, strict=True):
+        got, want = described(result), described(reference[seed])
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            numbers = isinstance(value, float) or (isinstance(value, list) and value
+                                                   and isinstance(value[0], float))
+            assert got[key] == (pytest.approx(value, rel=1e-5, abs=1e-6) if numbers else value), key
     written = load_results(out)
     assert written["complete"] and [s["seed"] for s in written["seeds"]] == [0, 1]
     for seed in TINY.seeds:
