@@ -58,19 +58,23 @@ VARIANTS: dict[str, dict[str, object]] = {
 }
 
 
+ARCH_LABELS = ("seed", "cpu_best")
+
+
 def architectures(dataset: str) -> dict[str, Architecture]:
     """The two architectures of the table by label: the seed study's for ``dataset`` and the CPU best."""
     seeds = seed_architectures()
     if dataset not in seeds:  # synthetic data (the tests): the adrenal one
         dataset = "adrenalmnist3d"
-    return {"seed": seeds[dataset], "cpu_best": CPU_BEST}
+    return dict(zip(ARCH_LABELS, (seeds[dataset], CPU_BEST), strict=True))
 
 
 def protocol(args: argparse.Namespace) -> dict:
-    """What makes two runs comparable; a resumed file must have been made with the same."""
+    """What makes two runs comparable; a resumed file must have been made with the same. Every variant
+    and architecture is in it, not the ones this build selects: ``--archs``, ``--variants`` and
+    ``--seeds`` build one file in parts."""
     return {"dataset": args.dataset, "size": args.size, "epochs": args.epochs, "batch_size": args.batch_size,
-            "lr": args.lr, "seeds": list(args.seeds), "keep": "val_auc", "threshold": "youden",
-            "variants": {name: VARIANTS[name] for name in args.variants},
+            "lr": args.lr, "keep": "val_auc", "threshold": "youden", "variants": VARIANTS,
             "architectures": {label: a.to_json() for label, a in architectures(args.dataset).items()}}
 
 
@@ -123,7 +127,7 @@ def build(args: argparse.Namespace) -> dict:
                              download=False)
     data = load_splits(data_config, "cpu", for_search=False)  # the whole train and val splits, and test
     archs = architectures(args.dataset)
-    planned = [(label, variant, seed) for label in archs for variant in args.variants for seed in args.seeds]
+    planned = [(label, variant, seed) for label in args.archs for variant in args.variants for seed in args.seeds]
     done = {run_key(r) for r in document["runs"]}
     todo = [key for key in planned if key not in done]
     log(f"{len(planned)} runs planned, {len(planned) - len(todo)} done already; "
@@ -162,8 +166,9 @@ def report(document: dict) -> str:
                          f"{sum(r['one_class_val'] for r in runs)}/{len(runs)}",
                          f"{sum(r['one_class_test'] for r in runs)}/{len(runs)}"])
     p = document["protocol"]
+    seeds = sorted({r["seed"] for r in document["runs"]})
     head = (f"recipe table: {p['dataset']} {p['size']}³, {p['epochs']} epochs at batch {p['batch_size']}, "
-            f"seeds {','.join(map(str, p['seeds']))}; mean±std over seeds; @thr: at the threshold chosen on "
+            f"seeds {','.join(map(str, seeds)) or '-'}; mean±std over seeds; @thr: at the threshold chosen on "
             "val (balanced accuracy); one class: predicts a single class at 0.5")
     return head + "\n" + (format_table(headers, rows) if rows else "(no run finished yet)")
 
@@ -184,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated (default 0,42,143)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated, of {', '.join(VARIANTS)} (default all)")
+    parser.add_argument("--archs", default=",".join(ARCH_LABELS),
+                        help=f"comma-separated, of {', '.join(ARCH_LABELS)} (default both)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path,
                         help="the JSON (default bench/data/recipe_table_DATASET_SIZE.json)")
@@ -205,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--seeds expects comma-separated integers, but got {args.seeds!r}") from None
         args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         unknown = [v for v in args.variants if v not in VARIANTS]
+        args.archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+        if not args.archs or set(args.archs) - set(ARCH_LABELS):
+            raise ValueError(f"--archs takes some of {', '.join(ARCH_LABELS)}, but got {args.archs or 'none'}")
         if unknown or not args.variants or not args.seeds:
             raise ValueError(f"--variants takes some of {', '.join(VARIANTS)}, but got {unknown or 'none'}"
                              if unknown or not args.variants else "--seeds must name at least one seed")

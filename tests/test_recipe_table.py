@@ -33,6 +33,8 @@ def test_variants_are_todays_recipe_each_option_alone_and_all_combined(bench) ->
 def test_bad_arguments_exit_2_with_one_line(bench, tmp_path: Path, capsys) -> None:
     assert bench.main(["--data-root", str(tmp_path), "--variants", "paper,fast"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: --variants takes some of paper, multistep")
+    assert bench.main(["--data-root", str(tmp_path), "--archs", "resnet18"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --archs takes some of seed, cpu_best")
     assert bench.main(["--report", "--out", str(tmp_path / "none.json")]) == 2
     assert "build it first" in capsys.readouterr().err
 
@@ -62,3 +64,10 @@ def test_a_small_build_writes_runs_resumes_without_training_and_prints_the_table
     assert bench.main(["--report", "--out", str(out)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert [line.split()[:3] for line in table[-2:]] == [["cpu_best", "paper", "1"], ["cpu_best", "all", "1"]]
+    # built in parts: another variant, one architecture, into the same file
+    in_parts = [*args[:args.index("--variants")], "--variants", "balanced", "--archs", "cpu_best",
+                *args[args.index("--threads"):]]
+    assert bench.main(in_parts) == 0
+    assert "1 runs planned, 0 done already" in capsys.readouterr().out
+    runs = json.loads(out.read_text())["runs"]
+    assert runs[:4] == first["runs"] and [(r["arch"], r["variant"]) for r in runs[4:]] == [("cpu_best", "balanced")]

