@@ -29,6 +29,7 @@ running the same command again skips the finished jobs.
 
     python bench/noise_table.py --data-root ../shared/data --threads 1      # build (resumes)
     python bench/noise_table.py --report                                    # the analysis so far
+    python bench/noise_table.py --report --png docs/noise.png               # ... and its figure
 """
 
 from __future__ import annotations
@@ -453,8 +454,11 @@ def search_pick(document: dict, score: str = "whole_val_best") -> dict | None:
             "truth_folds": m}
 
 
-#: The strategies a replay compares, in the order they are reported.
-STRATEGIES = ("single split", "k-fold", "k-fold + race")
+#: The strategies a replay compares, in the order they are reported. "search score" is today's search:
+#: one training on the search's share of train per architecture, ranked by its recorded score.
+STRATEGIES = ("search score", "single split", "k-fold", "k-fold + race")
+#: The search score a replay ranks "search score" by: the CPU profile's (the whole val split, best epoch).
+SEARCH_SCORE = "whole_val_best"
 
 
 def replay_pool(document: dict) -> tuple[dict[str, dict], int]:
@@ -468,10 +472,20 @@ def replay_pool(document: dict) -> tuple[dict[str, dict], int]:
         if job["kind"] == FOLD:
             tests[job["arch_hash"]][job["fold"]] = job["test_auc"]
     flops = {a["arch_hash"]: a.get("flops") for a in document["architectures"]}
+    search = search_score_of(document)
     pool = {h: {"folds": [folds[h][f] for f in range(m)], "flops": float(flops[h]), "val_truth": true[h],
-                "test_truth": float(np.mean([tests[h][f] for f in range(m)]))}
+                "test_truth": float(np.mean([tests[h][f] for f in range(m)])),
+                "search": search.get(h, {}).get(SEARCH_SCORE)}
             for h in true if flops.get(h)}
     return pool, m
+
+
+def search_cost(document: dict) -> float | None:
+    """What one search training costs in fold trainings: its training volumes over a fold's (the same
+    epochs, so the same share of the work per epoch); None until a search job and a fold job are done."""
+    samples = {kind: next((j.get("train_samples") for j in document["jobs"] if j["kind"] == kind), None)
+               for kind in (SEARCH, FOLD)}
+    return samples[SEARCH] / samples[FOLD] if samples[SEARCH] and samples[FOLD] else None
 
 
 def _front(scored: dict[str, tuple[float, float]]) -> list[str]:
@@ -481,10 +495,12 @@ def _front(scored: dict[str, tuple[float, float]]) -> list[str]:
 
 
 def replay_once(pool: dict[str, dict], order: list[str], fold_orders: dict[str, list[int]], budget: int,
-                strategy: str, prior_sd: float) -> dict[str, tuple[float, float]]:
+                strategy: str, prior_sd: float, search_cost: float = 1.0) -> dict[str, tuple[float, float]]:
     """The architectures one strategy has fully scored, ``{hash: (score, flops)}``, when it spends
     ``budget`` fold trainings on the proposals ``order`` (the same proposals for every strategy).
 
+    - search score: one search training each (``search_cost`` fold trainings), scored by the
+      architecture's recorded search score (``pool[h]["search"]``), so ``budget / search_cost`` of them;
     - single split: one fold each (the first of the architecture's ``fold_orders``), so ``budget``
       architectures;
     - k-fold: all k folds each, the mean, so ``budget // k`` architectures;
@@ -498,6 +514,12 @@ def replay_once(pool: dict[str, dict], order: list[str], fold_orders: dict[str, 
     spent = 0
     for h in order:
         arch, folds = pool[h], fold_orders[h]
+        if strategy == "search score":
+            if spent + search_cost > budget + 1e-9:
+                break
+            spent += search_cost
+            scored[h] = (arch["search"], arch["flops"])
+            continue
         if strategy == "single split":
             if spent + 1 > budget:
                 break
@@ -523,9 +545,10 @@ def replay_once(pool: dict[str, dict], order: list[str], fold_orders: dict[str, 
     return scored
 
 
-def replays(document: dict, budgets: tuple[int, ...] = (6, 12, 18), draws: int = 2000, seed: int = 0,
+def replays(document: dict, budgets: tuple[int, ...] = (3, 6, 12, 18), draws: int = 2000, seed: int = 0,
             prior_sd: float | None = None) -> dict | None:
-    """Each strategy of :data:`STRATEGIES` replayed on the truth table at equal training cost.
+    """Each strategy of :data:`STRATEGIES` replayed on the truth table at equal training cost ("search
+    score" only once every architecture of the pool has a search score and the search's cost is known).
 
     A draw proposes the pool's architectures in a random order (random search: the table cannot
     replay a sampler) and gives each a random fold order; every strategy spends the same ``budget``
@@ -546,15 +569,18 @@ def replays(document: dict, budgets: tuple[int, ...] = (6, 12, 18), draws: int =
     truth_points = {h: (a["val_truth"], a["flops"]) for h, a in pool.items()}
     full = hypervolume([truth_points[h] for h in _front(truth_points)], box)
     best = max(pool, key=lambda h: pool[h]["val_truth"])
+    cost = search_cost(document)
+    strategies = [s for s in STRATEGIES if s != "search score"
+                  or (cost and all(a["search"] is not None for a in pool.values()))]
     rng = np.random.default_rng(seed)
     hashes = sorted(pool)
-    sums = {(b, s): np.zeros(4) for b in budgets for s in STRATEGIES}
+    sums = {(b, s): np.zeros(4) for b in budgets for s in strategies}
     for _ in range(draws):
         order = [hashes[i] for i in rng.permutation(len(hashes))]
         fold_orders = {h: [int(f) for f in rng.permutation(m)] for h in hashes}
         for b in budgets:
-            for s in STRATEGIES:
-                scored = replay_once(pool, order, fold_orders, b, s, prior_sd)
+            for s in strategies:
+                scored = replay_once(pool, order, fold_orders, b, s, prior_sd, cost or 1.0)
                 if not scored:
                     continue
                 pick = max(scored, key=lambda h: (scored[h][0], -scored[h][1], h))
@@ -562,10 +588,10 @@ def replays(document: dict, budgets: tuple[int, ...] = (6, 12, 18), draws: int =
                 sums[b, s] += (pool[pick]["val_truth"], pool[pick]["test_truth"], pick == best,
                                hv / full if full > 0 else 0.0)
     return {"architectures": len(pool), "truth_folds": m, "draws": draws, "prior_sd": prior_sd,
-            "best_val_truth": pool[best]["val_truth"],
+            "best_val_truth": pool[best]["val_truth"], "search_cost": cost, "search_score": SEARCH_SCORE,
             "rows": [{"budget": b, "strategy": s, "val_truth": v / draws, "test_truth": t / draws,
                       "best_share": p / draws, "hypervolume_share": hv / draws}
-                     for b in budgets for s in STRATEGIES for v, t, p, hv in [sums[b, s]]]}
+                     for b in budgets for s in strategies for v, t, p, hv in [sums[b, s]]]}
 
 
 def analyse(document: dict) -> dict:
@@ -650,13 +676,61 @@ def report(document: dict) -> str:
         return "\n".join(lines)
     lines.append(f"replays at equal training cost ({r['draws']} random proposal orders over "
                  f"{r['architectures']} architectures, {r['truth_folds']} folds, race prior SD "
-                 f"{r['prior_sd']}; the pool's best val truth {r['best_val_truth']:.3f}):")
+                 f"{r['prior_sd']}; the pool's best val truth {r['best_val_truth']:.3f}"
+                 + (f"; a search training costs {r['search_cost']:.2f} fold trainings, ranked by "
+                    f"{r['search_score']}" if r.get("search_cost") else "") + "):")
     lines.append(format_table(
         ["fold trainings", "strategy", "pick: val truth", "pick: test truth", "pick is the best",
          "front HV / truth's"],
         [[str(row["budget"]), row["strategy"], f"{row['val_truth']:.4f}", f"{row['test_truth']:.4f}",
           f"{row['best_share']:.0%}", f"{row['hypervolume_share']:.3f}"] for row in r["rows"]]))
     return "\n".join(lines)
+
+
+def plot(document: dict, path: Path) -> None:
+    """Two panels: each architecture's truth (± the fold SE) against the search's score and against one
+    fold held out; and the replays' pick (its mean test truth) against the training spent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    true, m = truth(document)
+    folds, search = fold_scores(document), search_score_of(document)
+    roles = {a["arch_hash"]: a["role"] for a in document["architectures"]}
+    hashes = [h for h in true if h in search]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    se = [float(np.std(list(folds[h].values()), ddof=1) / math.sqrt(m)) if m > 1 else 0.0 for h in hashes]
+    for x_of, marker, label in ((lambda h: search[h][SEARCH_SCORE], "o", "search score (whole val, best epoch)"),
+                                (lambda h: folds[h][0], "s", "one fold (fold 0, of the truth)")):
+        xs = [x_of(h) for h in hashes]
+        rho = spearman(xs, [true[h] for h in hashes])
+        left.errorbar(xs, [true[h] for h in hashes], yerr=se, fmt=marker, alpha=0.75, capsize=2,
+                      label=f"{label}: Spearman {fmt(rho, 2)}")
+    for h in hashes:
+        if roles[h] in ("seed", "cpu-best"):
+            left.annotate(roles[h], (search[h][SEARCH_SCORE], true[h]), fontsize=7, xytext=(4, -10),
+                          textcoords="offset points")
+    left.set_xlabel("cheaper score")
+    left.set_ylabel(f"truth: mean val AUC over {m} folds (± SE)")
+    left.set_title(f"{len(hashes)} architectures")
+    left.legend(fontsize=7, loc="lower right")
+    r = replays(document)
+    if r is not None:
+        for strategy in dict.fromkeys(row["strategy"] for row in r["rows"]):
+            rows = [row for row in r["rows"] if row["strategy"] == strategy]
+            race = strategy.endswith("race")  # dashed: where it never stops a trial it hides k-fold's line
+            right.plot([row["budget"] for row in rows], [row["test_truth"] for row in rows],
+                       marker="x" if race else "o", ls="--" if race else "-", label=strategy)
+        best_test = max(a["test_truth"] for a in replay_pool(document)[0].values())
+        right.axhline(best_test, color="grey", ls=":", label="the pool's best test truth")
+        right.set_xlabel("fold trainings spent")
+        right.set_ylabel("test AUC of the chosen architecture (mean of its folds' models)")
+        right.set_title(f"replays: mean over {r['draws']} proposal orders")
+        right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -677,6 +751,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path,
                         help="the JSON (default bench/data/noise_table_DATASET_SIZE.json)")
     parser.add_argument("--report", action="store_true", help="print the analysis of --out and exit")
+    parser.add_argument("--png", type=Path, help="with --report: draw the truth and the replays here too")
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     args.out = args.out or REPO / "bench" / "data" / f"noise_table_{args.dataset}_{args.size}.json"
@@ -684,7 +759,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.report:
             if not args.out.exists():
                 raise ValueError(f"{args.out} does not exist: build it first (without --report)")
-            log(report(json.loads(args.out.read_text())))
+            document = json.loads(args.out.read_text())
+            log(report(document))
+            if args.png:
+                plot(document, args.png)
+                log(f"wrote {args.png}")
             return 0
         if not args.data_root:
             raise ValueError("--data-root is required to build (the folder holding the dataset's npz)")

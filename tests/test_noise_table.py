@@ -168,6 +168,11 @@ def test_each_replay_strategy_spends_its_budget_as_it_says(bench) -> None:
     # the race stops "bad" after its first fold (0.5 + 2 x 0.05 < good's 0.8 at fewer FLOPs): 3 + 1 + 3
     assert scored(7, "k-fold + race") == ["dear", "good"]
     assert scored(5, "k-fold + race") == ["good"]  # "dear" unfinished: never chosen
+    for arch, score in zip(order, (0.7, 0.9, 0.6), strict=True):
+        pool[arch]["search"] = score
+    # today's search: a quarter of a fold training each, scored by its recorded search score
+    assert bench.replay_once(pool, order, fold_orders, 0.5, "search score", 0.05, search_cost=0.25) == {
+        "good": (0.7, 100.0), "bad": (0.9, 200.0)}
 
 
 def lucky_document() -> dict:
@@ -196,6 +201,29 @@ def test_replays_show_a_single_split_fooled_by_a_lucky_fold_where_k_fold_is_not(
     assert rows[12, "single split"]["hypervolume_share"] < 1.0
     text = bench.report(lucky_document())
     assert "replays at equal training cost" in text and "k-fold + race" in text
+    assert "search score" not in text  # no architecture has a search score
+
+
+def test_replays_rank_todays_search_by_its_score_at_its_own_cost(bench, tmp_path: Path) -> None:
+    document = lucky_document()
+    searched = {"good": 0.70, "lucky": 0.90, "c": 0.80, "d": 0.60}  # one noisy score each: "lucky" tops it
+    for a in document["architectures"]:
+        a["table"] = {"quarter_val_auc": 0.5, "whole_val_auc": 0.5, "whole_val_best": searched[a["arch"]]}
+    for j in document["jobs"]:
+        j["train_samples"] = 800
+    good = document["architectures"][0]
+    document["jobs"].append(job("good", "search", None, 0, 0.5, train_samples=200, search=good["table"]))
+    result = bench.replays(document, budgets=(1, 4), draws=500, seed=2)
+    assert result["search_cost"] == pytest.approx(0.25) and result["search_score"] == "whole_val_best"
+    rows = {(r["budget"], r["strategy"]): r for r in result["rows"]}
+    # 4 trainings buy 16 search trainings: it sees all four and always takes "lucky", never the best
+    assert rows[4, "search score"]["best_share"] == 0.0
+    assert rows[4, "search score"]["val_truth"] == pytest.approx((0.95 + 0.55 + 0.55) / 3)
+    # 1 training buys 4 search trainings but one fold training, one architecture, for a single split
+    assert rows[1, "search score"]["best_share"] == 0.0 and rows[1, "single split"]["best_share"] > 0
+    assert "a search training costs 0.25 fold trainings" in bench.report(document)
+    bench.plot(document, tmp_path / "noise.png")
+    assert (tmp_path / "noise.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_table_of_another_protocol_is_refused(bench, tmp_path: Path) -> None:
