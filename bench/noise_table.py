@@ -701,8 +701,9 @@ def plot(document: dict, path: Path) -> None:
     hashes = [h for h in true if h in search]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     se = [float(np.std(list(folds[h].values()), ddof=1) / math.sqrt(m)) if m > 1 else 0.0 for h in hashes]
-    for x_of, marker, label in ((lambda h: search[h][SEARCH_SCORE], "o", "search score (whole val, best epoch)"),
-                                (lambda h: folds[h][0], "s", "one fold (fold 0, of the truth)")):
+    panels = ((lambda h: search[h][SEARCH_SCORE], "o", "search score (whole val, best epoch)"),
+              (lambda h: folds[h][0], "s", "one fold (fold 0, of the truth)"))
+    for x_of, marker, label in panels:
         xs = [x_of(h) for h in hashes]
         rho = spearman(xs, [true[h] for h in hashes])
         left.errorbar(xs, [true[h] for h in hashes], yerr=se, fmt=marker, alpha=0.75, capsize=2,

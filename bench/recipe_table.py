@@ -127,7 +127,8 @@ def build(args: argparse.Namespace) -> dict:
                              download=False)
     data = load_splits(data_config, "cpu", for_search=False)  # the whole train and val splits, and test
     archs = architectures(args.dataset)
-    planned = [(label, variant, seed) for label in args.archs for variant in args.variants for seed in args.seeds]
+    planned = [(label, variant, seed)
+               for label in args.archs for variant in args.variants for seed in args.seeds]
     done = {run_key(r) for r in document["runs"]}
     todo = [key for key in planned if key not in done]
     log(f"{len(planned)} runs planned, {len(planned) - len(todo)} done already; "
@@ -168,7 +169,8 @@ def report(document: dict) -> str:
     p = document["protocol"]
     seeds = sorted({r["seed"] for r in document["runs"]})
     head = (f"recipe table: {p['dataset']} {p['size']}³, {p['epochs']} epochs at batch {p['batch_size']}, "
-            f"seeds {','.join(map(str, seeds)) or '-'}; mean±std over seeds; @thr: at the threshold chosen on "
+            f"seeds {','.join(map(str, seeds)) or '-'}; mean±std over seeds; "
+            "@thr: at the threshold chosen on "
             "val (balanced accuracy); one class: predicts a single class at 0.5")
     return head + "\n" + (format_table(headers, rows) if rows else "(no run finished yet)")
 
@@ -214,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [v for v in args.variants if v not in VARIANTS]
         args.archs = [a.strip() for a in args.archs.split(",") if a.strip()]
         if not args.archs or set(args.archs) - set(ARCH_LABELS):
-            raise ValueError(f"--archs takes some of {', '.join(ARCH_LABELS)}, but got {args.archs or 'none'}")
+            raise ValueError(f"--archs takes some of {', '.join(ARCH_LABELS)}, "
+                             f"but got {args.archs or 'none'}")
         if unknown or not args.variants or not args.seeds:
             raise ValueError(f"--variants takes some of {', '.join(VARIANTS)}, but got {unknown or 'none'}"
                              if unknown or not args.variants else "--seeds must name at least one seed")

@@ -70,4 +70,5 @@ def test_a_small_build_writes_runs_resumes_without_training_and_prints_the_table
     assert bench.main(in_parts) == 0
     assert "1 runs planned, 0 done already" in capsys.readouterr().out
     runs = json.loads(out.read_text())["runs"]
-    assert runs[:4] == first["runs"] and [(r["arch"], r["variant"]) for r in runs[4:]] == [("cpu_best", "balanced")]
+    assert runs[:4] == first["runs"]
+    assert [(r["arch"], r["variant"]) for r in runs[4:]] == [("cpu_best", "balanced")]
