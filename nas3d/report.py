@@ -144,12 +144,14 @@ def format_status(study: optuna.Study) -> str:
     # The front and hypervolume of fully trained trials (nas3d.pareto), as the dashboard note shows it.
     front = study_front(study, seed_references="none")
     lines += not_learned_note(front, config)
+    # A search scores val AUC; a plan's retrain study (nas3d.plan) records each job's test AUC instead.
+    score = (study.metric_names or ["val_auc"])[0] or "val_auc"
     if front.hypervolume is not None:
-        lines.append(f"  hypervolume {front.hypervolume:.4f} (val AUC x log10 FLOPs, "
+        lines.append(f"  hypervolume {front.hypervolume:.4f} ({score.replace('_auc', ' AUC')} x log10 FLOPs, "
                      f"docs/metrics.md#hypervolume) over {len(front.points)} fully trained trials; "
                      "Pareto front:")
     if front.front:
-        header = ("trial", "val_auc", "val_acc", "MFLOPs", "params")
+        header = ("trial", score, "val_acc", "MFLOPs", "params")
         lines.append("  " + "  ".join(f"{h:>9}" for h in header) + f"  {'interval ~tied':<22}  architecture")
         for p in front.front:
             cells = (p.number, f"{p.val_auc:.4f}", _fmt(p.val_acc), f"{p.flops / 1e6:.1f}", p.params or "-")

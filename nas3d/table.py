@@ -38,7 +38,9 @@ _ROLE_NAMES = {"best_val_auc": "best val AUC", "seed_flops": "nearest the seed's
 
 
 def seed_stats(values: Sequence[float]) -> dict[str, float | None]:
-    """Mean, sample standard deviation and the 95 % Student-t interval of the mean over seeds."""
+    """Mean, sample standard deviation and the 95 % Student-t interval of the mean over seeds, clipped to
+    [0, 1], the range of the AUC and ACC it is given (with 2 seeds t is 12.7: unclipped, it would
+    print an AUC interval past 1)."""
     from scipy import stats
 
     n = len(values)
@@ -49,7 +51,7 @@ def seed_stats(values: Sequence[float]) -> dict[str, float | None]:
         return {"mean": mean, "std": None, "ci_low": None, "ci_high": None}
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
-    return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half}
+    return {"mean": mean, "std": std, "ci_low": max(0.0, mean - half), "ci_high": min(1.0, mean + half)}
 
 
 @dataclass(frozen=True)
@@ -183,8 +185,8 @@ def build_table(plan: Plan, states: Sequence[DatasetState], datas: Sequence[Any]
         + (f" (train split × {plan.synthetic_scale}): {', '.join(stand_ins)}" if stand_ins else ": none")
         + ". Numbers on synthetic stand-ins say nothing about the real datasets.", "",
         "Test AUC and ACC: mean ± sample standard deviation (ddof 1) over the seeds; 95 % CI: the interval "
-        "of the mean over the seeds, Student's t with n − 1 degrees of freedom (scipy.stats.t); none with "
-        "one seed. FLOPs: a forward pass of one volume at the plan's size.", "",
+        "of the mean over the seeds, Student's t with n − 1 degrees of freedom (scipy.stats.t), clipped to "
+        "[0, 1]; none with one seed. FLOPs: a forward pass of one volume at the plan's size.", "",
         "## Searched models", "",
         *_markdown_table(_HEADER, [_cells(r) for r in primary]), "",
         "## Six-dataset mean" if n == 6 else f"## Mean over the {n} datasets", "",
@@ -269,6 +271,7 @@ def plan_status(storage: Any, plan_name: str) -> str:
     epochs = f"{plan.retrain_epochs} retrain epoch" + ("s" if plan.retrain_epochs != 1 else "")
     lines = [f"plan {plan.name}: {len(plan.datasets)} datasets at {plan.size}³, seeds "
              f"{','.join(map(str, plan.seeds))}, {epochs}"]
+    untimed = False  # some line's time left leaves out retrains that none has finished to time
     for st in states:
         planned = plan.models_planned(st.dataset, st.queued)
         done = st.count(TrialState.COMPLETE)
@@ -283,13 +286,13 @@ def plan_status(storage: Any, plan_name: str) -> str:
         elif search_left is not None and (jobs_left <= 0 or job_mean):
             eta = f"~{_duration(search_left + max(0, jobs_left) * (job_mean or 0) / running)}"
         elif search_left:  # no retrain has finished yet: its part is unknown, the search's is not
-            eta = f"~{_duration(search_left)}+retrains"
+            eta, untimed = f"~{_duration(search_left)}+retrains", True
         failed = st.count(TrialState.FAIL)
         lines.append(
             f"  {st.dataset:<16} {st.phase:<10} trials {st.trials_done}/{st.budget}"
             + (f" ({st.trials_running} running)" if st.trials_running else "")
             + f"  retrains {done}/{planned if planned is not None else f'{least}+'}"
             + (f" ({failed} failed)" if failed else "") + f"  left {eta}")
-    lines.append(f"  (time left: mean duration of the finished trials and retrains, over {running} running; "
-                 "+retrains: none has finished yet to time them)")
+    lines.append(f"  (time left: mean duration of the finished trials and retrains, over {running} running"
+                 + ("; +retrains: none has finished yet to time them)" if untimed else ")"))
     return "\n".join(lines)

@@ -107,6 +107,7 @@ def test_baselines_are_jobs_from_the_start_and_rows_of_the_table(tmp_path: Path)
     status = plan_status(url, "base").splitlines()
     assert status[1].split() == ["adrenalmnist3d", "searching", "trials", "0/1", "retrains", "0/3+", "left",
                                  "?"]
+    assert status[-1].endswith("over 1 running)")  # no "+retrains" estimate above: no footnote for it
 
     ran = run_plan_worker("base", url, heartbeat_interval=1, grace_period=3, claim_ahead=False,
                           poll_seconds=0.5)
@@ -119,8 +120,14 @@ def test_baselines_are_jobs_from_the_start_and_rows_of_the_table(tmp_path: Path)
     assert float(rows["resnet50"]["flops_vs_resnet50"]) == pytest.approx(1.0)
     table = (folder / "table.md").read_text()
     assert "retrained resnet18 AUC" in table and "## Missing" not in table
-    assert plan_status(url, "base").splitlines()[1].split() == [
-        "adrenalmnist3d", "done", "trials", "1/1", "retrains", "3/3", "left", "0m"]
+    status = plan_status(url, "base").splitlines()
+    assert status[1].split() == ["adrenalmnist3d", "done", "trials", "1/1", "retrains", "3/3", "left", "0m"]
+    assert "+retrains" not in status[-1]
+    # nas3d status names each study's score: the retrain study's jobs record test AUC, the search val AUC
+    from nas3d.report import status_report
+    retrains = status_report(url, plan.retrain_study("adrenalmnist3d"))
+    assert "trial   test_auc" in retrains and "val_auc" not in retrains
+    assert "trial    val_auc" in status_report(url, plan.search_study("adrenalmnist3d"))
 
 
 def test_a_job_whose_data_is_damaged_here_is_queued_again_and_the_worker_stops(tmp_path: Path) -> None:
@@ -145,8 +152,14 @@ def test_seed_stats_are_the_student_t_interval_over_seeds() -> None:
     stats = seed_stats([0.8, 0.9, 0.7])
     assert stats["mean"] == pytest.approx(0.8) and stats["std"] == pytest.approx(0.1)
     # t(0.975, 2) = 4.3027: the half-width is 4.3027 * 0.1 / sqrt(3)
-    assert stats["ci_high"] - stats["mean"] == pytest.approx(4.302653 * 0.1 / 3**0.5, rel=1e-5)
+    assert stats["mean"] - stats["ci_low"] == pytest.approx(4.302653 * 0.1 / 3**0.5, rel=1e-5)
+    assert stats["ci_high"] == 1.0  # 0.8 + 0.248, clipped to the AUC's range
     assert seed_stats([0.8]) == {"mean": 0.8, "std": None, "ci_low": None, "ci_high": None}
+    # two seeds: t(0.975, 1) = 12.7 would put the interval past both ends; AUC and ACC stay in [0, 1]
+    assert seed_stats([0.95, 0.85]) | {"std": None} == {"mean": pytest.approx(0.9), "std": None,
+                                                        "ci_low": pytest.approx(0.9 - 12.706205 * 0.05),
+                                                        "ci_high": 1.0}
+    assert seed_stats([0.02, 0.12])["ci_low"] == 0.0
 
 
 @pytest.mark.parametrize(("extra", "says"), [
