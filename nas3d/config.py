@@ -145,10 +145,10 @@ class StudyConfig:
     racing: RacingConfig = field(default_factory=RacingConfig)
 
     def __post_init__(self) -> None:
-        if self.racing.active and self.data.cv_folds < 2:
-            raise ValueError(f'racing.kind = "{self.racing.kind}" races a trial across its folds, but '
-                             f"data.cv_folds is {self.data.cv_folds}: set data.cv_folds >= 2 or "
-                             'racing.kind = "none"')
+        if self.racing.active and self.data.trained_folds < 2:
+            raise ValueError(f'racing.kind = "{self.racing.kind}" races a trial across its folds, but it '
+                             f"trains {self.data.trained_folds}: set data.cv_folds >= 2 (and "
+                             'data.cv_train_folds 0 or >= 2) or racing.kind = "none"')
         stopper = self.early_stopping
         if stopper.active and not stopper.rungs(self.train.max_epochs):
             raise ValueError(

@@ -196,12 +196,13 @@ class TrialObjective:
             raise ValueError("this objective was made with a data shape only: it can claim, not train")
         trial.set_user_attr(records.DEVICE, device_name(self.device))
         self.trainings += 1
-        k = self.config.data.cv_folds
+        k, trained = self.config.data.cv_folds, self.config.data.trained_folds
         folds = self._cross_validation(trial.study) if k > 1 else None
-        race = FoldRace(trial, self.config.racing, k, costs.flops) if self.config.racing.active else None
+        racing = self.config.racing
+        race = FoldRace(trial, racing, trained, costs.flops) if racing.active else None
         runs: list[TrainResult] = []
         best_model, best_fold = None, 0
-        for fold in range(k):
+        for fold in range(trained):
             # Fold i trains with seed train.seed + i: averaged over folds, the score averages the seed's
             # noise as well as the split's. Fold 0 (and a study without folds) trains as before.
             train_config = self.config.train if fold == 0 else dataclasses.replace(
@@ -230,10 +231,11 @@ class TrialObjective:
             if race is not None:
                 race.after_fold([r.val_auc for r in runs])  # PRUNED when dominated, its folds so far kept
         best = runs[best_fold]
-        if folds is None:
-            self._record_val_interval(trial, best_model, data)
+        if folds is None or len(runs) == 1:  # one model (a hold-out fold too): the bootstrap interval
+            self._record_val_interval(trial, best_model, data if folds is None else folds.fold(best_fold))
         fold_record = None if folds is None else {
-            "best": best_fold, "k": k, "seed": self.config.data.cv_seed, "hash": folds.fingerprint,
+            "best": best_fold, "k": k, "trained": trained, "seed": self.config.data.cv_seed,
+            "hash": folds.fingerprint,
             "val_auc": [r.val_auc for r in runs]}
         if self.artifact_store is not None:
             self._store_checkpoint(trial, best_model, best.val_auc, best.val_acc, costs.flops,

@@ -73,6 +73,9 @@ def test_standard_error_and_interval() -> None:
     ({"data.cv_folds": 3, "data.record_full_val": True}, "data.record_full_val scores the whole val split"),
     ({"racing.kind": "fold-race"}, "set data.cv_folds >= 2"),
     ({"data.cv_folds": 3, "racing.kind": "wilcoxon"}, "racing.kind"),
+    ({"data.cv_train_folds": 1}, "data.cv_train_folds must be 0 .all folds. or 1..data.cv_folds"),
+    ({"data.cv_folds": 3, "data.cv_train_folds": 4}, "but got 4 of 3"),
+    ({"data.cv_folds": 3, "data.cv_train_folds": 1, "racing.kind": "fold-race"}, "but it trains 1: set"),
 ])
 def test_bad_cv_settings_are_one_line(tmp_path: Path, overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as info:
@@ -122,3 +125,27 @@ def test_search_with_three_folds_records_them_on_every_trained_trial(
     with pytest.raises(ValueError, match="differ from the ones the study recorded") as info:
         TrialObjective(config, data, "cpu")._cross_validation(study)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow  # two trials of one fold each
+def test_a_hold_out_fold_trains_one_model_scored_with_a_bootstrap_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    smoke = str(REPO / "studies" / "smoke.toml")
+    code = main(["search", "--study", smoke, "--data-root", str(tmp_path / "d"), "--n-trials", "2",
+                 "--set", "data.cv_folds=3", "--set", "data.cv_train_folds=1", "--no-claim-ahead"])
+    assert code == 0, capsys.readouterr().err
+    study, config = load_study("smoke", make_storage(None))
+    assert (config.data.cv_folds, config.data.trained_folds) == (3, 1)
+    trained = [t for t in study.trials if records.NOT_TRAINED not in t.user_attrs]
+    assert len(trained) == 2 and all(t.state == TrialState.COMPLETE for t in trained)
+    data = load_splits(config.data, "cpu", for_search=True)
+    pooled = len(data.train) + len(data.val)
+    for t in trained:
+        assert t.user_attrs[records.FOLD_VAL_AUC] == [t.values[0]]  # one fold trained of three
+        assert t.user_attrs[records.VAL_AUC_SE] is None and t.user_attrs[records.BEST_FOLD] == 0
+        low, high = t.user_attrs[records.VAL_AUC_CI]  # over fold 0's val part: a third of the pool
+        assert low <= t.values[0] <= high
+    folds = TrialObjective(config, data, "cpu")._cross_validation(study)
+    assert len(folds.folds[0][1]) == pytest.approx(pooled / 3, abs=1)

@@ -41,6 +41,10 @@ class DataConfig:
     # the mean val AUC of k models, one trained per fold. 1: one model, scored on the val share.
     cv_folds: int = 1
     cv_seed: int = 0
+    # How many of the k folds a trial trains, first to last; 0: all k. 1 is a hold-out scored on a k-th
+    # of the pool, which the truth table's replays (docs/noise.md) found to pick better architectures
+    # than the same training spent on k folds of fewer of them.
+    cv_train_folds: int = 0
     # synthetic data only
     synthetic_classes: int = 2
     synthetic_samples: int = 256  # training samples; val and test get a quarter each
@@ -86,6 +90,9 @@ class DataConfig:
         if self.cv_folds < 1:
             raise ValueError(f"data.cv_folds must be >= 1 (1: no cross-validation), but got "
                              f"{self.cv_folds!r}")
+        if not 0 <= self.cv_train_folds <= self.cv_folds or (self.cv_train_folds and self.cv_folds < 2):
+            raise ValueError(f"data.cv_train_folds must be 0 (all folds) or 1..data.cv_folds with "
+                             f"data.cv_folds >= 2, but got {self.cv_train_folds!r} of {self.cv_folds!r}")
         if self.cv_folds > 1 and self.record_full_val:
             raise ValueError("data.record_full_val scores the whole val split, which cross-validation folds "
                              "train on: set data.cv_folds = 1 or data.record_full_val = false")
@@ -126,6 +133,11 @@ class DataConfig:
         if self.dataset == SYNTHETIC:
             return SyntheticFile.of(self.size, self.data_root, self.synthetic_classes, self.synthetic_samples)
         return MedMNISTFile.of(self.dataset, self.size, self.data_root, self.download)
+
+    @property
+    def trained_folds(self) -> int:
+        """How many models a trial trains: ``cv_train_folds`` of the ``cv_folds`` folds (0: all)."""
+        return self.cv_train_folds or self.cv_folds
 
     @property
     def is_manifest(self) -> bool:
