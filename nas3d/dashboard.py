@@ -76,9 +76,13 @@ class DashboardRefresher(threading.Thread):
             if self._stop_event.wait(self.interval):
                 return
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 2.0) -> None:
+        """Ask the thread to stop and wait at most ``wait`` seconds. A refresh in flight (a figure being
+        built takes seconds, more on a loaded machine) is not waited for: Ctrl-C must stop the dashboard
+        at once, the thread is a daemon, and a refresh cut short only leaves the figure or note of the
+        previous one, which the next dashboard rewrites."""
         self._stop_event.set()
-        self.join(timeout=30)
+        self.join(timeout=wait)
 
     def refresh_changed(self) -> int:
         """Refresh the studies whose finished trials changed since the last look; returns how many."""
@@ -87,6 +91,8 @@ class DashboardRefresher(threading.Thread):
         runs = collect_retrain_results(self.retrain_paths)
         done = 0
         for name in names:
+            if self._stop_event.is_set():
+                break
             study = optuna.load_study(study_name=name, storage=self.storage)
             finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
             signature = (len(finished), max((t.number for t in finished), default=-1), len(runs))
