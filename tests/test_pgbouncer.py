@@ -69,10 +69,14 @@ def test_storage_through_pgbouncer_survives_repeated_statements(bouncer_url: str
 def test_two_workers_through_pgbouncer_finish_exactly_the_budget(bouncer_url: str, tmp_path: Path) -> None:
     config = smoke_config(tmp_path, **{"study.n_trials": 4, "study.name": "pgb"})
     study = create_study(config, make_storage(bouncer_url))
-    outputs = [finish(w) for w in [start_worker(bouncer_url, "pgb", i) for i in range(2)]]
+    # A grace period of 30 s, not the kill tests' 3: on a loaded machine a heartbeat can lag 3 s, and a
+    # trial failed as stale and queued again is recovery (test_worker's), not what this test is about.
+    workers = [start_worker(bouncer_url, "pgb", i, "--grace-period", "30") for i in range(2)]
+    outputs = [finish(w) for w in workers]
     trials = study.get_trials()
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)], outputs
-    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials), outputs
+    failed = [(t.number, t.user_attrs.get("failure_reason")) for t in trials if t.state == TrialState.FAIL]
+    assert not failed, (failed, outputs)
     assert budget_state(study).used == 4 == len([t for t in trials if "duplicate_of" not in t.user_attrs])
 
 
