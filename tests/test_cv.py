@@ -90,15 +90,22 @@ def test_cv_folds_default_to_one_and_are_recorded(tmp_path: Path) -> None:
     assert (stored["data"]["cv_folds"], stored["data"]["cv_seed"]) == (3, 7)
 
 
+def smoke_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                 n_trials: int, *settings: str) -> None:
+    """``nas3d search`` of the smoke study in ``tmp_path`` with ``--set`` each of ``settings``."""
+    monkeypatch.chdir(tmp_path)
+    sets = [arg for setting in settings for arg in ("--set", setting)]
+    smoke = str(REPO / "studies" / "smoke.toml")
+    code = main(["search", "--study", smoke, "--data-root", str(tmp_path / "d"), "--n-trials", str(n_trials),
+                 *sets, "--no-claim-ahead"])
+    assert code == 0, capsys.readouterr().err
+
+
 @pytest.mark.slow  # three trials of three folds: about a minute on a loaded 2-core machine
 def test_search_with_three_folds_records_them_on_every_trained_trial(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    smoke = str(REPO / "studies" / "smoke.toml")
-    code = main(["search", "--study", smoke, "--data-root", str(tmp_path / "d"), "--n-trials", "3",
-                 "--set", "data.cv_folds=3", "--no-claim-ahead"])
-    assert code == 0, capsys.readouterr().err
+    smoke_search(tmp_path, monkeypatch, capsys, 3, "data.cv_folds=3")
     study, config = load_study("smoke", make_storage(None))
     assert config.data.cv_folds == 3
     trained = [t for t in study.trials if records.NOT_TRAINED not in t.user_attrs]
@@ -131,11 +138,7 @@ def test_search_with_three_folds_records_them_on_every_trained_trial(
 def test_a_hold_out_fold_trains_one_model_scored_with_a_bootstrap_interval(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    smoke = str(REPO / "studies" / "smoke.toml")
-    code = main(["search", "--study", smoke, "--data-root", str(tmp_path / "d"), "--n-trials", "2",
-                 "--set", "data.cv_folds=3", "--set", "data.cv_train_folds=1", "--no-claim-ahead"])
-    assert code == 0, capsys.readouterr().err
+    smoke_search(tmp_path, monkeypatch, capsys, 2, "data.cv_folds=3", "data.cv_train_folds=1")
     study, config = load_study("smoke", make_storage(None))
     assert (config.data.cv_folds, config.data.trained_folds) == (3, 1)
     trained = [t for t in study.trials if records.NOT_TRAINED not in t.user_attrs]
