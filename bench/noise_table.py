@@ -616,9 +616,9 @@ def truth_text(value: float | None, scores: dict[int, float], folds: int) -> str
     return f"{value:.3f} ± {sd / math.sqrt(folds):.3f}"
 
 
-def report(document: dict) -> str:
-    """The analysis of what is done, as text."""
-    analysis = analyse(document)
+def report(document: dict, analysis: dict | None = None) -> str:
+    """The analysis of what is done (``analyse(document)`` unless given), as text."""
+    analysis = analysis or analyse(document)
     true, m = truth(document)
     folds, search = fold_scores(document), search_score_of(document)
     tests: dict[str, list[float]] = defaultdict(list)
@@ -687,9 +687,10 @@ def report(document: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(document: dict, path: Path) -> None:
+def plot(document: dict, path: Path, replayed: dict | None = None) -> None:
     """Two panels: each architecture's truth (± the fold SE) against the search's score and against one
-    fold held out; and the replays' pick (its mean test truth) against the training spent."""
+    fold held out; and the replays' pick (its mean test truth) against the training spent (``replayed``:
+    ``replays(document)``, drawn again unless given)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -716,7 +717,7 @@ def plot(document: dict, path: Path) -> None:
     left.set_ylabel(f"truth: mean val AUC over {m} folds (± SE)")
     left.set_title(f"{len(hashes)} architectures")
     left.legend(fontsize=7, loc="lower right")
-    r = replays(document)
+    r = replayed or replays(document)
     if r is not None:
         for strategy in dict.fromkeys(row["strategy"] for row in r["rows"]):
             rows = [row for row in r["rows"] if row["strategy"] == strategy]
@@ -761,9 +762,10 @@ def main(argv: list[str] | None = None) -> int:
             if not args.out.exists():
                 raise ValueError(f"{args.out} does not exist: build it first (without --report)")
             document = json.loads(args.out.read_text())
-            log(report(document))
+            analysis = analyse(document)
+            log(report(document, analysis))
             if args.png:
-                plot(document, args.png)
+                plot(document, args.png, analysis["replays"])
                 log(f"wrote {args.png}")
             return 0
         if not args.data_root:

@@ -234,8 +234,7 @@ class TrialObjective:
         if folds is None or len(runs) == 1:  # one model (a hold-out fold too): the bootstrap interval
             self._record_val_interval(trial, best_model, data if folds is None else folds.fold(best_fold))
         fold_record = None if folds is None else {
-            "best": best_fold, "k": k, "trained": trained, "seed": self.config.data.cv_seed,
-            "hash": folds.fingerprint,
+            "best": best_fold, "k": k, "seed": self.config.data.cv_seed, "hash": folds.fingerprint,
             "val_auc": [r.val_auc for r in runs]}
         if self.artifact_store is not None:
             self._store_checkpoint(trial, best_model, best.val_auc, best.val_acc, costs.flops,

@@ -10,6 +10,7 @@ import pytest
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
+from nas3d import records
 from nas3d.budget import budget_state
 from nas3d.storages import make_storage, study_lock
 from nas3d.storages._rdb import pg_connect_args
@@ -75,7 +76,7 @@ def test_two_workers_through_pgbouncer_finish_exactly_the_budget(bouncer_url: st
     outputs = [finish(w) for w in workers]
     trials = study.get_trials()
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)], outputs
-    failed = [(t.number, t.user_attrs.get("failure_reason")) for t in trials if t.state == TrialState.FAIL]
+    failed = [(t.number, records.failure_reason(t)) for t in trials if t.state == TrialState.FAIL]
     assert not failed, (failed, outputs)
     assert budget_state(study).used == 4 == len([t for t in trials if "duplicate_of" not in t.user_attrs])
 
