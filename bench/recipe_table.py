@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import sys
 import time
@@ -115,7 +116,14 @@ def load_document(path: Path, expected: dict) -> dict | None:
 
 
 def write_document(path: Path, document: dict) -> None:
-    write_table(path, document)
+    """Write ``document`` with the runs another build of the same file (``--variants`` or ``--archs``
+    in parts, one per core) wrote meanwhile: each build appends to what is on disk, under a lock."""
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        on_disk = load_document(path, document["protocol"]) or {"runs": []}
+        ours = {run_key(r) for r in document["runs"]}
+        document["runs"].extend(r for r in on_disk["runs"] if run_key(r) not in ours)
+        write_table(path, document)
 
 
 def build(args: argparse.Namespace) -> dict:

@@ -72,3 +72,20 @@ def test_a_small_build_writes_runs_resumes_without_training_and_prints_the_table
     runs = json.loads(out.read_text())["runs"]
     assert runs[:4] == first["runs"]
     assert [(r["arch"], r["variant"]) for r in runs[4:]] == [("cpu_best", "balanced")]
+
+
+def test_two_builds_of_one_file_keep_each_others_runs(bench, tmp_path: Path) -> None:
+    """Two builds (one per core, other --variants) read the file at their start; each write keeps the
+    runs the other wrote meanwhile."""
+    out = tmp_path / "recipes.json"
+    protocol = {"dataset": "synthetic", "epochs": 1}
+    first = {"format": bench.FORMAT, "protocol": protocol, "runs": []}
+    second = {"format": bench.FORMAT, "protocol": protocol, "runs": []}  # started before any run ended
+    first["runs"].append({"arch": "cpu_best", "variant": "paper", "seed": 0, "test_auc": 0.8})
+    bench.write_document(out, first)
+    second["runs"].append({"arch": "cpu_best", "variant": "balanced", "seed": 0, "test_auc": 0.7})
+    bench.write_document(out, second)
+    first["runs"].append({"arch": "cpu_best", "variant": "paper", "seed": 42, "test_auc": 0.9})
+    bench.write_document(out, first)
+    runs = json.loads(out.read_text())["runs"]
+    assert sorted((r["variant"], r["seed"]) for r in runs) == [("balanced", 0), ("paper", 0), ("paper", 42)]

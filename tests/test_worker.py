@@ -412,12 +412,18 @@ def test_a_killed_claim_process_is_replaced_and_its_trial_queued_again(
     output = finish(process, timeout=600, log=log)
     assert output.count("the claim process of this worker ended (status -9); starting another") == 2, output
     trials = study.get_trials()
-    [lost] = [t for t in trials if (t.user_attrs.get("failure_reason") or "").startswith("claimed by its")]
-    assert lost.state == TrialState.FAIL and "device" not in lost.user_attrs  # never trained
-    assert lost.user_attrs["failure_reason"].endswith("ended (status -9) before handing it over; re-queued")
-    [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == lost.number]
-    # the retry keeps what the lost trial had sampled when its claim process died
-    assert retry.state == TrialState.COMPLETE and retry.params.items() >= lost.params.items()
+    # The first kill always loses the trial being claimed. The second may lose one too: the claim made
+    # ahead records its architecture a moment before its reply is sent, and a kill in that moment
+    # (seen on a loaded CI machine) leaves it claimed for nobody as well.
+    lost = [t for t in trials if (t.user_attrs.get("failure_reason") or "").startswith("claimed by its")]
+    assert 1 <= len(lost) <= 2, output
+    for trial in lost:
+        assert trial.state == TrialState.FAIL and "device" not in trial.user_attrs  # never trained
+        reason = trial.user_attrs["failure_reason"]
+        assert reason.endswith("ended (status -9) before handing it over; re-queued")
+        [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == trial.number]
+        # the retry keeps what the lost trial had sampled when its claim process died
+        assert retry.state == TrialState.COMPLETE and retry.params.items() >= trial.params.items()
     assert not [t for t in trials if t.state == TrialState.RUNNING], output
     assert len(counted(study)) == budget_state(study).used == len(ops), output
     assert all(t.state == TrialState.COMPLETE for t in counted(study)), output
