@@ -618,7 +618,7 @@ def truth_text(value: float | None, scores: dict[int, float], folds: int) -> str
 
 def report(document: dict, analysis: dict | None = None) -> str:
     """The analysis of what is done (``analyse(document)`` unless given), as text."""
-    analysis = analysis or analyse(document)
+    analysis = analyse(document) if analysis is None else analysis
     true, m = truth(document)
     folds, search = fold_scores(document), search_score_of(document)
     tests: dict[str, list[float]] = defaultdict(list)
@@ -717,7 +717,7 @@ def plot(document: dict, path: Path, replayed: dict | None = None) -> None:
     left.set_ylabel(f"truth: mean val AUC over {m} folds (± SE)")
     left.set_title(f"{len(hashes)} architectures")
     left.legend(fontsize=7, loc="lower right")
-    r = replayed or replays(document)
+    r = replays(document) if replayed is None else replayed
     if r is not None:
         for strategy in dict.fromkeys(row["strategy"] for row in r["rows"]):
             rows = [row for row in r["rows"] if row["strategy"] == strategy]
