@@ -37,9 +37,9 @@ from arch_table import machine
 
 from nas3d.architecture import Architecture
 from nas3d.data import DataConfig, load_splits
-from nas3d.metrics import single_class
+from nas3d.metrics import bootstrap_interval, single_class
 from nas3d.registry import ModelRecipe
-from nas3d.retrain import PAPER_SEEDS, decision_metrics, test_metrics
+from nas3d.retrain import PAPER_SEEDS, compact_scores, decision_metrics, test_metrics
 from nas3d.seeds import seed_architectures
 from nas3d.train import RECIPES, TrainConfig, predict, train_trial
 
@@ -107,6 +107,8 @@ def run_one(arch: Architecture, data, data_config: DataConfig, config: TrainConf
         "one_class_val": single_class(val_scores, data.task) is not None,
         "one_class_test": single_class(scores, data.task) is not None,
         "options": dataclasses.asdict(config.options),
+        # for the intervals of the table (bootstrap over the test volumes), as results.json keeps them
+        "test_scores": compact_scores(scores, data.task),
         "seconds": round(time.perf_counter() - start, 1),
     }
 
@@ -134,6 +136,7 @@ def build(args: argparse.Namespace) -> dict:
     data_config = DataConfig(dataset=args.dataset, size=args.size, root=str(Path(args.data_root).resolve()),
                              download=False)
     data = load_splits(data_config, "cpu", for_search=False)  # the whole train and val splits, and test
+    document.update(task=data.task, test_labels=data.test.labels.cpu().numpy().reshape(-1).tolist())
     archs = architectures(args.dataset)
     planned = [(label, variant, seed)
                for label in args.archs for variant in args.variants for seed in args.seeds]
@@ -154,15 +157,34 @@ def _mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.3f}±{np.std(values):.3f}" if values else "-"
 
 
+def _intervals(document: dict, runs: list[dict], paper: list[dict]) -> tuple[str, str]:
+    """The 95 % BCa interval of the seed-averaged test AUC over the test volumes, and the paired one of
+    its difference from the same architecture's paper recipe (the seeds in both); "-" where a run was
+    recorded without its test scores (the table's first runs) or there is nothing to pair with."""
+    if "test_labels" not in document or any("test_scores" not in r for r in runs):
+        return "-", "-"
+    labels, task = np.asarray(document["test_labels"]), document["task"]
+    ours = [np.asarray(r["test_scores"]) for r in runs]
+    low, high = bootstrap_interval(labels, ours, task)
+    interval = f"[{low:.3f}, {high:.3f}]"
+    if runs == paper or not paper or any("test_scores" not in r for r in paper):
+        return interval, "-"
+    mean = np.mean([r["test_auc"] for r in runs]) - np.mean([r["test_auc"] for r in paper])
+    low, high = bootstrap_interval(labels, ours, task, other=[np.asarray(r["test_scores"]) for r in paper])
+    return interval, f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
 def report(document: dict) -> str:
     """The comparison table: per architecture and variant, over its seeds."""
-    headers = ["arch", "recipe", "seeds", "test AUC", "bal. acc @thr", "sens @thr", "spec @thr",
-               "ACC @0.5", "one class val", "one class test"]
+    headers = ["arch", "recipe", "seeds", "test AUC", "AUC 95% CI", "ΔAUC vs paper [95% CI]", "bal. acc @thr",
+               "sens @thr", "spec @thr", "ACC @0.5", "one class val", "one class test"]
     rows = []
     variants = list(document["protocol"]["variants"])
     for label in document["protocol"]["architectures"]:
+        grouped = {v: [r for r in document["runs"] if (r["arch"], r["variant"]) == (label, v)]
+                   for v in variants}
         for variant in variants:
-            runs = [r for r in document["runs"] if (r["arch"], r["variant"]) == (label, variant)]
+            runs = grouped[variant]
             if not runs:
                 continue
 
@@ -170,6 +192,7 @@ def report(document: dict) -> str:
                 return [r[key] for r in runs if r.get(key) is not None]
 
             rows.append([label, variant, str(len(runs)), _mean_std(values("test_auc")),
+                         *_intervals(document, runs, grouped["paper"]),
                          _mean_std(values("test_balanced_accuracy")), _mean_std(values("test_sensitivity")),
                          _mean_std(values("test_specificity")), _mean_std(values("test_acc")),
                          f"{sum(r['one_class_val'] for r in runs)}/{len(runs)}",
@@ -178,8 +201,9 @@ def report(document: dict) -> str:
     seeds = sorted({r["seed"] for r in document["runs"]})
     head = (f"recipe table: {p['dataset']} {p['size']}³, {p['epochs']} epochs at batch {p['batch_size']}, "
             f"seeds {','.join(map(str, seeds)) or '-'}; mean±std over seeds; "
-            "@thr: at the threshold chosen on "
-            "val (balanced accuracy); one class: predicts a single class at 0.5")
+            "CI: 95 % BCa bootstrap over the test volumes (seeds averaged; ΔAUC paired with the paper "
+            "recipe's seeds); @thr: at the threshold chosen on val (balanced accuracy); one class: "
+            "predicts a single class at 0.5")
     return head + "\n" + (format_table(headers, rows) if rows else "(no run finished yet)")
 
 

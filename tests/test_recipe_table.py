@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from nas3d.metrics import auc
 from nas3d.seeds import seed_architectures
 from nas3d.train import RECIPES, Recipe
 from tests._bench import load_bench
@@ -54,6 +56,7 @@ def test_a_small_build_writes_runs_resumes_without_training_and_prints_the_table
         assert 0 <= run["test_auc"] <= 1 and 0 < run["threshold"] < 1
         assert isinstance(run["one_class_val"], bool) and isinstance(run["one_class_test"], bool)
         assert run["options"]["augment"] == (run["variant"] == "all")
+        assert len(run["test_scores"]) == len(first["test_labels"]) and first["task"] == "binary-class"
     printed = capsys.readouterr().out
     assert "recipe table: synthetic 8³, 1 epochs at batch 64" in printed and "one class test" in printed
     assert bench.main(args) == 0  # again: nothing left to train
@@ -89,3 +92,32 @@ def test_two_builds_of_one_file_keep_each_others_runs(bench, tmp_path: Path) -> 
     bench.write_document(out, first)
     runs = json.loads(out.read_text())["runs"]
     assert sorted((r["variant"], r["seed"]) for r in runs) == [("balanced", 0), ("paper", 0), ("paper", 42)]
+
+
+def test_the_table_gives_each_recipe_a_bootstrap_interval_and_its_paired_difference_from_paper(bench) -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 120)
+
+    def run(variant: str, seed: int, signal: float, scores: bool = True) -> dict:
+        score = np.clip(0.5 + signal * (labels - 0.5) + rng.normal(0, 0.3, labels.size), 0, 1)
+        row = {"arch": "seed", "variant": variant, "seed": seed,
+               "test_auc": auc(labels, score, "binary-class"), "test_acc": 0.5, "one_class_val": False,
+               "one_class_test": False}
+        return row | ({"test_scores": score.tolist()} if scores else {})
+    runs = [run("paper", 0, 0.1), run("paper", 42, 0.1), run("all", 0, 0.6), run("all", 42, 0.6),
+            run("balanced", 0, 0.3, scores=False)]
+    document = {"protocol": {"dataset": "synthetic", "size": 8, "epochs": 1, "batch_size": 4,
+                             "variants": bench.VARIANTS, "architectures": {"seed": {}}},
+                "runs": runs, "task": "binary-class", "test_labels": labels.tolist()}
+    lines = {line.split()[1]: line for line in bench.report(document).splitlines()[3:]}
+    paper_runs = [r for r in runs if r["variant"] == "paper"]
+    paper, combined = (bench._intervals(document, [r for r in runs if r["variant"] == v], paper_runs)
+                       for v in ("paper", "all"))
+    assert paper[1] == "-" and combined[0] in lines["all"] and combined[1] in lines["all"]
+    low, high = (float(x) for x in combined[0].strip("[]").split(","))
+    mean = np.mean([r["test_auc"] for r in runs[2:4]])
+    assert low < mean < high
+    difference = float(combined[1].split()[0])
+    d_low, d_high = (float(x) for x in combined[1].split(" ", 1)[1].strip("[]").split(","))
+    assert difference > 0 and 0 < d_low < difference < d_high  # a clearly better recipe: the pair excludes 0
+    assert lines["balanced"].split()[4:6] == ["-", "-"]  # recorded without scores: no interval
