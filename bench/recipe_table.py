@@ -7,13 +7,15 @@ equal to the epochs (every run trains all its epochs), keeping the best-val-AUC 
 and 143. Each run is tested as ``nas3d retrain`` tests a seed (:func:`nas3d.retrain.test_metrics`:
 medmnist's Evaluator on the real test split): test AUC, ACC at 0.5 (MedMNIST's), the threshold chosen
 on val by balanced accuracy with the balanced accuracy, sensitivity and specificity at it, and whether
-the model predicts one class only (on val, on test, at 0.5).
+the model predicts one class only (on val, on test, at 0.5). Each run keeps its test scores, so the
+table gives each recipe a 95 % BCa bootstrap interval of its seed-averaged test AUC over the test volumes,
+and the paired interval of its difference from the same architecture's paper recipe.
 
 The JSON is rewritten atomically after every run; running the same command again skips the finished
 runs (a file made with another protocol is refused). At the end the comparison table is printed.
-Cost: 42 runs (2 architectures x 7 variants x 3 seeds); on the 2-core Xeon of bench/noise_table.py, one
-thread, a 12-epoch run on 857 training volumes took about 2,000 s for the seed architecture and 430 to
-680 s for smaller ones, so the table is a day of one core (``--variants`` builds it in parts):
+Cost: 42 runs (2 architectures x 7 variants x 3 seeds); on a 2-core AMD EPYC, one thread, a 12-epoch
+run on 857 training volumes took 410-780 s (the CPU best and the seed architecture alike), so the
+table is about 7 hours of one core (``--archs``, ``--variants`` and ``--seeds`` build it in parts):
 
     python bench/recipe_table.py --data-root ../shared/data --threads 1     # build (resumes), then the table
     python bench/recipe_table.py --report                                   # the table of what is done

@@ -62,7 +62,8 @@ def search(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, optuna.
 
 def start_dashboard(storage_url: str, root: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "NAS3D_ARTIFACTS": str(root / "artifacts")}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NAS3D_ARTIFACTS": str(root / "artifacts"),
+           "PYTHONFAULTHANDLER": "1"}  # a hung server's threads are printed on SIGABRT
     server = subprocess.Popen(
         [sys.executable, "-m", "nas3d", "dashboard", "--storage", storage_url, "--port", str(port), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -206,12 +207,17 @@ def test_dashboard_stops_cleanly_on_ctrl_c(search) -> None:
     try:
         get_json(f"{base}/api/studies")
         server.send_signal(signal.SIGINT)
-        out, err = server.communicate(timeout=60)
+        try:
+            out, err = server.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # where it hangs: faulthandler prints every thread on SIGABRT
+            server.send_signal(signal.SIGABRT)
+            out, err = server.communicate(timeout=30)
+            pytest.fail(f"the dashboard did not stop within 60 s of SIGINT; its threads:\n{out}\n{err}")
     finally:
         server.kill()
-    assert server.returncode == 0, err
+    stopped = server.returncode == 0 and out.rstrip().endswith("dashboard stopped")
+    assert stopped, (server.returncode, out, err)
     assert re.search(r"at http://127\.0\.0\.1:\d+/dashboard/", out)
-    assert out.rstrip().endswith("dashboard stopped")
     assert "no authentication" in err and "Traceback" not in err
 
 
