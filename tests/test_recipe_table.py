@@ -75,6 +75,16 @@ def test_a_small_build_writes_runs_resumes_without_training_and_prints_the_table
     runs = json.loads(out.read_text())["runs"]
     assert runs[:4] == first["runs"]
     assert [(r["arch"], r["variant"]) for r in runs[4:]] == [("cpu_best", "balanced")]
+    # --rescore: a run recorded without its test scores is trained again, bit-reproducibly on the CPU
+    document = json.loads(out.read_text())
+    del document["runs"][1]["test_scores"]
+    out.write_text(json.dumps(document))
+    assert bench.main([*args, "--rescore"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 runs planned, 3 done already" in printed
+    assert "seed all seed 0" in printed and "trained again, test AUC identical" in printed
+    rescored = {(r["arch"], r["variant"]): r for r in json.loads(out.read_text())["runs"]}
+    assert len(rescored) == 5 and rescored["seed", "all"]["test_scores"] == first["runs"][1]["test_scores"]
 
 
 def test_two_builds_of_one_file_keep_each_others_runs(bench, tmp_path: Path) -> None:
