@@ -19,7 +19,7 @@ table is about 7 hours of one core (``--archs``, ``--variants`` and ``--seeds`` 
 
     python bench/recipe_table.py --data-root ../shared/data --threads 1     # build (resumes), then the table
     python bench/recipe_table.py --report                                   # the table of what is done
-    python bench/recipe_table.py --data-root ../shared/data --archs cpu_best --rescore   # scores of older runs
+    python bench/recipe_table.py --data-root ../shared/data --archs cpu_best --rescore   # older runs: scores
 """
 
 from __future__ import annotations
@@ -120,14 +120,18 @@ def load_document(path: Path, expected: dict) -> dict | None:
     return load_table(path, FORMAT, expected)
 
 
-def write_document(path: Path, document: dict) -> None:
+def write_document(path: Path, document: dict, trained: set[tuple[str, str, int]]) -> None:
     """Write ``document`` with the runs another build of the same file (``--variants`` or ``--archs``
-    in parts, one per core) wrote meanwhile: each build appends to what is on disk, under a lock."""
+    in parts, one per core) wrote meanwhile, under a lock: what is on disk is kept, except the runs
+    this build ``trained`` (new, or trained again by ``--rescore``), which replace theirs."""
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         on_disk = load_document(path, document["protocol"]) or {"runs": []}
-        ours = {run_key(r) for r in document["runs"]}
-        document["runs"].extend(r for r in on_disk["runs"] if run_key(r) not in ours)
+        runs = {run_key(r): r for r in on_disk["runs"]}
+        for run in document["runs"]:
+            if run_key(run) in trained or run_key(run) not in runs:
+                runs[run_key(run)] = run
+        document["runs"] = list(runs.values())
         write_table(path, document)
 
 
@@ -148,12 +152,14 @@ def build(args: argparse.Namespace) -> dict:
     todo = [key for key in planned if key not in done]
     log(f"{len(planned)} runs planned, {len(planned) - len(todo)} done already; "
         f"{torch.get_num_threads()} torch thread(s) -> {args.out}")
+    trained: set[tuple[str, str, int]] = set()
     for number, (label, variant, seed) in enumerate(todo, start=1):
         row = run_one(archs[label], data, data_config, train_config(args, variant, seed))
         before = [r for r in document["runs"] if run_key(r) == (label, variant, seed)]
         document["runs"] = [r for r in document["runs"] if run_key(r) != (label, variant, seed)]
         document["runs"].append({"arch": label, "variant": variant, "seed": seed, **row})
-        write_document(args.out, document)
+        trained.add((label, variant, seed))
+        write_document(args.out, document, trained)
         log(f"[{number}/{len(todo)}] {label} {variant} seed {seed}: test AUC {row['test_auc']:.3f}, "
             f"ACC@0.5 {row['test_acc']:.3f}, one class on test {row['one_class_test']} ({row['seconds']} s)"
             + _again(before, row))

@@ -95,13 +95,22 @@ def test_two_builds_of_one_file_keep_each_others_runs(bench, tmp_path: Path) -> 
     first = {"format": bench.FORMAT, "protocol": protocol, "runs": []}
     second = {"format": bench.FORMAT, "protocol": protocol, "runs": []}  # started before any run ended
     first["runs"].append({"arch": "cpu_best", "variant": "paper", "seed": 0, "test_auc": 0.8})
-    bench.write_document(out, first)
+    bench.write_document(out, first, {("cpu_best", "paper", 0)})
     second["runs"].append({"arch": "cpu_best", "variant": "balanced", "seed": 0, "test_auc": 0.7})
-    bench.write_document(out, second)
+    bench.write_document(out, second, {("cpu_best", "balanced", 0)})
     first["runs"].append({"arch": "cpu_best", "variant": "paper", "seed": 42, "test_auc": 0.9})
-    bench.write_document(out, first)
+    bench.write_document(out, first, {("cpu_best", "paper", 0), ("cpu_best", "paper", 42)})
     runs = json.loads(out.read_text())["runs"]
     assert sorted((r["variant"], r["seed"]) for r in runs) == [("balanced", 0), ("paper", 0), ("paper", 42)]
+    # a build that trains a run again (--rescore) replaces it; another build's stale copy does not
+    second["runs"][-1] = {"arch": "cpu_best", "variant": "balanced", "seed": 0, "test_auc": 0.7,
+                          "test_scores": [0.1]}
+    bench.write_document(out, second, {("cpu_best", "balanced", 0)})
+    first["runs"].append({"arch": "cpu_best", "variant": "paper", "seed": 143, "test_auc": 0.85})
+    bench.write_document(out, first, {("cpu_best", "paper", 0), ("cpu_best", "paper", 42),
+                                      ("cpu_best", "paper", 143)})
+    runs = {(r["variant"], r["seed"]): r for r in json.loads(out.read_text())["runs"]}
+    assert len(runs) == 4 and runs["balanced", 0]["test_scores"] == [0.1]
 
 
 def test_the_table_gives_each_recipe_a_bootstrap_interval_and_its_paired_difference_from_paper(bench) -> None:
