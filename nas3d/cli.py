@@ -195,7 +195,7 @@ class Predict(Command):
         return predict_command(vars(args))
 
 class Retrain(Command):
-    name, help = "retrain", "final training by the paper's protocol (200 epochs, five seeds), then test"
+    name, help = "retrain", "the paper's protocol (200 epochs, 5 seeds), augmented recipe; then test"
     exclusive, required_choice = (("--checkpoint", "--study-name", "--baseline"),), True
     flags = ("--storage", "--trial", "--dataset", "--size", "--data-root", "--epochs", "--seeds",
              "--batch-size", "--lr", "--patience", "--no-amp", "--keep", "--device", "--out", "--force",

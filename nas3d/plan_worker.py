@@ -233,8 +233,8 @@ def run_job(plan: Plan, dataset: str, study: optuna.Study, trial: optuna.Trial, 
         trial.set_user_attr(records.PARAMS, costs.params)
         trial.set_user_attr(records.DEVICE, device)
         trial.set_user_attr(records.ARCH, source.recipe.describe())
-        config = RetrainConfig.of(epochs=plan.retrain_epochs, seeds=(job["seed"],),
-                                  batch_size=plan.batch_size)
+        config = RetrainConfig.of(epochs=plan.retrain_epochs, seeds=(job["seed"],),  # the paper's recipe
+                                  batch_size=plan.batch_size, recipe="paper")
         store = ArtifactProgress(study_artifact_store(backend, study.study_name),
                                  progress_id(plan, dataset, job))
         trial.set_user_attr(records.RESUMED_FROM, 0)
@@ -245,7 +245,7 @@ def run_job(plan: Plan, dataset: str, study: optuna.Study, trial: optuna.Trial, 
                 trial.set_user_attr(records.RESUMED_FROM, int(found.group(1)))
             say(f"{what}: {line}")
 
-        say(f"{what}: {plan.retrain_epochs} epochs on {device}")
+        say(f"{what}: {plan.retrain_epochs} epochs on {device}, recipe {config.train.describe_recipe()}")
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = Path(folder) / f"{progress_id(plan, dataset, job).removeprefix('progress-')}"
             result = run_seed_job(source, data, config, job["seed"], device=device, progress_store=store,

@@ -68,10 +68,11 @@ class Recipe:
 
 
 #: Named recipes. "paper" is the seed study's (constant lr, Adam, unweighted loss, no augmentation);
-#: "small3d" turns on every option for small, imbalanced volume sets, to be measured
-#: (bench/recipe_table.py) before any default changes.
+#: "augmented" is the paper's with augmentation, the recipe table's best (bench/recipe_table.py,
+#: docs/studies.md#training-recipes) and ``nas3d retrain``'s default; "small3d" turns on every option.
 RECIPES = {
     "paper": Recipe(),
+    "augmented": Recipe(augment=True),
     "small3d": Recipe(schedule="cosine", warmup_epochs=1, weight_decay=1e-2, class_weights="balanced",
                       augment=True),
 }

@@ -78,6 +78,7 @@ def test_the_synthetic_plan_writes_the_six_dataset_table_and_a_rerun_only_rewrit
     assert "| nas3d reproduce, searched models (6 of 6 datasets) |" in table
     assert "| Seed study (published six-dataset mean) | 0.915 | 0.847 |" in table
     assert "## Six-dataset mean" in table and "| adrenalmnist3d | 0.827 | 0.721 | 0.828 | 0.745 |" in table
+    assert "epochs on cpu, recipe paper\n" in first.stdout + first.stderr  # the paper's, as published
     for line in first.stdout.splitlines()[1:7]:
         assert " done " in line and "trials 2/2" in line and "retrains 1/1" in line, first.stdout
 

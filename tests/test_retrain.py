@@ -17,7 +17,7 @@ from nas3d.data import DataConfig, load_splits
 from nas3d.metrics import accuracy, auc, binary_rates, bootstrap_interval, choose_threshold
 from nas3d.registry import ModelRecipe
 from nas3d.retrain import PAPER_SEEDS, RetrainConfig, RetrainSource, load_results, retrain
-from nas3d.train import predict
+from nas3d.train import Recipe, predict
 
 ARCH = Architecture(("conv3_in_relu", "relu_conv3"), ((0, 1), (1, 2), (2, 3)), 1, 1, 8)
 # Float32 (amp only acts on CUDA): bit-reproducible on the CPU, so a reloaded checkpoint scores the same.
@@ -199,6 +199,10 @@ def _options(**extra: object) -> dict:
 
 def test_retrain_takes_the_recipe_options_by_set() -> None:
     from nas3d.retrain import plan_retrain
+
+    # the default is the recipe table's best, the paper's with augmentation; the paper's is one key away
+    assert plan_retrain(_options(), None).config.train.options == Recipe(augment=True)
+    assert plan_retrain(_options(set=["train.recipe=paper"]), None).config.train.options == Recipe()
 
     plan = plan_retrain(_options(set=["train.recipe=small3d", "train.augment=false",
                                       "train.threshold=sensitivity:0.9", "data.synthetic_samples=40"]), None)
