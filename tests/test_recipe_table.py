@@ -140,3 +140,23 @@ def test_the_table_gives_each_recipe_a_bootstrap_interval_and_its_paired_differe
     d_low, d_high = (float(x) for x in combined[1].split(" ", 1)[1].strip("[]").split(","))
     assert difference > 0 and 0 < d_low < difference < d_high  # a clearly better recipe: the pair excludes 0
     assert lines["balanced"].split()[4:6] == ["-", "-"]  # recorded without scores: no interval
+
+
+@pytest.mark.slow
+def test_a_run_is_the_seed_nas3d_retrain_trains_and_tests(bench, tmp_path: Path) -> None:
+    """The README's retrained rows come from this table: a run is ``nas3d retrain``'s seed of the same
+    recipe, to the last bit on the CPU (model, test scores, threshold)."""
+    from nas3d.data import DataConfig, load_splits
+    from nas3d.retrain import RETRAIN_RECIPE, RetrainConfig, RetrainSource, retrain
+
+    arch = bench.architectures("synthetic")["cpu_best"]
+    data_config = DataConfig(dataset="synthetic", size=8, root=str(tmp_path / "data"), synthetic_samples=48)
+    config = RetrainConfig.of(epochs=2, seeds=(42,), batch_size=16, amp=False, recipe=RETRAIN_RECIPE)
+    (seed,) = retrain(RetrainSource.from_architecture("cpu_best", arch), data_config, config, "cpu",
+                      tmp_path / "run").seeds
+    data = load_splits(data_config, "cpu", for_search=False)
+    row = bench.run_one(arch, data, data_config, config.train_config(42))
+    assert seed.completed and row["options"]["augment"]
+    assert (row["test_auc"], row["threshold"], row["best_epoch"]) == (seed.test_auc, seed.threshold,
+                                                                       seed.best_epoch)
+    assert row["test_scores"] == seed.test_scores
