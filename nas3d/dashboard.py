@@ -76,13 +76,15 @@ class DashboardRefresher(threading.Thread):
             if self._stop_event.wait(self.interval):
                 return
 
-    def stop(self, wait: float = 2.0) -> None:
-        """Ask the thread to stop and wait at most ``wait`` seconds. A refresh in flight (a figure being
-        built takes seconds, more on a loaded machine) is not waited for: Ctrl-C must stop the dashboard
-        at once, the thread is a daemon, and a refresh cut short only leaves the figure or note of the
-        previous one, which the next dashboard rewrites."""
+    def stop(self, wait: float = 30.0) -> bool:
+        """Ask the thread to stop and wait for a refresh in flight to end (a figure takes seconds, more
+        on a loaded machine; the next study is not started), at most ``wait`` seconds; returns whether
+        it ended. Waiting matters: a Ctrl-C'd dashboard whose refresh was still writing to the storage
+        when the interpreter shut down was seen to hang at exit, every thread outside Python code.
+        A refresh cut short only leaves the previous figure or note, which the next dashboard rewrites."""
         self._stop_event.set()
         self.join(timeout=wait)
+        return not self.is_alive()
 
     def refresh_changed(self) -> int:
         """Refresh the studies whose finished trials changed since the last look; returns how many."""
@@ -151,6 +153,7 @@ def serve_dashboard(storage: Any, study_name: str | None = None, *, host: str = 
         pass
     finally:
         server.server_close()
-        refresher.stop()
+        if not refresher.stop():
+            logger.warning("a front refresh is still writing to the storage; exiting without waiting for it")
     say("dashboard stopped")
     return 0

@@ -221,6 +221,37 @@ def test_dashboard_stops_cleanly_on_ctrl_c(search) -> None:
     assert "no authentication" in err and "Traceback" not in err
 
 
+def test_stopping_the_refresher_waits_for_the_refresh_in_flight_and_starts_no_other(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C's shutdown: the refresh in flight ends before the dashboard exits (one that was still
+    writing at interpreter shutdown hung the exit), and the next study's is not started."""
+    import threading
+
+    from nas3d import dashboard
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    for name in ("a", "b"):
+        optuna.create_study(study_name=name, storage=storage, directions=["maximize", "minimize"])
+    started, ended = threading.Event(), []
+
+    def slow_refresh(study: optuna.Study, runs=()) -> None:  # the figure and note take a while
+        started.set()
+        time.sleep(1.0)
+        ended.append(study.study_name)
+
+    monkeypatch.setattr(dashboard, "refresh_study", slow_refresh)
+    refresher = dashboard.DashboardRefresher(storage, ["a", "b"], interval=60)
+    refresher.start()
+    assert started.wait(30)
+    assert refresher.stop(wait=30) and ended == ["a"]
+    blocked = dashboard.DashboardRefresher(storage, ["a"], interval=60)
+    started.clear()
+    blocked.start()
+    assert started.wait(30)
+    assert not blocked.stop(wait=0.1)  # a refresh longer than the wait: the caller is told
+    blocked.join(30)
+
+
 def test_dashboard_help_says_admin_endpoints_have_no_authentication(capsys: pytest.CaptureFixture) -> None:
     from nas3d.cli import main
 
