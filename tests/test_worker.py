@@ -437,7 +437,9 @@ def test_a_trial_claimed_ahead_then_failed_as_stale_is_not_trained(tmp_path: Pat
     fails that trial as stale and queues it again; the worker checks before training, and claims again."""
     storage_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     ops = ("relu_conv3", "mish_conv3", "conv3_in_relu")
-    study = long_trials_study(storage_url, tmp_path, "stale-ahead", ops, epochs=30)
+    # trial 0 must still train when trial 1 is failed (3 s grace after the stop, then a poll): at 30
+    # epochs a fast CPU finished it in 3 s and began trial 1, which took the after-training path instead
+    study = long_trials_study(storage_url, tmp_path, "stale-ahead", ops, epochs=100)
     log = tmp_path / "worker.log"
     worker = start_worker(storage_url, "stale-ahead", log=log)
     wait_until_training(study, claimed=2)
