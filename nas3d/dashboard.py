@@ -15,6 +15,7 @@ authentication**: it binds 127.0.0.1 unless told otherwise.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -107,6 +108,17 @@ class DashboardRefresher(threading.Thread):
         return done
 
 
+def _listen_for_ctrl_c() -> Any:
+    """Make SIGINT raise KeyboardInterrupt in this (main) thread even where the parent left it ignored
+    or blocked (a background job of a shell, or the test suite at times: Python keeps an inherited
+    SIG_IGN, and the dashboard then served on after SIGINT). Returns the previous handler, or None off
+    the main thread, where signals cannot be set."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    return signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 class _ThreadedServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a slow request never holds up Ctrl-C
 
@@ -147,11 +159,14 @@ def serve_dashboard(storage: Any, study_name: str | None = None, *, host: str = 
     shown_host = f"[{host}]" if ":" in host else host
     say(f"optuna-dashboard for {spec} at http://{shown_host}:{server.server_port}{path}  (Ctrl-C stops it)")
     logger.warning(NO_AUTH_WARNING)
+    previous = _listen_for_ctrl_c()
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         server.server_close()
         if not refresher.stop():
             logger.warning("a front refresh is still writing to the storage; exiting without waiting for it")

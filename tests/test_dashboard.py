@@ -60,13 +60,14 @@ def search(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, optuna.
     return storage_url, root, study
 
 
-def start_dashboard(storage_url: str, root: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+def start_dashboard(storage_url: str, root: Path, *extra: str,
+                    preexec_fn=None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "NAS3D_ARTIFACTS": str(root / "artifacts"),
            "PYTHONFAULTHANDLER": "1"}  # a hung server's threads are printed on SIGABRT
     server = subprocess.Popen(
         [sys.executable, "-m", "nas3d", "dashboard", "--storage", storage_url, "--port", str(port), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=preexec_fn,
     )
     return server, f"http://127.0.0.1:{port}"
 
@@ -201,9 +202,13 @@ def _for_docs(screenshot: Path) -> None:
         shutil.copy(screenshot, DOCS / screenshot.name)
 
 
-def test_dashboard_stops_cleanly_on_ctrl_c(search) -> None:
+@pytest.mark.parametrize("parent", ["default", "sigint-ignored"])
+def test_dashboard_stops_cleanly_on_ctrl_c(search, parent: str) -> None:
+    """Also when started with SIGINT ignored (a shell's background job; the suite at times): Python
+    keeps an inherited SIG_IGN, and the dashboard used to serve on after SIGINT."""
     storage_url, root, _ = search
-    server, base = start_dashboard(storage_url, root)
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if parent == "sigint-ignored" else None
+    server, base = start_dashboard(storage_url, root, preexec_fn=ignore)
     try:
         get_json(f"{base}/api/studies")
         server.send_signal(signal.SIGINT)
