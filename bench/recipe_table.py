@@ -14,8 +14,8 @@ and the paired interval of its difference from the same architecture's paper rec
 The JSON is rewritten atomically after every run; running the same command again skips the finished
 runs (a file made with another protocol is refused). At the end the comparison table is printed.
 Cost: 42 runs (2 architectures x 7 variants x 3 seeds); on a 2-core AMD EPYC, one thread, a 12-epoch
-run on 857 training volumes took 410-780 s (the CPU best and the seed architecture alike), so the
-table is about 7 hours of one core (``--archs``, ``--variants`` and ``--seeds`` build it in parts):
+run on 857 training volumes took 260-780 s depending on the VM (either architecture), so the
+table is 3 to 9 hours of one core (``--archs``, ``--variants`` and ``--seeds`` build it in parts):
 
     python bench/recipe_table.py --data-root ../shared/data --threads 1     # build (resumes), then the table
     python bench/recipe_table.py --report                                   # the table of what is done
@@ -155,8 +155,8 @@ def build(args: argparse.Namespace) -> dict:
     trained: set[tuple[str, str, int]] = set()
     for number, (label, variant, seed) in enumerate(todo, start=1):
         row = run_one(archs[label], data, data_config, train_config(args, variant, seed))
-        before = [r for r in document["runs"] if run_key(r) == (label, variant, seed)]
-        document["runs"] = [r for r in document["runs"] if run_key(r) != (label, variant, seed)]
+        before = next((r for r in document["runs"] if run_key(r) == (label, variant, seed)), None)
+        document["runs"] = [r for r in document["runs"] if r is not before]
         document["runs"].append({"arch": label, "variant": variant, "seed": seed, **row})
         trained.add((label, variant, seed))
         write_document(args.out, document, trained)
@@ -166,12 +166,12 @@ def build(args: argparse.Namespace) -> dict:
     return document
 
 
-def _again(before: list[dict], row: dict) -> str:
-    """How a run trained again (``--rescore``) compares with its record: on the CPU a run is
-    bit-reproducible, so its test AUC should be the same to the last digit."""
-    if not before:
+def _again(before: dict | None, row: dict) -> str:
+    """How a run trained again (``--rescore``) compares with its record: on one machine a CPU run is
+    bit-reproducible, so its test AUC should be the same to the last digit (another processor differs)."""
+    if before is None:
         return ""
-    old = before[0]["test_auc"]
+    old = before["test_auc"]
     return "; trained again, test AUC " + ("identical" if old == row["test_auc"] else f"was {old:.6f}")
 
 

@@ -80,9 +80,9 @@ class DashboardRefresher(threading.Thread):
     def stop(self, wait: float = 30.0) -> bool:
         """Ask the thread to stop and wait for a refresh in flight to end (a figure takes seconds, more
         on a loaded machine; the next study is not started), at most ``wait`` seconds; returns whether
-        it ended. Waiting matters: a Ctrl-C'd dashboard whose refresh was still writing to the storage
-        when the interpreter shut down was seen to hang at exit, every thread outside Python code.
-        A refresh cut short only leaves the previous figure or note, which the next dashboard rewrites."""
+        it ended, so the interpreter does not shut down under a daemon thread that is writing to the
+        storage. A refresh cut short only leaves the previous figure or note, which the next dashboard
+        rewrites."""
         self._stop_event.set()
         self.join(timeout=wait)
         return not self.is_alive()
